@@ -1,0 +1,159 @@
+"""A machine-readable record of every run: final metrics plus the manifest needed to trust them.
+
+``<log_dir>/summary.json`` holds one section per stage that ran in the process (fit, validate, test,
+predict) and a manifest: package versions, world size, precision, effective batch size, seed, the
+resolved config, and the checkpoint evaluated. Results tables are rebuilt from these files.
+
+It also checks that a fit trained something: a sample of every trainable tensor is compared before and
+after, and a run in which nothing changed (zero learning rate, frozen weights) is reported loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "datasets", "bitsandbytes", "tokenizers",
+            "jsonargparse", "tensorboard", "numpy")
+SAMPLES_PER_TENSOR = 64
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class RunSummary(pl.Callback):
+    """Writes ``summary.json`` beside the logs at the end of every stage."""
+
+    def __init__(self, filename: str = "summary.json", check_trained: bool = True):
+        self.filename = filename
+        self.check_trained = check_trained
+        self._param_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.warnings: list[str] = []
+
+    # -- did anything train? -------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._param_samples.clear()
+        generator = torch.Generator().manual_seed(0)
+        for name, param in pl_module.named_parameters():
+            if not param.requires_grad or param.numel() == 0:
+                continue
+            flat = param.detach().reshape(-1)
+            index = torch.randint(0, flat.numel(), (min(SAMPLES_PER_TENSOR, flat.numel()),), generator=generator)
+            self._param_samples[name] = (index, flat[index.to(flat.device)].float().cpu().clone())
+
+    def _untrained_report(self, pl_module: pl.LightningModule) -> Optional[str]:
+        if not self._param_samples:
+            return "no trainable parameters: nothing was trained"
+        params = dict(pl_module.named_parameters())
+        unchanged = [name for name, (index, before) in self._param_samples.items()
+                     if torch.equal(params[name].detach().reshape(-1)[index.to(params[name].device)].float().cpu(), before)]
+        if len(unchanged) == len(self._param_samples):
+            return (f"NO TRAINABLE PARAMETER CHANGED in {len(unchanged)} tensors: this run trained nothing "
+                    "(zero learning rate, frozen weights, or every step skipped)")
+        return None
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def _path(self, trainer: pl.Trainer) -> Optional[Path]:
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        return Path(log_dir) / self.filename if log_dir else None
+
+    def _manifest(self, trainer: pl.Trainer, path: Path) -> dict[str, Any]:
+        datamodule = trainer.datamodule
+        batch_size = getattr(datamodule, "batch_size", None)
+        config_file = path.parent / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
+        return {
+            "versions": package_versions(),
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": trainer.precision,
+            "accelerator": type(trainer.accelerator).__name__,
+            "batch_size_per_device": batch_size,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "effective_batch_size": (batch_size * trainer.accumulate_grad_batches * trainer.world_size
+                                     if isinstance(batch_size, int) else None),
+            "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
+            "config": config,
+        }
+
+    def _write(self, trainer: pl.Trainer, stage: str, extra: dict[str, Any]) -> None:
+        path = self._path(trainer)  # on every rank: trainer.log_dir is a collective call under DDP
+        if path is not None:
+            self._write_file(trainer, path, stage, extra)
+
+    @rank_zero_only
+    def _write_file(self, trainer: pl.Trainer, path: Path, stage: str, extra: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        metrics = {key: _jsonable(value) for key, value in sorted(trainer.callback_metrics.items())
+                   if not key.startswith(("train/", "epoch")) or stage == "fit"}
+        data_report = getattr(trainer.datamodule, "data_report", None)
+        payload["stages"][stage] = {
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": metrics, **({"data": data_report} if data_report else {}), **extra,
+        }
+        payload["manifest"] = self._manifest(trainer, path)
+        payload["warnings"] = sorted(set(payload.get("warnings", []) + self.warnings))
+        write_json_atomic(path, payload)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_trained:
+            report = self._untrained_report(pl_module)
+            if report:
+                self.warnings.append(report)
+                rank_zero_warn("\n" + "!" * 100 + f"\n{report}\n" + "!" * 100)
+        callback = trainer.checkpoint_callback
+        self._write(trainer, "fit", {
+            "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+            "interrupted": trainer.interrupted,
+            "best_checkpoint": getattr(callback, "best_model_path", None) or None,
+            "best_score": _jsonable(getattr(callback, "best_model_score", None)),
+            "last_checkpoint": getattr(callback, "last_model_path", None) or None,
+        })
+
+    def _evaluated(self, trainer: pl.Trainer, stage: str) -> None:
+        self._write(trainer, stage, {"checkpoint": trainer.ckpt_path})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._evaluated(trainer, "validate")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluated(trainer, "test")
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluated(trainer, "predict")

@@ -1,0 +1,77 @@
+"""The one entry point: ``python cli.py {fit,validate,test,predict} --config configs/<method>/<stage>.yaml``.
+
+Every LightningModule in ``modules`` and LightningDataModule in ``datamodules`` is selectable by its short
+class name (``model: {class_path: RewardModel, init_args: {...}}``). One extra command exports a trained
+checkpoint as a Hugging Face folder: ``python cli.py export CKPT OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+import datamodules  # noqa: E402,F401  (registers the data modules)
+import modules  # noqa: E402,F401  (registers the methods)
+from callbacks import Checkpoint, NonFiniteLossError, NonFiniteLossGuard, RunSummary  # noqa: E402
+
+
+class TrainerCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, run test with the best checkpoint (the last if none is ranked)")
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        callback = self.trainer.checkpoint_callback
+        ckpt = "best" if callback is not None and callback.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False}},
+        "callbacks": [LearningRateMonitor(logging_interval="step")],
+        "log_every_n_steps": 10,
+    }
+
+
+def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
+    return TrainerCLI(
+        model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(), seed_everything_default=0,
+        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+        args=args, run=run,
+    )
+
+
+def export_main(argv: list[str]) -> None:
+    from modules.lm import export_checkpoint
+
+    if len(argv) != 2:
+        sys.exit("usage: python cli.py export CHECKPOINT OUT_DIR")
+    out = export_checkpoint(argv[0], argv[1])
+    print(f"exported {argv[0]} -> {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        export_main(sys.argv[2:])
+        sys.exit(0)
+    try:
+        main()
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,193 @@
+"""Base of the text data modules: where rows come from, how bad rows are handled, and the loaders.
+
+Rows come from one of three places, in this order of precedence:
+1. local files (``train_file``/``val_file``/``test_file``: JSON, JSONL or Parquet);
+2. a hub dataset by name (``dataset``, ``dataset_config``, ``*_split``);
+3. the embedded generator of the subclass (seeded, nothing to download).
+
+The tokenizer is the model's (``trainer.lightning_module.tokenizer``), so the data always matches the
+model it feeds; ``tokenizer`` names one explicitly for use without a trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules.common import DataError, DataReport, EpochSeededSampler, check_side, read_rows
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+class TextDataModule(pl.LightningDataModule):
+    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
+                 test_file: Optional[str] = None, dataset: Optional[str] = None,
+                 dataset_config: Optional[str] = None, train_split: str = "train",
+                 val_split: Optional[str] = "validation", test_split: Optional[str] = "test",
+                 tokenizer: Optional[str] = None, max_length: int = 512, truncation_side: str = "right",
+                 batch_size: int = 32, eval_batch_size: Optional[int] = None, invalid_rows: str = "error",
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if invalid_rows not in ("error", "drop"):
+            raise ValueError(f"invalid_rows must be 'error' or 'drop', got {invalid_rows!r}")
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.dataset, self.dataset_config = dataset, dataset_config
+        self.hub_splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.truncation_side = check_side(truncation_side, "truncation_side")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.invalid_rows = invalid_rows
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = None
+        self.report = DataReport()
+        self.datasets: dict[str, list[dict[str, Any]]] = {}
+
+    # -- subclass interface ----------------------------------------------------------------------------
+    def embedded_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+        """Rows of the embedded default for a split, or None if it has no such split."""
+        return None
+
+    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> Optional[dict[str, Any]]:
+        """Validate and tokenize one row. Raise ``DataError`` for a bad row (dropped and counted when
+        ``invalid_rows='drop'``); return None only after counting the reason in ``self.report``."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- sources ---------------------------------------------------------------------------------------
+    def source_rows(self, split: str) -> tuple[Optional[list[dict[str, Any]]], str]:
+        if self.files.get(split):
+            return read_rows(self.files[split]), self.files[split]
+        if self.dataset and self.hub_splits.get(split):
+            return read_rows(self.dataset, self.hub_splits[split], self.dataset_config), \
+                f"{self.dataset}[{self.hub_splits[split]}]"
+        if self.files["train"] or self.dataset:
+            return None, ""  # a user-provided dataset without this split
+        return self.embedded_rows(split), f"embedded:{type(self).__name__}[{split}]"
+
+    def resolve_tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
+            self.tokenizer = module.tokenizer
+        else:
+            from modules.lm import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
+        return self.tokenizer
+
+    def load_split(self, split: str) -> Optional[list[dict[str, Any]]]:
+        rows, source = self.source_rows(split)
+        if rows is None:
+            return None
+        encoded = []
+        for index, row in enumerate(rows):
+            try:
+                item = self.encode(row, split, source, index)
+            except DataError as error:
+                if self.invalid_rows == "error":
+                    raise
+                self.report.drop(split, error.reason)
+                continue
+            if item is not None:
+                encoded.append(item)
+        if rows and not encoded:
+            raise DataError(f"{source}: all {len(rows)} rows of split '{split}' were dropped; "
+                            f"see the counts: {self.report.dropped.get(split)}")
+        self.report.rows[split] = len(encoded)
+        return encoded
+
+    def setup(self, stage: str) -> None:
+        self.resolve_tokenizer()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",)}.get(stage, ())
+        for split in wanted:
+            if split not in self.datasets:
+                loaded = self.load_split(split)
+                if loaded is not None:
+                    self.datasets[split] = loaded
+        if stage == "fit" and "train" not in self.datasets:
+            raise DataError("no training data: set train_file, dataset, or use the embedded default")
+        rank_zero_info(f"[{type(self).__name__}] rows: {self.report.rows}; dropped: {self.report.dropped}; "
+                       f"truncated: {self.report.truncated}")
+
+    @property
+    def data_report(self) -> dict[str, Any]:
+        return self.report.as_dict()
+
+    # -- loaders ---------------------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        data = self.datasets[split]
+        sampler = None
+        if shuffle:
+            trainer = self.trainer
+            sampler = EpochSeededSampler(len(data), self.seed,
+                                         epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", self.eval_batch_size, shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise DataError("no test data: set test_file or test_split")
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversations
+
+ROLES = ("system", "user", "assistant")
+
+
+def validate_text(value: Any, source: str, index: int, field_name: str) -> str:
+    from datamodules.common import row_error
+
+    if value is None:
+        raise row_error(source, index, field_name, "missing")
+    if not isinstance(value, str):
+        raise row_error(source, index, field_name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise row_error(source, index, field_name, "empty")
+    return value
+
+
+def validate_messages(value: Any, source: str, index: int, field_name: str) -> list[dict[str, str]]:
+    """A list of ``{role, content}`` with known roles and non-empty string content."""
+    from datamodules.common import row_error
+
+    if not isinstance(value, list) or not value:
+        raise row_error(source, index, field_name, "expected a non-empty list of {role, content} messages")
+    for turn, message in enumerate(value):
+        where = f"{field_name}[{turn}]"
+        if not isinstance(message, dict):
+            raise row_error(source, index, where, f"expected an object, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise row_error(source, index, f"{where}.role", f"unknown role {message.get('role')!r}; use one of {ROLES}")
+        validate_text(message.get("content"), source, index, f"{where}.content")
+    return value
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of already-formatted text. The chat template carries any BOS, so the tokenizer must not
+    add another (a doubled BOS shifts every reward)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

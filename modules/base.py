@@ -1,0 +1,137 @@
+"""What every trainable method shares: optimizer/scheduler construction and the HF-model life cycle.
+
+Optimizers and schedulers arrive as callables from the config (``class_path: torch.optim.AdamW`` or
+``bitsandbytes.optim.AdamW8bit``) and are built in ``configure_optimizers``, i.e. after
+``configure_model`` and after FSDP/DeepSpeed have wrapped the model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import LambdaLR
+
+from modules import lm
+
+
+class WarmupSchedule(LambdaLR):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` or a constant rate. Stepped per optimizer step.
+
+    ``total_steps=None`` is filled in from the trainer's estimated number of optimizer steps.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay: str = "cosine",
+                 total_steps: Optional[int] = None, min_lr_ratio: float = 0.0):
+        if decay not in ("cosine", "constant", "linear"):
+            raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+        self.warmup_steps, self.decay, self.total_steps, self.min_lr_ratio = warmup_steps, decay, total_steps, min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.decay == "constant" or not self.total_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def keep_embeddings_in_32bit(model: torch.nn.Module) -> int:
+    """Ask bitsandbytes to keep the optimizer state of embedding weights in 32 bits.
+
+    Quantising the state of rarely-updated embedding rows is what destabilises 8-bit Adam; the
+    bitsandbytes authors recommend 32-bit state there. Harmless for torch optimizers. Returns the number
+    of parameters overridden.
+    """
+    try:
+        from bitsandbytes.optim import GlobalOptimManager
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency, but keep torch-only use working
+        return 0
+    manager = GlobalOptimManager.get_instance()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
+            manager.override_config(module.weight, key_value_dict={"optim_bits": 32})
+            count += 1
+    return count
+
+
+def decay_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases, norms and 1-d parameters get none."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class TrainableModule(pl.LightningModule):
+    """Base of every method: builds the configured optimizer and step-interval scheduler."""
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+
+    def configure_optimizers(self):
+        keep_embeddings_in_32bit(self)
+        optimizer = self.optimizer_factory(decay_groups(self))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupSchedule) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class HFModule(TrainableModule):
+    """A method around one Hugging Face model, created in ``configure_model`` (so FSDP can shard it)."""
+
+    model_kind = "causal_lm"
+
+    def __init__(self, model: str = "tiny", dtype: Optional[str] = None,
+                 attn_implementation: Optional[str] = "sdpa", gradient_checkpointing: bool = False,
+                 trust_remote_code: bool = False, compile: bool = False,
+                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__(optimizer, lr_scheduler)
+        self.model_name_or_path = model
+        self.load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation,
+                                trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+        self.compile = compile
+        self.tokenizer = lm.load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.prepare_tokenizer(self.tokenizer)
+        self.model: Optional[torch.nn.Module] = None
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """Hook for methods that need special tokens (e.g. a distinct pad token)."""
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = lm.load_model(self.model_name_or_path, kind=self.model_kind, tokenizer=self.tokenizer,
+                                   **self.load_kwargs, **self.extra_model_kwargs())
+        self.model.train(self.training)  # from_pretrained returns eval mode; follow the LightningModule
+        if self.compile:
+            self.model.forward = torch.compile(self.model.forward)
+
+    def extra_model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def export_pretrained(self, out_dir: str | Path) -> Path:
+        """Save model and tokenizer as a folder that ``AutoModel*.from_pretrained`` loads."""
+        self.configure_model()
+        out = Path(out_dir)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out

@@ -1,0 +1,232 @@
+"""Shared language-model plumbing.
+
+- the embedded tiny preset: a real Qwen2 architecture with a byte-level tokenizer built here, saved with
+  ``save_pretrained`` so every stage loads it exactly like a hub model;
+- loading any HF causal LM or sequence classifier by name or local path;
+- masked token log-prob helpers;
+- export of a Lightning checkpoint as a ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PRESETS_ROOT_ENV = "TRAINERS_PRESETS"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Special tokens of the embedded tokenizer. Role markers are single tokens so a chat turn costs two
+# tokens of overhead instead of a dozen characters.
+PAD, END, SYSTEM, USER, ASSISTANT = "<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"
+# Never produced by a byte-level tokenizer; declared so that every tokenizer class that may load the
+# preset (transformers picks one from the model type) agrees on the vocabulary.
+UNK = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# name -> Qwen2 shape. "tiny" is the default of every embedded job; "small" is for quick experiments
+# that need more capacity. Both are small enough for a 2-core CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=2048),
+}
+
+
+def presets_root() -> Path:
+    return Path(os.environ.get(PRESETS_ROOT_ENV, _REPO_ROOT / ".cache" / "presets"))
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer (256 byte symbols, no merges) with role tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, eos_token=END, unk_token=UNK,
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT], padding_side="right",
+        model_max_length=PRESETS["tiny"]["max_position_embeddings"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_preset(name: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a preset (config, tokenizer, seeded random weights) to ``path`` with ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tokenizer = build_byte_tokenizer()
+    tokenizer.save_pretrained(tmp)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **PRESETS[name],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp)
+    (tmp / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
+    os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a half-written preset
+    reloaded = load_tokenizer(str(path))
+    if len(reloaded) != config.vocab_size:
+        raise RuntimeError(f"preset tokenizer reloads with {len(reloaded)} tokens, model has {config.vocab_size}")
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a preset name to its local folder (built on first use); pass anything else through."""
+    if name_or_path in PRESETS:
+        path = presets_root() / name_or_path
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                build_preset(name_or_path, path)
+            except OSError:
+                if not (path / "config.json").exists():  # another process won the race
+                    raise
+        return str(path)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path),
+                                              trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def ensure_distinct_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a pad token distinct from EOS. Returns True if a token was added.
+
+    Pooling at the last non-pad token breaks when pad == eos: the real EOS of every sequence looks like
+    padding (the classic "reward accuracy stuck at 0.5" failure).
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    for candidate in ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>"):
+        token_id = tokenizer.convert_tokens_to_ids(candidate)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = None,
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               gradient_checkpointing: bool = False, num_labels: int = 1, tokenizer=None):
+    """Load a HF model by name or local path. ``kind``: ``causal_lm`` or ``sequence_classification``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = {"causal_lm": AutoModelForCausalLM,
+            "sequence_classification": AutoModelForSequenceClassification}.get(kind)
+    if auto is None:
+        raise ValueError(f"unknown model kind {kind!r}: use 'causal_lm' or 'sequence_classification'")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype not in (None, "auto"):
+        kwargs["dtype"] = getattr(torch, dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if kind == "sequence_classification":
+        kwargs["num_labels"] = num_labels
+    model = auto.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token log-probs
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Log-prob of each next token. ``logits`` (B, T, V) predict ``labels`` (B, T) shifted by one.
+
+    Returns (B, T-1) with zeros where the label is ``ignore_index``. Computed in float32 through
+    ``cross_entropy`` so a full (B, T, V) log-softmax is never materialised twice.
+    """
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != ignore_index
+    safe_labels = shifted_labels.masked_fill(~mask, 0)
+    logp = -F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), safe_labels.reshape(-1),
+                            reduction="none").view_as(safe_labels)
+    return logp * mask
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum",
+                     ignore_index: int = -100) -> torch.Tensor:
+    """Summed or mean log-prob of the labelled tokens of each row (B,)."""
+    logp = token_logprobs(logits, labels, ignore_index)
+    if reduction == "sum":
+        return logp.sum(-1)
+    if reduction == "mean":
+        count = (labels[:, 1:] != ignore_index).sum(-1)
+        return logp.sum(-1) / count.clamp(min=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
+    """Write the HF model inside a Lightning checkpoint as a ``save_pretrained`` folder.
+
+    Rebuilds the LightningModule from the hyper-parameters stored in the checkpoint on one process,
+    loads the weights (a DeepSpeed checkpoint folder is consolidated first) and saves model and tokenizer.
+    """
+    import lightning.pytorch as pl
+
+    ckpt_path = str(ckpt_path)
+    if os.path.isdir(ckpt_path):  # DeepSpeed writes a folder of shards
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        consolidated = os.path.join(out_dir, "consolidated.ckpt")
+        os.makedirs(out_dir, exist_ok=True)
+        convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, consolidated)
+        ckpt_path = consolidated
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise ValueError(f"{ckpt_path}: no '_class_path' in hyper_parameters; was it written by cli.py?")
+    module_name, _, class_name = class_path.rpartition(".")
+    import importlib
+
+    module_cls: type[pl.LightningModule] = getattr(importlib.import_module(module_name), class_name)
+    module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if not hasattr(module, "export_pretrained"):
+        raise ValueError(f"{class_path} has no Hugging Face model to export")
+    out = Path(out_dir)
+    module.export_pretrained(out)
+    if out.joinpath("consolidated.ckpt").exists():
+        out.joinpath("consolidated.ckpt").unlink()
+    return out

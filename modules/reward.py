@@ -1,0 +1,146 @@
+"""Bradley-Terry reward model (Skywork-Reward), with the loss variants the paper compared.
+
+A causal-LM backbone with a one-output score head read at the last non-pad token
+(``AutoModelForSequenceClassification(num_labels=1)``). The tokenizer always gets a pad token distinct
+from EOS, since pooling at "the last non-pad token" cannot work when EOS looks like padding.
+Chosen and rejected rows go through the model in one forward pass (2B rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from modules import lm
+from modules.base import HFModule
+
+LOSSES = ("bt", "bt_temperature", "focal", "hinge")
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None,
+                    kind: str = "bt", temperature: float = 1.0, gamma: float = 2.0, hinge_margin: float = 1.0,
+                    center_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pairwise reward loss on scalar rewards (B,) of the chosen and rejected responses.
+
+    With z = r_c − r_r − margin:
+    - ``bt``: −log σ(z)
+    - ``bt_temperature``: −log σ(z / T)
+    - ``focal``: −(1 − σ(z))^γ · log σ(z)
+    - ``hinge``: max(0, hinge_margin − z)
+    plus ``center_coef`` · mean((r_c + r_r)²), which pins the reward scale near zero.
+    Accuracy is strict: a tie counts as wrong.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown reward loss {kind!r}; choose one of {LOSSES}")
+    chosen, rejected = chosen.float(), rejected.float()
+    delta = chosen - rejected
+    z = delta - margin.float() if margin is not None else delta
+    if kind == "bt":
+        per_pair = -F.logsigmoid(z)
+    elif kind == "bt_temperature":
+        per_pair = -F.logsigmoid(z / temperature)
+    elif kind == "focal":
+        per_pair = -((1 - torch.sigmoid(z)) ** gamma) * F.logsigmoid(z)
+    else:
+        per_pair = F.relu(hinge_margin - z)
+    loss = per_pair.mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    rewards = torch.cat([chosen, rejected]).detach()
+    metrics = {
+        "loss": loss.detach(),
+        "accuracy": (delta > 0).float().mean().detach(),
+        "margin": delta.mean().detach(),
+        "reward_chosen": chosen.mean().detach(),
+        "reward_rejected": rejected.mean().detach(),
+        "reward_min": rewards.min(),
+        "reward_mean": rewards.mean(),
+        "reward_max": rewards.max(),
+    }
+    return loss, metrics
+
+
+class RewardModel(HFModule):
+    model_kind = "sequence_classification"
+
+    def __init__(self, loss: str = "bt", temperature: float = 1.0, focal_gamma: float = 2.0,
+                 hinge_margin: float = 1.0, center_coef: float = 0.0, **kwargs):
+        """Loss settings: see ``preference_loss``. Other arguments: ``HFModule``."""
+        if loss not in LOSSES:
+            raise ValueError(f"unknown reward loss {loss!r}; choose one of {LOSSES}")
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.loss_kwargs = dict(kind=loss, temperature=temperature, gamma=focal_gamma,
+                                hinge_margin=hinge_margin, center_coef=center_coef)
+        self._subset_correct: Optional[torch.Tensor] = None
+        self._subset_total: Optional[torch.Tensor] = None
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        lm.ensure_distinct_pad_token(tokenizer)
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+    def pair_rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = self.rewards(batch["input_ids"], batch["attention_mask"])
+        pairs = rewards.shape[0] // 2
+        return rewards[:pairs], rewards[pairs:]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self.pair_rewards(batch)
+        loss, metrics = preference_loss(chosen, rejected, batch.get("margin"), **self.loss_kwargs)
+        self.log_dict({f"train/{key}": value for key, value in metrics.items()}, batch_size=len(chosen))
+        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=len(chosen))
+        return loss
+
+    # -- evaluation with per-subset accuracy -----------------------------------------------------------
+    def _subset_names(self) -> list[str]:
+        return list(getattr(self.trainer.datamodule, "subset_names", None) or ["all"])
+
+    def _start_eval(self) -> None:
+        count = len(self._subset_names())
+        self._subset_correct = torch.zeros(count, device=self.device)
+        self._subset_total = torch.zeros(count, device=self.device)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        chosen, rejected = self.pair_rewards(batch)
+        _, metrics = preference_loss(chosen, rejected, batch.get("margin"), **self.loss_kwargs)
+        self.log_dict({f"{stage}/{key}": value for key, value in metrics.items()},
+                      batch_size=len(chosen), sync_dist=True)
+        subset = batch["subset"].to(self.device)
+        self._subset_correct.index_add_(0, subset, (chosen > rejected).float())
+        self._subset_total.index_add_(0, subset, torch.ones_like(chosen))
+
+    def _end_eval(self, stage: str) -> dict[str, float]:
+        correct = self.trainer.strategy.reduce(self._subset_correct, reduce_op="sum")
+        total = self.trainer.strategy.reduce(self._subset_total, reduce_op="sum")
+        names = self._subset_names()
+        per_subset = {name: (correct[i] / total[i]).item() for i, name in enumerate(names) if total[i] > 0}
+        if len(per_subset) > 1:
+            for name, value in per_subset.items():
+                self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)  # equal on all ranks already
+        return per_subset
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        chosen, rejected = self.pair_rewards(batch)
+        return {"reward_chosen": chosen.cpu(), "reward_rejected": rejected.cpu()}

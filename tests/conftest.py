@@ -1,0 +1,44 @@
+"""Shared helpers: run cli.py in-process with everything written under a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_run_args(tmp_path: Path, name: str = "run") -> list[str]:
+    """Overrides that send logs and checkpoints into ``tmp_path`` and keep output short."""
+    return [
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.logger.init_args.name={name}",
+        f"--checkpoint.dirpath={tmp_path / name / 'checkpoints'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """``run_cli(subcommand, config, *overrides)`` runs cli.py in-process and returns the CLI object."""
+    import cli
+
+    def run(subcommand: str, config: str, *overrides: str, name: str = "run"):
+        args = [subcommand, "--config", str(ROOT / config), *quiet_run_args(tmp_path, name), *overrides]
+        return cli.main(args)
+
+    return run
+
+
+SMALL_SFT = ["--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.test_size=16",
+             "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=8", "--trainer.max_steps=4",
+             "--trainer.val_check_interval=4", "--test_after_fit=false"]
+SMALL_REWARD = ["--data.init_args.train_size=64", "--data.init_args.val_size=24", "--data.init_args.test_size=24",
+                "--data.init_args.batch_size=8", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                "--test_after_fit=false"]

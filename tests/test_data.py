@@ -1,0 +1,204 @@
+"""The arithmetic task, the SFT and preference data modules: shapes, masks, bad rows, truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datamodules import arithmetic
+from datamodules.common import DataError
+from datamodules.preference import PreferenceData
+from datamodules.sft_data import SFTData
+from modules.lm import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+# -- arithmetic task -----------------------------------------------------------------------------------
+
+def test_arithmetic_solution_format_and_checker():
+    problem = arithmetic.Problem(question="Compute 7+5-3.", start=7, ops=(("+", 5), ("-", 3)))
+    assert problem.solution() == "7+5=12\n12-3=9\nAnswer: 9"
+    assert arithmetic.check_answer(problem, "7+5=12\n12-3=9\nAnswer: 9")
+    assert arithmetic.check_answer(9, "whatever\nAnswer: 9\n")
+    assert not arithmetic.check_answer(problem, "7+5=12\n12-3=9\nAnswer: 8")
+    assert not arithmetic.check_answer(problem, "Answer: 9\n12-3=9")  # the answer must be the last line
+    assert not arithmetic.check_answer(problem, "")
+    assert arithmetic.extract_answer("1+2=3\nAnswer: 3") == 3
+
+
+def test_arithmetic_splits_are_deterministic_and_disjoint():
+    first = arithmetic.generate_splits({"train": 300, "test": 100}, seed=3)
+    second = arithmetic.generate_splits({"train": 300, "test": 100}, seed=3)
+    other = arithmetic.generate_splits({"train": 300, "test": 100}, seed=4)
+    assert [p.question for p in first["train"]] == [p.question for p in second["train"]]
+    assert [p.question for p in first["train"]] != [p.question for p in other["train"]]
+    assert not {p.question for p in first["train"]} & {p.question for p in first["test"]}
+    for problem in first["train"]:
+        assert all(0 <= value <= 99 for value in problem.values)
+        assert arithmetic.check_answer(problem, problem.solution())
+    with pytest.raises(ValueError, match="too few exist"):
+        arithmetic.generate_splits({"train": 10_000}, min_steps=1, max_steps=1, max_operand=3)
+
+
+@pytest.mark.parametrize("subset", arithmetic.PAIR_SUBSETS)
+def test_rejected_solutions_are_wrong_in_the_intended_way(subset):
+    import random
+
+    rng = random.Random(0)
+    for problem in arithmetic.generate_splits({"x": 200}, seed=1)["x"]:
+        rejected = arithmetic.rejected_solution(problem, subset, rng)
+        assert not arithmetic.check_answer(problem, rejected)
+        lines = rejected.splitlines()
+        if subset == "format":
+            assert arithmetic.extract_answer(rejected) is None
+        elif subset == "consistency":
+            assert lines[:-1] == problem.step_lines()  # every step right, only the answer line wrong
+        else:
+            left, result = lines[-2].split("=")  # later steps stay consistent with the error
+            assert eval(left) == int(result) or len(lines) == len(problem.ops) + 1
+            assert sum(a != b for a, b in zip(lines, problem.step_lines())) >= 1
+
+
+# -- SFT data -------------------------------------------------------------------------------------------
+
+def test_sft_labels_cover_the_response_only(tokenizer):
+    data = SFTData(tokenizer="tiny", train_size=8, val_size=4, test_size=4)
+    data.setup("fit")
+    item = data.datasets["train"][0]
+    response_ids = [t for t in item["labels"] if t != -100]
+    text = tokenizer.decode(response_ids)
+    assert text.endswith("<|end|>") and "Answer: " in text
+    prompt = tokenizer.decode(item["input_ids"][: len(item["labels"]) - len(response_ids)])
+    assert prompt.startswith("<|user|>Compute") and prompt.endswith("<|assistant|>")
+    batch = data.collate(data.datasets["train"][:3])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert (batch["prompt_input_ids"][:, -1] == tokenizer.convert_tokens_to_ids("<|assistant|>")).all()
+
+
+def test_sft_plain_and_chat_files(tmp_path, tokenizer):
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Say hi.", "response": "hi"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"}]}])
+    for path, prompt_start in ((plain, "<|user|>"), (chat, "<|system|>")):
+        data = SFTData(tokenizer="tiny", train_file=path)
+        data.setup("fit")
+        item = data.datasets["train"][0]
+        assert tokenizer.decode([t for t in item["labels"] if t != -100]) == "hi<|end|>"
+        assert tokenizer.decode(item["input_ids"]).startswith(prompt_start)
+
+
+def test_sft_bad_rows_name_file_row_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": 3}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1, field 'response': expected a string, got int"):
+        SFTData(tokenizer="tiny", train_file=path).setup("fit")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "user", "content": "again"}]}])
+    with pytest.raises(DataError, match=r"row 0, field 'messages\[1\].role': the last message"):
+        SFTData(tokenizer="tiny", train_file=chat).setup("fit")
+
+
+def test_sft_truncation_is_counted_and_empty_responses_dropped(tmp_path):
+    rows = [{"prompt": "x" * 40, "response": "short"}, {"prompt": "q", "response": "y" * 40}]
+    data = SFTData(tokenizer="tiny", train_file=write_jsonl(tmp_path / "long.jsonl", rows), max_length=20)
+    data.setup("fit")
+    assert data.report.truncated == {"train": 2}
+    assert data.report.dropped == {"train": {"no response token left after truncation to max_length": 1}}
+    assert data.report.rows == {"train": 1}
+
+
+# -- preference data ------------------------------------------------------------------------------------
+
+SHAPES = {
+    "standard_implicit": {"chosen": "Q: 1+1? A: 2", "rejected": "Q: 1+1? A: 3"},
+    "conversational_implicit": {
+        "chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "3"}]},
+    "standard_explicit": {"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+    "conversational_explicit": {"prompt": [{"role": "user", "content": "1+1?"}],
+                                "chosen": [{"role": "assistant", "content": "2"}],
+                                "rejected": [{"role": "assistant", "content": "3"}]},
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_four_preference_shapes(shape, tmp_path, tokenizer):
+    row = dict(SHAPES[shape], margin=0.5, subset="easy")
+    data = PreferenceData(tokenizer="tiny", train_file=write_jsonl(tmp_path / "p.jsonl", [row, row]))
+    data.setup("fit")
+    batch = data.collate(data.datasets["train"])
+    assert batch["input_ids"].shape[0] == 4  # chosen rows first, then rejected
+    chosen, rejected = (tokenizer.decode(ids, skip_special_tokens=False).replace("<|pad|>", "")
+                        for ids in (batch["input_ids"][0], batch["input_ids"][2]))
+    if "conversational" in shape or "explicit" in shape:
+        assert chosen == "<|user|>1+1?<|end|><|assistant|>2<|end|>"
+        assert rejected == "<|user|>1+1?<|end|><|assistant|>3<|end|>"
+    else:
+        assert chosen == "Q: 1+1? A: 2<|end|>"
+    assert batch["margin"].tolist() == [0.5, 0.5]
+    assert data.subset_names == ["easy"]
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"chosen": "a"}, "rejected", "missing"),
+    ({"chosen": "a", "rejected": 5}, "rejected", "expected a string, got int"),
+    ({"chosen": " ", "rejected": "b"}, "chosen", "empty"),
+    ({"chosen": "same", "rejected": "same"}, "rejected", "identical to chosen"),
+    ({"chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}, r"chosen\[0\].role", "unknown role"),
+    ({"chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a finite number"),
+])
+def test_invalid_pairs_error_or_drop(row, field, problem, tmp_path):
+    good = {"chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    with pytest.raises(DataError, match=rf"pairs.jsonl: row 1, field '{field}': {problem}"):
+        PreferenceData(tokenizer="tiny", train_file=path).setup("fit")
+    data = PreferenceData(tokenizer="tiny", train_file=path, invalid_rows="drop")
+    data.setup("fit")
+    assert data.report.rows["train"] == 1
+    assert sum(data.report.dropped["train"].values()) == 1
+
+
+def test_all_rows_dropped_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "x", "rejected": "x"}])
+    with pytest.raises(DataError, match="all 1 rows"):
+        PreferenceData(tokenizer="tiny", train_file=path, invalid_rows="drop").setup("fit")
+
+
+def test_preference_truncation_sides_are_counted(tmp_path, tokenizer):
+    long_prompt = {"prompt": "p" * 30, "chosen": "good", "rejected": "bad!"}
+    short = {"prompt": "q", "chosen": "good", "rejected": "bad!"}
+    path = write_jsonl(tmp_path / "long.jsonl", [long_prompt, short])
+    data = PreferenceData(tokenizer="tiny", train_file=path, val_file=path, max_length=16,
+                          truncation_side="right", eval_truncation_side="left")
+    data.setup("fit")
+    assert data.report.truncated == {"train": 1, "val": 1}
+    # right truncation keeps the prompt's start and cuts both responses away: counted, then dropped
+    assert data.report.dropped == {"train": {"chosen and rejected identical after truncation to max_length": 1}}
+    assert data.report.rows == {"train": 1, "val": 2}
+    # left truncation (the evaluation default, as RewardBench) keeps the responses
+    assert tokenizer.decode(data.datasets["val"][0]["chosen"]).endswith("good<|end|>")
+    assert len(data.datasets["val"][0]["chosen"]) == 16
+
+
+def test_bad_json_line_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
+    with pytest.raises(DataError, match="broken.jsonl: line 2 is not valid JSON"):
+        PreferenceData(tokenizer="tiny", train_file=str(path)).setup("fit")
+
+
+def test_embedded_preference_pairs_have_subsets():
+    data = PreferenceData(tokenizer="tiny", train_size=60, val_size=30, test_size=30)
+    data.setup("fit")
+    assert set(data.subset_names) == set(arithmetic.PAIR_SUBSETS)
+    assert data.report.rows == {"train": 60, "val": 30}

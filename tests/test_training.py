@@ -1,0 +1,112 @@
+"""Short real runs through cli.py: every parameter trains, 8-bit state, NaN stop, untrained warning,
+summary manifest, export round-trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from conftest import SMALL_REWARD, SMALL_SFT
+
+
+class InitialParams(Callback):
+    """Remembers every trainable tensor at the start of training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def unchanged_parameters(cli, recorder: InitialParams) -> list[str]:
+    after = dict(cli.model.named_parameters())
+    return [name for name, before in recorder.before.items() if torch.equal(before, after[name].detach())]
+
+
+@pytest.mark.parametrize("config, small", [("configs/sft/arithmetic.yaml", SMALL_SFT),
+                                           ("configs/reward/bt.yaml", SMALL_REWARD)])
+def test_a_few_steps_change_every_trainable_parameter(run_cli, config, small, monkeypatch):
+    recorder = InitialParams()
+    import cli as cli_module
+
+    defaults = cli_module.trainer_defaults()
+    monkeypatch.setattr(cli_module, "trainer_defaults",
+                        lambda: {**defaults, "callbacks": defaults["callbacks"] + [recorder]})
+    cli = run_cli("fit", config, *small)
+    assert len(recorder.before) > 10
+    assert unchanged_parameters(cli, recorder) == []
+
+
+def read_summary(tmp_path: Path, name: str = "run") -> dict:
+    [path] = list((tmp_path / name).glob("version_*/summary.json"))
+    return json.loads(path.read_text())
+
+
+def test_summary_manifest_and_test_after_fit(run_cli, tmp_path):
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--test_after_fit=true",
+            "--trainer.accumulate_grad_batches=2")
+    summary = read_summary(tmp_path)
+    assert set(summary["stages"]) == {"fit", "test"}
+    manifest = summary["manifest"]
+    assert manifest["seed"] == 0 and manifest["world_size"] == 1
+    assert manifest["effective_batch_size"] == 16  # 8 pairs x 2 accumulated batches x 1 process
+    assert manifest["versions"]["torch"] and manifest["versions"]["lightning"]
+    assert manifest["config"]["model"]["class_path"] == "modules.reward.RewardModel"
+    assert summary["stages"]["test"]["checkpoint"].endswith("best.ckpt")
+    assert 0.0 <= summary["stages"]["test"]["metrics"]["test/accuracy"] <= 1.0
+    assert {"test/accuracy/format", "test/accuracy/consistency", "test/accuracy/arithmetic"} <= set(
+        summary["stages"]["test"]["metrics"])
+    assert summary["stages"]["fit"]["data"]["rows"]["train"] == 64
+    assert summary["warnings"] == []
+
+
+def test_zero_learning_rate_is_reported_as_untrained(run_cli, tmp_path):
+    with pytest.warns(UserWarning, match="NO TRAINABLE PARAMETER CHANGED"):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--model.init_args.optimizer.init_args.lr=0",
+                "--model.init_args.optimizer.init_args.weight_decay=0")
+    assert any("NO TRAINABLE PARAMETER CHANGED" in w for w in read_summary(tmp_path)["warnings"])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(run_cli, tmp_path):
+    from callbacks import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at global step \d+"):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=50",
+                "--trainer.gradient_clip_val=null", "--model.init_args.lr_scheduler=null",
+                "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=1e30",
+                "--checkpoint.every_n_train_steps=1", "--checkpoint.monitor=null")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
+
+
+def test_adamw8bit_keeps_uint8_state_and_32bit_embeddings(run_cli):
+    cli = run_cli("fit", "configs/reward/bt.yaml", "--config", "configs/optimizer/adamw8bit.yaml", *SMALL_REWARD)
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW8bit"
+    embedding = cli.model.model.get_input_embeddings().weight
+    state_dtypes = {}
+    for param, state in optimizer.state.items():
+        state_dtypes[param is embedding] = state_dtypes.get(param is embedding, set()) | {state["state1"].dtype}
+    assert state_dtypes[True] == {torch.float32}  # embeddings: 32-bit state
+    assert torch.uint8 in state_dtypes[False]      # large matrices: 8-bit state
+
+
+def test_export_round_trip_gives_the_same_rewards(run_cli, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cli import export_main
+
+    cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    export_main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "export")])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    texts = ["<|user|>Compute 1+2.<|end|><|assistant|>1+2=3\nAnswer: 3<|end|>", "<|user|>Hi<|end|><|assistant|>x<|end|>"]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    module = cli.model.eval()
+    with torch.no_grad():
+        expected = module.rewards(batch["input_ids"], batch["attention_mask"])
+        exported = model(**batch).logits.squeeze(-1)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
