@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 import datamodules  # noqa: E402,F401  (registers the data modules)
 import modules  # noqa: E402,F401  (registers the methods)
-from callbacks import Checkpoint, NonFiniteLossError, NonFiniteLossGuard, RunSummary  # noqa: E402
+from callbacks import Checkpoint, ExportPretrained, NonFiniteLossError, NonFiniteLossGuard, RunSummary  # noqa: E402
 
 
 class TrainerCLI(LightningCLI):
@@ -27,6 +27,7 @@ class TrainerCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
+        parser.add_lightning_class_args(ExportPretrained, "export")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
 

@@ -152,13 +152,18 @@ def rejected_solution(problem: Problem, subset: str, rng: random.Random) -> str:
 
 
 def preference_rows(problems: list[Problem], subsets: tuple[str, ...] = PAIR_SUBSETS, seed: int = 0,
-                    pairs_per_problem: int = 1) -> list[dict[str, Any]]:
-    """Conversational implicit-prompt pairs (the Skywork-Reward-Preference-80K shape) with a ``subset``."""
+                    pairs_per_problem: int = 1, weights: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+    """Conversational implicit-prompt pairs (the Skywork-Reward-Preference-80K shape) with a ``subset``,
+    drawn uniformly over ``subsets`` or with the given relative ``weights``."""
     rng = random.Random(seed)
+    unknown = set(weights or {}) - set(subsets)
+    if unknown:
+        raise ValueError(f"subset weights name unknown subsets {sorted(unknown)}; subsets are {list(subsets)}")
+    subset_weights = [float((weights or {}).get(subset, 1.0 if not weights else 0.0)) for subset in subsets]
     rows = []
     for problem in problems:
         for _ in range(pairs_per_problem):
-            subset = rng.choice(subsets)
+            subset = rng.choices(subsets, weights=subset_weights)[0]
             user = {"role": "user", "content": problem.question}
             rows.append({
                 "chosen": [user, {"role": "assistant", "content": problem.solution()}],

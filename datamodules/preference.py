@@ -32,21 +32,26 @@ class PreferenceData(TextDataModule):
     def __init__(self, chosen_field: str = "chosen", rejected_field: str = "rejected",
                  prompt_field: str = "prompt", eval_truncation_side: str = "left",
                  train_size: int = 6000, val_size: int = 300, test_size: int = 600,
-                 subsets: tuple[str, ...] = arithmetic.PAIR_SUBSETS, **kwargs):
+                 subsets: tuple[str, ...] = arithmetic.PAIR_SUBSETS,
+                 train_subset_weights: Optional[dict[str, float]] = None, **kwargs):
         """Preference data. ``eval_truncation_side`` applies to val/test (RewardBench truncates on the
-        left, keeping the responses). ``train_size``..``subsets`` shape the embedded arithmetic pairs."""
+        left, keeping the responses). ``train_size``..``train_subset_weights`` shape the embedded
+        arithmetic pairs: val/test draw the subsets uniformly, training may weight them (e.g. fewer of
+        the trivial format pairs)."""
         super().__init__(**kwargs)
         self.chosen_field, self.rejected_field, self.prompt_field = chosen_field, rejected_field, prompt_field
         self.eval_truncation_side = eval_truncation_side
         self.embedded_sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.embedded_subsets = tuple(subsets)
+        self.train_subset_weights = train_subset_weights
         self.subset_names: list[str] = []
 
     def embedded_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+        split = "test" if split == "predict" else split
         problems = arithmetic.generate_splits(self.embedded_sizes, seed=self.seed)
-        offset = {"train": 1, "val": 2, "test": 3}[split if split != "predict" else "test"]
-        return arithmetic.preference_rows(problems[split if split != "predict" else "test"],
-                                          self.embedded_subsets, seed=self.seed * 10 + offset)
+        offset = {"train": 1, "val": 2, "test": 3}[split]
+        return arithmetic.preference_rows(problems[split], self.embedded_subsets, seed=self.seed * 10 + offset,
+                                          weights=self.train_subset_weights if split == "train" else None)
 
     # -- one side of a pair as token ids -------------------------------------------------------------
     def _side_ids(self, row: dict[str, Any], field: str, source: str, index: int) -> list[int]:

@@ -135,6 +135,16 @@ def ensure_distinct_pad_token(tokenizer) -> bool:
     return True
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def has_config_only(path: str) -> bool:
+    """A local folder with a config.json and no weight files."""
+    folder = Path(path)
+    return (folder.is_dir() and (folder / "config.json").exists()
+            and not any(child.name.endswith(WEIGHT_SUFFIXES) for child in folder.iterdir()))
+
+
 def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = None,
                attn_implementation: str | None = None, trust_remote_code: bool = False,
                gradient_checkpointing: bool = False, num_labels: int = 1, tokenizer=None):
@@ -152,7 +162,18 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
         kwargs["attn_implementation"] = attn_implementation
     if kind == "sequence_classification":
         kwargs["num_labels"] = num_labels
-    model = auto.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    path = resolve_model_path(name_or_path)
+    if has_config_only(path):
+        # a folder holding only config.json: a model of that shape with fresh weights (benchmarks,
+        # from-scratch training); from_pretrained would refuse it
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            **({"num_labels": num_labels} if kind == "sequence_classification" else {}))
+        kwargs.pop("num_labels", None)
+        model = auto.from_config(config, **kwargs)
+    else:
+        model = auto.from_pretrained(path, **kwargs)
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))

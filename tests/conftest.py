@@ -19,6 +19,7 @@ def quiet_run_args(tmp_path: Path, name: str = "run") -> list[str]:
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.logger.init_args.name={name}",
         f"--checkpoint.dirpath={tmp_path / name / 'checkpoints'}",
+        f"--export.dirpath={tmp_path / name / 'export'}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]

@@ -99,14 +99,16 @@ def test_export_round_trip_gives_the_same_rewards(run_cli, tmp_path):
     from cli import export_main
 
     cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
-    export_main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "export")])
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    export_main([str(tmp_path / "run" / "checkpoints" / "best.ckpt"), str(tmp_path / "by_hand")])
     texts = ["<|user|>Compute 1+2.<|end|><|assistant|>1+2=3\nAnswer: 3<|end|>", "<|user|>Hi<|end|><|assistant|>x<|end|>"]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     module = cli.model.eval()
-    with torch.no_grad():
-        expected = module.rewards(batch["input_ids"], batch["attention_mask"])
-        exported = model(**batch).logits.squeeze(-1)
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
+    # the fit's own export (export.dirpath) and `cli.py export` of the same best checkpoint
+    for folder in (tmp_path / "run" / "export", tmp_path / "by_hand"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected = module.rewards(batch["input_ids"], batch["attention_mask"])
+            exported = model(**batch).logits.squeeze(-1)
+        assert tokenizer.pad_token_id != tokenizer.eos_token_id
+        torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,150 @@
+"""Reward-model training throughput on a GPU: our RewardModel under the Lightning Trainer on the
+Qwen2-0.5B shape of shared/PERFORMANCE.md (random weights, random token pairs, 1024 tokens per side,
+8 pairs per step), in several settings, each timed over the same steps after warm-up.
+
+    python bench/reward_gpu.py                         # all variants
+    python bench/reward_gpu.py --variants autocast,autocast_adamw8bit --steps 30
+
+MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / peak bf16 FLOP/s (989e12 for H100/H200
+dense, as in PERFORMANCE.md). Prints one JSON line per variant and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+PEAK_FLOPS = 989e12
+# name -> (precision, optimizer, compile)
+VARIANTS = {
+    "autocast": ("bf16-mixed", "torch.optim.AdamW", False),
+    "autocast_adamw8bit": ("bf16-mixed", "bitsandbytes.optim.AdamW8bit", False),
+    "bf16_weights": ("bf16-true", "torch.optim.AdamW", False),
+    "autocast_compile": ("bf16-mixed", "torch.optim.AdamW", True),
+    "bf16_weights_compile": ("bf16-true", "torch.optim.AdamW", True),
+}
+
+
+class RandomPairs(pl.LightningDataModule):
+    """Random token pairs with no padding; ids avoid the special tokens so pooling reads the last token."""
+
+    def __init__(self, pairs: int, seq: int, vocab: int, steps: int):
+        super().__init__()
+        self.pairs, self.seq, self.vocab, self.steps = pairs, seq, vocab, steps
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(300, self.vocab, (2 * self.pairs, self.seq), generator=generator),
+                    "attention_mask": torch.ones(2 * self.pairs, self.seq, dtype=torch.long),
+                    "margin": torch.zeros(self.pairs), "subset": torch.zeros(self.pairs, dtype=torch.long)}
+                   for _ in range(4)]
+        return [batches[i % 4] for i in range(self.steps)]
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.tokens, self.timed_steps = warmup, None, 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = time.perf_counter()
+        if self.start is not None:
+            self.tokens += batch["input_ids"].numel()
+            self.timed_steps += 1
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    embedding = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embedding
+
+
+def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, seq: int) -> dict:
+    import importlib
+
+    from modules.reward import RewardModel
+
+    precision, optimizer_path, compile_model = VARIANTS[name]
+    module_name, _, class_name = optimizer_path.rpartition(".")
+    optimizer_cls = getattr(importlib.import_module(module_name), class_name)
+    torch.manual_seed(0)
+    model = RewardModel(model=model_dir, attn_implementation="sdpa", compile=compile_model,
+                        optimizer=functools.partial(optimizer_cls, lr=1e-5))
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=warmup + steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer])
+    trainer.fit(model, datamodule=RandomPairs(pairs, seq, QWEN2_05B["vocab_size"], warmup + steps))
+    tokens_per_s = timer.tokens / timer.seconds
+    state_dtypes = sorted({str(t.dtype) for state in trainer.optimizers[0].state.values() for t in state.values()
+                           if torch.is_tensor(t) and t.numel() > 1})
+    n = non_embedding_params(model.model)
+    flops_per_token = 6 * n + 12 * QWEN2_05B["num_hidden_layers"] * QWEN2_05B["hidden_size"] * seq
+    result = {"variant": name, "precision": precision, "optimizer": optimizer_path, "compile": compile_model,
+              "tokens_per_s": tokens_per_s, "pairs_per_s": tokens_per_s / (2 * seq),
+              "mfu": tokens_per_s * flops_per_token / PEAK_FLOPS,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": timer.timed_steps,
+              "optimizer_state_dtypes": state_dtypes,
+              "device": torch.cuda.get_device_name()}
+    del trainer, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def write_model_dir(folder: Path) -> str:
+    """Config of the Qwen2-0.5B shape (no weights: loaded with fresh random weights) + our tokenizer."""
+    from transformers import Qwen2Config
+
+    from modules.lm import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(**QWEN2_05B, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/reward_gpu.py needs a CUDA GPU")
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = write_model_dir(Path(folder))
+        for name in args.variants.split(","):
+            result = run_variant(name, model_dir, args.steps, args.warmup, args.pairs, args.seq)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    print(f"\n{'variant':24}{'tokens/s':>12}{'pairs/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    for r in results:
+        print(f"{r['variant']:24}{r['tokens_per_s']:>12,.0f}{r['pairs_per_s']:>10.1f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
