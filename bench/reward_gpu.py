@@ -51,7 +51,8 @@ class RandomPairs(pl.LightningDataModule):
                     "attention_mask": torch.ones(2 * self.pairs, self.seq, dtype=torch.long),
                     "margin": torch.zeros(self.pairs), "subset": torch.zeros(self.pairs, dtype=torch.long)}
                    for _ in range(4)]
-        return [batches[i % 4] for i in range(self.steps)]
+        # batch_size=None: the items are already batches (a plain list would read as several loaders)
+        return torch.utils.data.DataLoader([batches[i % 4] for i in range(self.steps)], batch_size=None)
 
 
 class StepTimer(pl.Callback):

@@ -81,7 +81,9 @@ class RewardModel(HFModule):
         lm.ensure_distinct_pad_token(tokenizer)
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        # use_cache=False: a KV cache is useless here, and with activation checkpointing the recomputed
+        # forward would append to it and double the key length
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
 
     def pair_rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self.rewards(batch["input_ids"], batch["attention_mask"])

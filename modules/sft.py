@@ -36,7 +36,8 @@ class SFT(HFModule):
         self.generate_on_validation = generate_on_validation
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits  # no cache: it would grow under activation checkpointing
         return sft_loss(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
