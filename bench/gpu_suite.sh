@@ -13,7 +13,7 @@ python3 -c "import torch, transformers, lightning; print('torch', torch.__versio
 python3 bench/reward_gpu.py --variants "${VARIANTS:-autocast,autocast_adamw8bit,bf16_weights,bf16_weights_compile}" \
   --steps "${STEPS:-20}" --out "$OUT/reward_gpu.json" 2>&1 | grep -vE "Warning|warn|LOAD REPORT|MISSING|^Key|^---|^$" | tee "$OUT/reward_gpu.log"
 
-tiny=(--data.init_args.train_size=256 --data.init_args.val_size=32 --data.init_args.test_size=32
+tiny=(--model.init_args.model=tiny --data.init_args.train_size=256 --data.init_args.val_size=32 --data.init_args.test_size=32
       --trainer.max_steps=6 --trainer.val_check_interval=6 --trainer.enable_progress_bar=false)
 for strategy in fsdp bf16_true; do
   extra=(--config configs/trainer/single_gpu.yaml)

@@ -93,6 +93,16 @@ class TrainableModule(pl.LightningModule):
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+            # FSDP holds gradient shards: only its own method computes the global norm across ranks
+            # (Lightning's default clipping refuses to run under FSDP)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
 
 class HFModule(TrainableModule):
     """A method around one Hugging Face model, created in ``configure_model`` (so FSDP can shard it)."""

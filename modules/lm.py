@@ -45,6 +45,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets made by training a base preset, built on first use like a hub download:
+# name -> ("module:function", base preset). The function writes a save_pretrained folder.
+TRAINED_PRESETS: dict[str, tuple[str, str]] = {
+    # the tiny preset after a short SFT on the embedded arithmetic task: the "instruct" backbone that
+    # reward models start from, and an imperfect policy for DAPO
+    "tiny-sft": ("modules.sft:build_arithmetic_preset", "tiny"),
+}
+
+
 def presets_root() -> Path:
     return Path(os.environ.get(PRESETS_ROOT_ENV, _REPO_ROOT / ".cache" / "presets"))
 
@@ -96,6 +105,15 @@ def build_preset(name: str, path: str | Path, seed: int = 0) -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a preset name to its local folder (built on first use); pass anything else through."""
+    if name_or_path in TRAINED_PRESETS:
+        path = presets_root() / name_or_path
+        if not (path / "config.json").exists():
+            import importlib
+
+            target, base = TRAINED_PRESETS[name_or_path]
+            module_name, _, function = target.partition(":")
+            getattr(importlib.import_module(module_name), function)(resolve_model_path(base), path)
+        return str(path)
     if name_or_path in PRESETS:
         path = presets_root() / name_or_path
         if not (path / "config.json").exists():

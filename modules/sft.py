@@ -6,6 +6,10 @@ retain models. ``test`` reports greedy exact-match accuracy when the data module
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -75,3 +79,32 @@ class SFT(HFModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", True)
+
+
+def build_arithmetic_preset(base: str, path: str | Path, steps: int = 800, seed: int = 0) -> Path:
+    """Fine-tune ``base`` briefly on the embedded arithmetic task and save it at ``path`` (the
+    ``tiny-sft`` preset). Deterministic in ``seed``; the caller's random state is left untouched."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from datamodules.sft_data import SFTData
+    from modules.base import WarmupSchedule
+
+    path = Path(path)
+    rank_zero_info(f"building preset {path.name}: {steps} SFT steps of {base} on the arithmetic task (once)")
+    module = SFT(model=base, generate_on_validation=False,
+                 optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98)),
+                 lr_scheduler=functools.partial(WarmupSchedule, warmup_steps=40, min_lr_ratio=0.1))
+    data = SFTData(tokenizer=base, train_size=6000, val_size=0, test_size=0, batch_size=32, max_length=128, seed=seed)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, devices=1, num_sanity_val_steps=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        trainer.fit(module, datamodule=data)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    module.export_pretrained(tmp)
+    if path.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
+    return path

@@ -40,6 +40,6 @@ def run_cli(tmp_path):
 SMALL_SFT = ["--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.test_size=16",
              "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=8", "--trainer.max_steps=4",
              "--trainer.val_check_interval=4", "--test_after_fit=false"]
-SMALL_REWARD = ["--data.init_args.train_size=64", "--data.init_args.val_size=24", "--data.init_args.test_size=24",
+SMALL_REWARD = ["--model.init_args.model=tiny", "--data.init_args.train_size=64", "--data.init_args.val_size=24", "--data.init_args.test_size=24",
                 "--data.init_args.batch_size=8", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
                 "--test_after_fit=false"]

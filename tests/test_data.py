@@ -202,3 +202,14 @@ def test_embedded_preference_pairs_have_subsets():
     data.setup("fit")
     assert set(data.subset_names) == set(arithmetic.PAIR_SUBSETS)
     assert data.report.rows == {"train": 60, "val": 30}
+
+
+def test_training_subset_weights_apply_to_train_only():
+    data = PreferenceData(tokenizer="tiny", train_size=600, val_size=300, test_size=30,
+                          train_subset_weights={"consistency": 3, "arithmetic": 1})
+    train_rows, val_rows = data.embedded_rows("train"), data.embedded_rows("val")
+    train_counts = {s: sum(r["subset"] == s for r in train_rows) for s in arithmetic.PAIR_SUBSETS}
+    assert train_counts["format"] == 0 and 2.2 < train_counts["consistency"] / train_counts["arithmetic"] < 4
+    assert all(sum(r["subset"] == s for r in val_rows) > 70 for s in arithmetic.PAIR_SUBSETS)  # uniform
+    with pytest.raises(ValueError, match="unknown subsets"):
+        PreferenceData(tokenizer="tiny", train_subset_weights={"typos": 1}).embedded_rows("train")

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, quiet_run_args
 
-EPOCHS = ["--data.init_args.train_size=48", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
+EPOCHS = ["--model.init_args.model=tiny", "--data.init_args.train_size=48", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
           "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=1.0",
           "--trainer.check_val_every_n_epoch=1", "--test_after_fit=false"]
 
@@ -49,7 +49,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    run = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
+    run = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--model.init_args.model=tiny",
               "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
               "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--test_after_fit=false")
     assert run.returncode == 0, run.stderr[-3000:]
