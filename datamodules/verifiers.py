@@ -796,9 +796,9 @@ def _release_sandbox_uid(uid: int) -> None:
 def _interpreter_paths(site_packages: bool) -> list[str]:
     """Directories the child interpreter must be able to read (stdlib, binary, and venv if used)."""
     paths = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix),
-             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
-    if site_packages:
-        paths.add(os.path.realpath(sys.prefix))
+             os.path.dirname(os.path.realpath(sys.executable))}
+    if site_packages:  # the venv's own link and packages too (the child runs through the venv then)
+        paths.update({os.path.realpath(sys.prefix), os.path.dirname(os.path.abspath(sys.executable))})
     # a directory inside another listed one is covered by it
     ordered = sorted(paths)
     return [p for p in ordered if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in ordered)]
@@ -896,7 +896,9 @@ def run_python_sandboxed(
             "marker_fd": marker_write,
             "host_workdir": host_dir,
             "program_name": program_name,
-            "python": sys.executable,
+            # the real binary, not a virtual environment's link to it: a venv under /tmp would vanish
+            # behind the sandbox's private /tmp (site_packages needs the venv and keeps its path)
+            "python": sys.executable if site_packages else os.path.realpath(sys.executable),
             "python_flags": ["-I", "-B"] if site_packages else ["-I", "-S", "-B"],
             "runner_source": runner_source,
             "interpreter_paths": _interpreter_paths(site_packages),
