@@ -112,3 +112,15 @@ def test_export_round_trip_gives_the_same_rewards(run_cli, tmp_path):
             exported = model(**batch).logits.squeeze(-1)
         assert tokenizer.pad_token_id != tokenizer.eos_token_id
         torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_validate_test_and_predict_run_from_a_checkpoint(run_cli, tmp_path):
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    ckpt = f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"
+    for subcommand in ("validate", "test", "predict"):
+        run_cli(subcommand, "configs/reward/bt.yaml", *SMALL_REWARD, ckpt, name=subcommand)
+        stage = read_summary(tmp_path, subcommand)["stages"][subcommand]
+        assert stage["checkpoint"].endswith("best.ckpt")
+        if subcommand != "predict":
+            metric = "val/accuracy" if subcommand == "validate" else "test/accuracy"
+            assert 0.0 <= stage["metrics"][metric] <= 1.0
