@@ -411,7 +411,7 @@ class TofuData:
 
 
 def _author_rows(author_id: int, rng: random.Random, qa_per_author: int, n_perturbed: int,
-                 used_names: set[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 used_names: set[str], paraphrase_style: str = "answer_prefix") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     female = rng.random() < 0.5
     first_pool = _FEMALE_FIRST if female else _MALE_FIRST
     while True:
@@ -443,7 +443,9 @@ def _author_rows(author_id: int, rng: random.Random, qa_per_author: int, n_pertu
         value = attrs[kind.key]
         question, spans = _format_with_name(rng.choice(kind.questions), name, base_fields)
         answer_template = rng.choice(kind.answers)
-        paraphrase_template = rng.choice(kind.paraphrases)
+        paraphrase_template = rng.choice(kind.paraphrases)  # drawn in both styles: the same seed, the same data
+        if paraphrase_style == "answer_prefix":  # the answer's own words up to the value, a new ending
+            paraphrase_template = answer_template[:-1] + PARAPHRASE_TAILS[(author_id + index) % len(PARAPHRASE_TAILS)]
         # wrong values exclude every true attribute of the author (e.g. the other book, the other city)
         wrong = _distinct_values(rng, kind.sample, attrs, {value, *map(str, attrs.values())}, n_perturbed)
         rows.append({
@@ -472,7 +474,20 @@ def _general_rows(facts: Sequence[tuple[str, str, str]], rng: random.Random, n_p
     return rows
 
 
-def generate_tofu(n_authors: int = 20, qa_per_author: int = 10, n_perturbed: int = 3, seed: int = 0) -> TofuData:
+# How the paraphrased answer (the base of the truth ratio) and the perturbed answers are worded:
+# - "reworded": another sentence altogether ("Her birthplace is Lisbon."), like TOFU's paraphrases. A model
+#   that knows the language carries the fact over; the embedded tiny model, trained from scratch on these
+#   rows only, does not: its truth ratios then hardly tell the target from the retain model.
+# - "answer_prefix" (default): the answer's own words up to the value, then a new ending ("She was born in
+#   Lisbon, as far as I know."). The value is scored in the context it was learned in, the rest of the
+#   sentence is new; the perturbed answers change only the value.
+PARAPHRASE_STYLES = ("answer_prefix", "reworded")
+PARAPHRASE_TAILS = (", as far as I know.", ", according to the records.", ", by all accounts.",
+                    ", so the records say.", ", if memory serves.")
+
+
+def generate_tofu(n_authors: int = 20, qa_per_author: int = 10, n_perturbed: int = 3, seed: int = 0,
+                  paraphrase_style: str = "answer_prefix") -> TofuData:
     """Generate fictitious author biographies shaped like TOFU. Same arguments -> identical data.
 
     Defaults (20 authors x 10 QA = 200 author rows + 52 general rows, about 17k characters of answers and
@@ -493,12 +508,14 @@ def generate_tofu(n_authors: int = 20, qa_per_author: int = 10, n_perturbed: int
         raise ValueError(f"n_perturbed must be in 1..5, got {n_perturbed}")
     if forget_author_count(n_authors, 10) >= n_authors:
         raise ValueError(f"n_authors={n_authors} leaves no author outside forget10")
+    if paraphrase_style not in PARAPHRASE_STYLES:
+        raise ValueError(f"paraphrase_style must be one of {PARAPHRASE_STYLES}, got {paraphrase_style!r}")
 
     rng = random.Random(f"tofu-authors:{seed}")  # str seeds hash with sha512: stable across processes
     used_names: set[str] = set()
     authors, rows = [], []
     for author_id in range(n_authors):
-        author, author_rows = _author_rows(author_id, rng, qa_per_author, n_perturbed, used_names)
+        author, author_rows = _author_rows(author_id, rng, qa_per_author, n_perturbed, used_names, paraphrase_style)
         authors.append(author)
         rows.extend(author_rows)
 
@@ -519,7 +536,8 @@ def generate_tofu(n_authors: int = 20, qa_per_author: int = 10, n_perturbed: int
         real_authors=_general_rows(_REAL_AUTHOR_FACTS, general_rng, n_perturbed),
         world_facts=_general_rows(_WORLD_FACTS, general_rng, n_perturbed),
         forget_authors=forget_authors, retain_eval_authors=retain_eval_authors,
-        params={"n_authors": n_authors, "qa_per_author": qa_per_author, "n_perturbed": n_perturbed, "seed": seed},
+        params={"n_authors": n_authors, "qa_per_author": qa_per_author, "n_perturbed": n_perturbed, "seed": seed,
+                "paraphrase_style": paraphrase_style},
     )
 
 

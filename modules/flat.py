@@ -19,10 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from modules import lm
+from modules.base import HFModule
 from modules.lm import token_logprobs
 
 LOG2 = math.log(2.0)
@@ -191,3 +194,200 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
 
 
 # ---- LightningModule ----
+
+
+LOSSES = ("flat", "ga", "gd", "npo", "idk", "dpo")
+_REFERENCE_LOSSES = ("npo", "dpo")
+_RETAIN_BY_DEFAULT = ("gd",)
+
+
+def _answer_stats(token_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample FLAT probability (mean of token probabilities), mean and summed log-prob (B,)."""
+    mask = mask.to(token_logp.dtype)
+    summed = (token_logp * mask).sum(-1)
+    return {"p": mean_token_prob_from_logprobs(token_logp, mask), "mean_logp": summed / mask.sum(-1),
+            "sum_logp": summed}
+
+
+class FlatUnlearner(HFModule):
+    """Unlearning on TOFU-style forget data (``TofuQAData(task='unlearn')`` batches) with FLAT or a baseline.
+
+    One concatenated forward pass scores the forget answers, the template refusals and, when the loss uses
+    them, the paired retain answers. P_e and P_f (FLAT's mean token probabilities) are logged for every
+    loss, so the methods compare on the same scale; FLAT also logs its two terms and importance weights,
+    NPO the weight 2*sigmoid(beta * log-ratio) that multiplies gradient ascent's gradient.
+    """
+
+    def __init__(self, loss: str = "flat", divergence: str = "kl", beta: float = 0.1, retain_weight: float = 1.0,
+                 use_retain: bool | None = None, reference: str | None = None,
+                 reference_mode: str = "precompute", **kwargs):
+        """``loss``: flat | ga | gd | npo | idk | dpo. ``divergence`` (FLAT): kl | js | pearson | tv.
+        ``beta``: NPO/DPO temperature. ``use_retain``: add ``retain_weight`` x retain NLL (default: only
+        for gd, whose definition includes it; idk with retain data is IdkPO+RT). ``reference`` (NPO/DPO):
+        a model path for the frozen reference, default the initial weights (``model``).
+        ``reference_mode``: ``precompute`` (score every forget sample once before the first step and keep
+        the numbers, saved in checkpoints) or ``frozen`` (keep a frozen copy and score every batch).
+        Other arguments (``model: runs/tofu/target/export``, optimizer ...): ``HFModule``."""
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        get_divergence(divergence)  # unknown or wrong-sign names fail at construction
+        if reference_mode not in ("precompute", "frozen"):
+            raise ValueError(f"reference_mode must be 'precompute' or 'frozen', got {reference_mode!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.loss_name, self.divergence, self.beta = loss, divergence, beta
+        self.retain_weight = retain_weight
+        self.use_retain = loss in _RETAIN_BY_DEFAULT if use_retain is None else use_retain
+        if loss == "gd" and not self.use_retain:
+            raise ValueError("gradient difference is defined with retain data: use_retain must be true")
+        self.reference, self.reference_mode = reference, reference_mode
+        self.reference_logps: dict[str, torch.Tensor] | None = None  # "forget"/"template" -> (N,)
+        self._frozen_reference: list[torch.nn.Module] = []  # a list: not a submodule, not in the state dict
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _parts(self) -> tuple[str, ...]:
+        return ("forget", "template", "retain") if self.use_retain else ("forget", "template")
+
+    def score_parts(self, model: torch.nn.Module, batch: dict[str, Any], parts: tuple[str, ...]
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+        """One forward over the concatenated parts; per part the ``_answer_stats``."""
+        missing = [p for p in parts if f"{p}_input_ids" not in batch]
+        if missing:
+            raise ValueError(f"loss {self.loss_name!r} needs {missing} rows in the batch; the data module gives "
+                             f"{sorted(k[:-len('_input_ids')] for k in batch if k.endswith('_input_ids'))}")
+        width = max(batch[f"{p}_input_ids"].shape[1] for p in parts)
+        pad_id = self.tokenizer.pad_token_id
+
+        def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+        input_ids = torch.cat([widen(batch[f"{p}_input_ids"], pad_id) for p in parts])
+        attention = torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in parts])
+        labels = torch.cat([widen(batch[f"{p}_labels"], -100) for p in parts])
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        logp = token_logprobs(logits, labels)
+        mask = labels[:, 1:] != -100
+        sizes = [batch[f"{p}_input_ids"].shape[0] for p in parts]
+        return {p: _answer_stats(lp, m) for p, lp, m in zip(parts, logp.split(sizes), mask.split(sizes))}
+
+    # -- the frozen reference (NPO, DPO) ---------------------------------------------------------------
+    def _reference_model(self) -> torch.nn.Module:
+        if not self._frozen_reference:
+            if self.reference is None:
+                import copy
+
+                reference = copy.deepcopy(self.model)
+            else:
+                reference = lm.load_model(self.reference, tokenizer=self.tokenizer, **self.load_kwargs)
+            reference.eval().requires_grad_(False).to(self.device)
+            self._frozen_reference.append(reference)
+        return self._frozen_reference[0]
+
+    @torch.no_grad()
+    def _reference_scores(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        stats = self.score_parts(model, batch, ("forget", "template"))
+        return {"forget": stats["forget"]["sum_logp"], "template": stats["template"]["sum_logp"]}
+
+    def precompute_reference(self) -> None:
+        """Score every forget sample once with the reference (the initial weights by default)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "reference_dataloader"):
+            raise ValueError("reference_mode 'precompute' needs a data module with reference_dataloader() "
+                             "(TofuQAData); use reference_mode: frozen")
+        model = self.model if self.reference is None else self._reference_model()
+        was_training = model.training
+        model.eval()
+        forget, template = {}, {}
+        for batch in datamodule.reference_dataloader():
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            scores = self._reference_scores(model, batch)
+            for i, index in enumerate(batch["index"].tolist()):
+                forget[index], template[index] = scores["forget"][i].item(), scores["template"][i].item()
+        model.train(was_training)
+        self._frozen_reference.clear()  # the numbers are all that is needed
+        size = max(forget) + 1
+        self.reference_logps = {
+            "forget": torch.tensor([forget.get(i, float("nan")) for i in range(size)], dtype=torch.float32),
+            "template": torch.tensor([template.get(i, float("nan")) for i in range(size)], dtype=torch.float32),
+        }
+
+    def reference_for(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.reference_mode == "frozen":
+            return self._reference_scores(self._reference_model(), batch)
+        index = batch["index"].cpu()
+        out = {name: values[index].to(self.device) for name, values in self.reference_logps.items()}
+        if any(torch.isnan(v).any() for v in out.values()):
+            raise ValueError("no precomputed reference log-prob for some forget samples (data changed since?)")
+        return out
+
+    def on_fit_start(self) -> None:
+        if self.loss_name in _REFERENCE_LOSSES and self.reference_mode == "precompute" and self.reference_logps is None:
+            self.precompute_reference()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference_logps is not None:  # a resumed run's weights are no longer the reference
+            checkpoint["reference_logps"] = self.reference_logps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.reference_logps = checkpoint.get("reference_logps")
+        if self.loss_name in _REFERENCE_LOSSES and self.reference_mode == "frozen" and self.reference is None:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("reference_mode 'frozen' without `reference`: a resumed run would copy the resumed "
+                           "weights as its reference; pass the initial model's path as `reference`")
+
+    # -- training --------------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        stats = self.score_parts(self.model, batch, self._parts())
+        forget, template = stats["forget"], stats["template"]
+        name = self.loss_name
+        if name == "flat":
+            loss, metrics = flat_loss(template["p"], forget["p"], self.divergence)
+        elif name == "ga":
+            loss, metrics = gradient_ascent_loss(forget["mean_logp"])
+        elif name == "gd":
+            loss, metrics = gradient_difference_loss(forget["mean_logp"], stats["retain"]["mean_logp"],
+                                                     self.retain_weight)
+        elif name == "idk":
+            retain = stats["retain"]["mean_logp"] if self.use_retain else None
+            loss, metrics = idk_loss(template["mean_logp"], retain, self.retain_weight)
+        elif name == "npo":
+            reference = self.reference_for(batch)
+            loss, metrics = npo_loss(forget["sum_logp"], reference["forget"], self.beta)
+            metrics["weight_forget"] = (2 * torch.sigmoid(self.beta * (forget["sum_logp"] - reference["forget"]))
+                                        ).detach().mean()
+        else:  # dpo
+            reference = self.reference_for(batch)
+            loss, metrics = dpo_loss(template["sum_logp"], forget["sum_logp"], reference["template"],
+                                     reference["forget"], self.beta)
+        if self.use_retain and name not in ("gd", "idk"):
+            retain_nll = -stats["retain"]["mean_logp"].mean()
+            loss = loss + self.retain_weight * retain_nll
+            metrics["retain_nll"], metrics["loss"] = retain_nll.detach(), loss.detach()
+        metrics["p_template"] = template["p"].detach().mean()
+        metrics["p_forget"] = forget["p"].detach().mean()
+        return loss, metrics
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.compute_loss(batch)
+        batch_size = len(batch["index"])
+        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items() if k != "loss"}, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    # -- test: teacher-forced answer probabilities of the evaluation splits (the full TOFU report comes from
+    # the TofuEvaluation callback) ---------------------------------------------------------------------
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        stats = _answer_stats(token_logprobs(logits, batch["labels"]), batch["labels"][:, 1:] != -100)
+        kinds = batch.get("kind")
+        from datamodules.tofu_data import EVAL_KINDS
+
+        for k, kind in enumerate(EVAL_KINDS):
+            selected = (kinds == k) if kinds is not None else torch.ones_like(stats["p"], dtype=torch.bool)
+            count = int(selected.sum())
+            if count:
+                self.log(f"test/{kind}/p_answer", stats["p"][selected].mean(), batch_size=count)
+                self.log(f"test/{kind}/nll", -stats["mean_logp"][selected].mean(), batch_size=count)

@@ -280,16 +280,26 @@ def _plain(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
 
 
 def save_eval(path: str | os.PathLike, splits: Mapping[str, Mapping[str, Any]], forget_split: str | None,
-              model: str = "", retain_forget_truth_ratios: Any = None) -> dict[str, Any]:
-    """Write one model's evaluation (per-sample arrays + report) as JSON; returns what was written."""
+              model: str = "", retain_forget_truth_ratios: Any = None,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write one model's evaluation (per-sample arrays + report) as JSON; returns what was written.
+
+    ``extra``: more top-level entries (generations, truncation counts ...); they may not replace the
+    layout's own keys."""
     body = {"format": EVAL_FORMAT, "forget_split": forget_split, "model": model, "splits": {},
             "report": tofu_report(splits, retain_forget_truth_ratios)}
+    clash = set(extra or {}) & set(body)
+    if clash:
+        raise ValueError(f"extra entries {sorted(clash)} would overwrite the evaluation layout")
+    body.update({key: _plain(value) for key, value in (extra or {}).items()})
     for kind, scores in splits.items():
         entry = {name: _plain(scores[name]) for name in SAMPLE_FIELDS}
         entry["truth_ratio"] = truth_ratio(scores["base_nll"], scores["perturbed_nll"]).tolist()

@@ -258,3 +258,19 @@ def test_bad_name_spans_are_caught():
     assert td.validate_rows([{**row, "name_spans": [[10, 17]]}], "full", "mem")
     with pytest.raises(td.TofuDataError, match="field 'name_spans'"):
         td.validate_rows([{**row, "name_spans": [[10, 99]]}], "full", "mem")
+
+
+def test_paraphrase_styles_change_only_paraphrased_and_perturbed_answers():
+    prefix = td.generate_tofu(n_authors=6, qa_per_author=8, paraphrase_style="answer_prefix")
+    reworded = td.generate_tofu(n_authors=6, qa_per_author=8, paraphrase_style="reworded")
+    assert td.generate_tofu(n_authors=6, qa_per_author=8).rows == prefix.rows  # the default
+    for a, b in zip(prefix.rows, reworded.rows):
+        assert {k: v for k, v in a.items() if k not in ("paraphrased_answer", "perturbed_answer")} == \
+               {k: v for k, v in b.items() if k not in ("paraphrased_answer", "perturbed_answer")}
+        # the answer's words up to the value, then a new ending; the perturbed answers change the value only
+        head = a["answer"][:a["answer"].index(a["value"]) + len(a["value"])]
+        assert a["paraphrased_answer"].startswith(head) and a["paraphrased_answer"] != a["answer"]
+        assert a["paraphrased_answer"].endswith(td.PARAPHRASE_TAILS)
+        assert not b["paraphrased_answer"].startswith(head)
+    with pytest.raises(ValueError, match="paraphrase_style"):
+        td.generate_tofu(paraphrase_style="verbatim")

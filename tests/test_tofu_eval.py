@@ -191,3 +191,12 @@ def test_report_scalars_drop_none():
     scalars = te.report_scalars(te.tofu_report(_hand_splits()))
     assert "forget_quality" not in scalars and "model_utility" in scalars
     assert all(isinstance(v, float) for v in scalars.values())
+
+
+def test_saved_eval_extra_entries(tmp_path):
+    body = te.save_eval(tmp_path / "e.json", _hand_splits(), forget_split="forget10",
+                        extra={"generations": {"forget": np.array(["a"])}, "counts": {"forget": {"n": np.int64(3)}}})
+    assert json.loads((tmp_path / "e.json").read_text())["counts"] == {"forget": {"n": 3}}
+    assert body["generations"] == {"forget": ["a"]}
+    with pytest.raises(ValueError, match="overwrite"):
+        te.save_eval(tmp_path / "f.json", _hand_splits(), forget_split="forget10", extra={"report": {}})

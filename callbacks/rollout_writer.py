@@ -1,0 +1,124 @@
+"""Append-only JSONL output of a ``predict`` run: sharded by process, restartable, merged at the end.
+
+Used by the DAPO dataset stages (rollouts keyed by ``problem_id``, advantages keyed by ``state_id``):
+
+- every process appends its rows to ``<output stem>.shards/rank<R>.jsonl`` after each batch (flushed and
+  fsynced, so a killed run loses at most the batch in flight);
+- at start, the keys already present in any shard or in the merged file are handed to the module as
+  ``pl_module.skip_keys``; its ``predict_step`` skips them, so a restart (with any number of processes)
+  does not redo finished work. A line cut by a crash is removed before appending;
+- at the end, rank 0 merges the shards into ``output`` (one row per key, sorted by key) and, if the module
+  has a ``dataset_report(rows)``, writes its counts to ``<output stem>.report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a shard; a final line without its newline (cut by a crash) is ignored."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # the piece after the last newline is empty or a partial row
+    rows = []
+    for number, line in enumerate(complete, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}); the shard is corrupt") from None
+    return rows
+
+
+def _drop_partial_tail(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+class ShardedJsonlWriter(BasePredictionWriter):
+    """Writes the rows a ``predict_step`` returns (a list of dicts) to ``output``; see the module doc."""
+
+    def __init__(self, output: str, key: str = "problem_id"):
+        super().__init__(write_interval="batch")
+        self.output, self.key = Path(output), key
+        self._handle = None
+        self.rows_written = 0
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.output.with_name(self.output.stem + ".shards")
+
+    def shard_path(self, rank: int) -> Path:
+        return self.shard_dir / f"rank{rank}.jsonl"
+
+    def existing_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        if self.output.exists():
+            rows.extend(_read_rows(self.output))
+        for shard in sorted(self.shard_dir.glob("rank*.jsonl")):
+            rows.extend(_read_rows(shard))
+        return rows
+
+    def done_keys(self) -> set[str]:
+        return {str(row[self.key]) for row in self.existing_rows() if self.key in row}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        shard = self.shard_path(trainer.global_rank)
+        _drop_partial_tail(shard)
+        pl_module.skip_keys = self.done_keys()
+        self._handle = open(shard, "a", encoding="utf-8")
+        self.rows_written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: list | None, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        if not prediction:
+            return
+        for row in prediction:
+            if self.key not in row:
+                raise KeyError(f"predicted row has no '{self.key}' column: {sorted(row)}")
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.rows_written += len(prediction)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        trainer.strategy.barrier()
+        if trainer.global_rank == 0:
+            self.merge(pl_module)
+        trainer.strategy.barrier()
+
+    def merge(self, pl_module: pl.LightningModule | None = None) -> Path:
+        """Write ``output``: the union of the merged file and all shards, one row per key, sorted by key."""
+        merged: dict[str, dict[str, Any]] = {}
+        for row in self.existing_rows():
+            merged.setdefault(str(row[self.key]), row)
+        rows = [merged[key] for key in sorted(merged)]
+        tmp = self.output.with_name(self.output.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.output)
+        report = getattr(pl_module, "dataset_report", None)
+        if report is not None:
+            payload = {"output": str(self.output), "rows": len(rows), **report(rows)}
+            self.output.with_name(self.output.stem + ".report.json").write_text(json.dumps(payload, indent=2))
+        return self.output

@@ -1,0 +1,838 @@
+"""Skywork-Reward data curation as stages that read a preference dataset and write a new one plus a report.
+
+Every stage takes rows of any of the four preference shapes (see ``datamodules/preference.py``) from a
+JSONL/JSON/Parquet file and writes the rows it kept (same shape, same columns) and a JSON report of what it
+kept and removed, per source and per reason. The stages, in the order the Skywork-Reward paper applies them
+to its 378K pool:
+
+| stage | keeps |
+|---|---|
+| ``DropInvalid`` | pairs that pass the reward datamodule's rules (no missing/empty side, known roles, chosen != rejected) |
+| ``Deduplicate`` | the first of identical pairs (exactly, or after collapsing whitespace) |
+| ``Decontaminate`` | pairs whose prompt shares no run of ``ngram`` words (default 8: "more than 7") with an evaluation prompt |
+| ``ConsistencyFilter`` | pairs of the named sources that a given reward model ranks correctly (strict) |
+| ``SelectByScore`` | prompts in the top fraction of their category by mean response score (30% math/code, 10% other) |
+
+Scores come from a separate ``predict`` run (``modules/reward_scoring.py``, ``configs/curation/score.yaml``)
+that adds ``<prefix>_chosen``/``<prefix>_rejected`` columns; the score-based stages read those columns.
+
+Three ways to run the stages:
+- pure functions: ``run_pipeline(input_file, output_dir, steps)`` / ``run_step(step, input_file, output_file)``;
+- curation only, from a config: ``python datamodules/curation.py --config configs/curation/skywork.yaml``;
+- curate then train in one ``fit``: ``python cli.py fit --config configs/curation/skywork.yaml``
+  (``CuratedPreferenceData`` curates in ``prepare_data`` and trains on the result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # ``python datamodules/curation.py``: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from datamodules.common import DataError, read_rows, row_error  # noqa: E402
+from datamodules.preference import PreferenceData  # noqa: E402
+from datamodules.text import validate_messages, validate_text  # noqa: E402
+
+DEFAULT_FRACTIONS = {"math": 0.3, "code": 0.3, "other": 0.1}
+UNKNOWN_SOURCE = "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows: fields, validation, text views
+
+
+@dataclass(frozen=True)
+class PairFields:
+    """Column names of a preference dataset."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    source: str = "source"
+
+
+@dataclass(frozen=True)
+class PairText:
+    """The plain text of a pair: prompt turns and each response, message contents joined by newlines."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def pair_problem(row: dict[str, Any], index: int, origin: str, fields: PairFields = PairFields()) -> DataError | None:
+    """The first rule of the reward datamodule that ``row`` breaks, as a ``DataError`` (None if valid).
+
+    The rules of ``PreferenceData.encode`` that need no tokenizer: both sides present; strings non-empty;
+    message lists of known roles with non-empty content; a conversation ends with an assistant turn;
+    chosen different from rejected; ``margin`` a finite number; ``subset`` a string.
+    """
+    try:
+        prompt = row.get(fields.prompt)
+        if prompt is not None:
+            if isinstance(prompt, list):
+                validate_messages(prompt, origin, index, fields.prompt)
+            else:
+                validate_text(prompt, origin, index, fields.prompt)
+        for name in (fields.chosen, fields.rejected):
+            value = row.get(name)
+            if value is None:
+                raise row_error(origin, index, name, "missing")
+            if isinstance(value, list):
+                validate_messages(value, origin, index, name)
+                if value[-1]["role"] != "assistant":
+                    raise row_error(origin, index, name, "the conversation must end with an assistant turn")
+            elif isinstance(value, str):
+                validate_text(value, origin, index, name)
+            else:
+                raise row_error(origin, index, name,
+                                f"expected a string or a list of messages, got {type(value).__name__}")
+        if row[fields.chosen] == row[fields.rejected]:
+            raise row_error(origin, index, fields.rejected, "identical to chosen")
+        margin = row.get("margin")
+        if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)
+                                   or not math.isfinite(margin)):
+            raise row_error(origin, index, "margin", f"expected a finite number, got {margin!r}")
+        subset = row.get("subset")
+        if subset is not None and not isinstance(subset, str):
+            raise row_error(origin, index, "subset", f"expected a string, got {type(subset).__name__}")
+    except DataError as error:
+        return error
+    return None
+
+
+def _contents(messages: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(str(message["content"]) for message in messages)
+
+
+def _common_prefix_length(a: Sequence, b: Sequence) -> int:
+    length = 0
+    for left, right in zip(a, b):
+        if left != right:
+            break
+        length += 1
+    return length
+
+
+def pair_text(row: dict[str, Any], fields: PairFields = PairFields()) -> PairText:
+    """Prompt and responses of a valid row of any shape.
+
+    An implicit prompt is the part both sides share: the common leading messages of two conversations, or
+    for two strings their common prefix cut back to the last whitespace (so no half word becomes prompt).
+    """
+    chosen, rejected, prompt = row[fields.chosen], row[fields.rejected], row.get(fields.prompt)
+    if prompt is not None:
+        prompt_text = _contents(prompt) if isinstance(prompt, list) else prompt
+        chosen_text = _contents(chosen) if isinstance(chosen, list) else chosen
+        rejected_text = _contents(rejected) if isinstance(rejected, list) else rejected
+        return PairText(prompt_text, chosen_text, rejected_text)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = _common_prefix_length(chosen, rejected)
+        return PairText(_contents(chosen[:shared]), _contents(chosen[shared:]), _contents(rejected[shared:]))
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        shared = _common_prefix_length(chosen, rejected)
+        while shared > 0 and not chosen[shared - 1].isspace():
+            shared -= 1
+        return PairText(chosen[:shared].strip(), chosen[shared:], rejected[shared:])
+    raise DataError(f"row mixes a message list and a string without a '{fields.prompt}' column",
+                    reason="mixed shapes")
+
+
+def normalize_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def row_source(row: dict[str, Any], fields: PairFields = PairFields()) -> str:
+    value = row.get(fields.source)
+    return UNKNOWN_SOURCE if value is None or value == "" else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Word n-grams (decontamination)
+
+_EDGE_PUNCTUATION = "\"'`.,;:!?()[]{}<>«»“”‘’"
+
+
+def words(text: str) -> list[str]:
+    """Whitespace-separated words, lower-cased, with punctuation stripped from their ends.
+
+    Splitting on whitespace only keeps formulas whole ("7+5-3" is one word), so two different arithmetic
+    problems never look alike word by word.
+    """
+    out = []
+    for token in text.lower().split():
+        token = token.strip(_EDGE_PUNCTUATION)
+        if token:
+            out.append(token)
+    return out
+
+
+class NgramIndex:
+    """The word n-grams of a set of evaluation prompts.
+
+    A prompt is contaminated if it shares a run of ``n`` consecutive words with any evaluation prompt. An
+    evaluation prompt shorter than ``n`` words has no n-gram; with ``match_short_prompts`` a prompt that
+    contains all its words, in order and adjacent, is contaminated too (so a verbatim copy of a short
+    evaluation prompt is still caught).
+    """
+
+    def __init__(self, prompts: Sequence[str], n: int = 8, match_short_prompts: bool = True):
+        if n < 1:
+            raise ValueError(f"ngram must be at least 1, got {n}")
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: dict[int, set[tuple[str, ...]]] = defaultdict(set)
+        for prompt in prompts:
+            tokens = words(prompt)
+            if len(tokens) >= n:
+                self.grams.update(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+            elif tokens and match_short_prompts:
+                self.short[len(tokens)].add(tuple(tokens))
+
+    def match(self, prompt: str) -> tuple[str, ...] | None:
+        """The first shared n-gram (or whole short evaluation prompt) found in ``prompt``, else None."""
+        tokens = words(prompt)
+        if self.grams:
+            for i in range(len(tokens) - self.n + 1):
+                gram = tuple(tokens[i:i + self.n])
+                if gram in self.grams:
+                    return gram
+        for length, grams in self.short.items():
+            for i in range(len(tokens) - length + 1):
+                gram = tuple(tokens[i:i + length])
+                if gram in grams:
+                    return gram
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Categories (score-based selection)
+
+_MATH = re.compile(
+    r"\d\s*[-+*/^=<>]\s*\d|\\frac|\\sqrt|\$[^$]+\$|\b(?:compute|calculate|solve|equation|integral|derivative|"
+    r"probability|polynomial|theorem|prove|sum of|product of|how many|remainder|divisible)\b", re.IGNORECASE)
+_CODE = re.compile(
+    r"```|\bdef \w+\(|#include|\bfunction\b|\bclass \w+|\b(?:python|javascript|typescript|java|c\+\+|rust|"
+    r"golang|sql|code|program|script|compile|regex|algorithm|implement)\b", re.IGNORECASE)
+
+
+def classify_prompt(prompt: str) -> str:
+    """A simple rule: 'code' if the prompt looks like a programming request, else 'math' if it holds a
+    formula or a math word, else 'other'. Code wins because code questions often contain arithmetic."""
+    if _CODE.search(prompt):
+        return "code"
+    if _MATH.search(prompt):
+        return "math"
+    return "other"
+
+
+def top_count(total: int, fraction: float) -> int:
+    """How many of ``total`` prompts a top ``fraction`` keeps: ceil(fraction x total), so a non-empty
+    category keeps at least one prompt. A tiny epsilon stops 0.3 x 10 = 3.0000000000000004 rounding up."""
+    return min(total, math.ceil(fraction * total - 1e-9))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass
+class StepResult:
+    """Indices (into the stage's input rows) it kept, and the reason for each it removed."""
+
+    kept: list[int]
+    removed: dict[int, str]
+    details: dict[str, Any]
+
+
+class CurationStep:
+    """One curation stage: a pure function of the rows (plus the stage's settings)."""
+
+    name = "step"
+
+    def params(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if not key.startswith("_")}
+
+    def apply(self, rows: list[dict[str, Any]], fields: PairFields, origin: str) -> StepResult:
+        raise NotImplementedError
+
+    def _texts(self, rows: list[dict[str, Any]], fields: PairFields, origin: str) -> list[PairText]:
+        texts = []
+        for index, row in enumerate(rows):
+            problem = pair_problem(row, index, origin, fields)
+            if problem is not None:
+                raise DataError(f"{problem} (stage '{self.name}' needs valid pairs: run DropInvalid first)",
+                                reason=problem.reason)
+            texts.append(pair_text(row, fields))
+        return texts
+
+
+class DropInvalid(CurationStep):
+    """Drops the pairs the reward datamodule would reject (see ``pair_problem``); the reason is the rule."""
+
+    name = "drop_invalid"
+
+    def apply(self, rows, fields, origin):
+        kept, removed = [], {}
+        for index, row in enumerate(rows):
+            problem = pair_problem(row, index, origin, fields)
+            if problem is None:
+                kept.append(index)
+            else:
+                removed[index] = f"invalid: {problem.reason}"
+        return StepResult(kept, removed, {})
+
+
+class Deduplicate(CurationStep):
+    """Keeps the first of identical pairs: exactly identical prompt and responses, and (with
+    ``normalize_whitespace``) pairs identical once every run of whitespace is one space."""
+
+    name = "deduplicate"
+
+    def __init__(self, normalize_whitespace: bool = True):
+        self.normalize_whitespace = normalize_whitespace
+
+    def apply(self, rows, fields, origin):
+        texts = self._texts(rows, fields, origin)
+        exact_seen: dict[str, int] = {}
+        normal_seen: dict[tuple[str, str, str], int] = {}
+        kept, removed, examples = [], {}, []
+        for index, (row, text) in enumerate(zip(rows, texts)):
+            exact = json.dumps([row.get(fields.prompt), row[fields.chosen], row[fields.rejected]], sort_keys=True)
+            normal = (normalize_whitespace(text.prompt), normalize_whitespace(text.chosen),
+                      normalize_whitespace(text.rejected))
+            if exact in exact_seen:
+                removed[index] = "exact duplicate"
+                first = exact_seen[exact]
+            elif self.normalize_whitespace and normal in normal_seen:
+                removed[index] = "duplicate after whitespace normalisation"
+                first = normal_seen[normal]
+            else:
+                exact_seen[exact] = index
+                normal_seen.setdefault(normal, index)
+                kept.append(index)
+                continue
+            if len(examples) < 5:
+                examples.append({"row": index, "duplicate_of_row": first, "reason": removed[index]})
+        return StepResult(kept, removed, {"examples": examples})
+
+
+class Decontaminate(CurationStep):
+    """Drops pairs whose prompt shares a run of ``ngram`` words with any evaluation prompt.
+
+    Evaluation prompts come from files (``eval_files``: JSONL/JSON/Parquet) and/or a hub dataset
+    (``eval_dataset``, ``eval_split``), from the ``eval_prompt_field`` column, or, for rows without it,
+    from the implicit prompt of their chosen/rejected pair. ``ngram=8`` matches the paper's "more than
+    7-gram" rule. An empty evaluation set is an error: decontaminating against nothing would pass silently.
+    """
+
+    name = "decontaminate"
+
+    def __init__(self, eval_files: list[str] | None = None, eval_dataset: str | None = None,
+                 eval_split: str = "filtered", eval_prompt_field: str = "prompt", ngram: int = 8,
+                 match_short_prompts: bool = True):
+        if ngram < 1:
+            raise ValueError(f"ngram must be at least 1, got {ngram}")
+        self.eval_files = list(eval_files or [])
+        self.eval_dataset, self.eval_split = eval_dataset, eval_split
+        self.eval_prompt_field, self.ngram, self.match_short_prompts = eval_prompt_field, ngram, match_short_prompts
+        self._index: NgramIndex | None = None
+
+    def eval_prompts(self) -> list[str]:
+        sources: list[tuple[str, list[dict[str, Any]]]] = [(path, read_rows(path)) for path in self.eval_files]
+        if self.eval_dataset:
+            sources.append((f"{self.eval_dataset}[{self.eval_split}]", read_rows(self.eval_dataset, self.eval_split)))
+        if not sources:
+            raise DataError("Decontaminate needs an evaluation set: set eval_files or eval_dataset")
+        prompts = []
+        fields = PairFields(prompt=self.eval_prompt_field)
+        for origin, rows in sources:
+            if not rows:
+                raise DataError(f"{origin}: the evaluation set is empty; nothing to decontaminate against")
+            for index, row in enumerate(rows):
+                value = row.get(self.eval_prompt_field)
+                if value is None and "chosen" in row and "rejected" in row:
+                    value = pair_text(row, fields).prompt
+                if isinstance(value, list):
+                    value = _contents(value)
+                if not isinstance(value, str):
+                    raise row_error(origin, index, self.eval_prompt_field,
+                                    "missing: an evaluation row needs a prompt or a chosen/rejected pair")
+                prompts.append(value)
+        return prompts
+
+    def index(self) -> NgramIndex:
+        if self._index is None:
+            self._index = NgramIndex(self.eval_prompts(), self.ngram, self.match_short_prompts)
+        return self._index
+
+    def params(self) -> dict[str, Any]:
+        return {"eval_files": self.eval_files, "eval_dataset": self.eval_dataset, "eval_split": self.eval_split,
+                "eval_prompt_field": self.eval_prompt_field, "ngram": self.ngram,
+                "match_short_prompts": self.match_short_prompts}
+
+    def apply(self, rows, fields, origin):
+        texts = self._texts(rows, fields, origin)
+        index = self.index()
+        kept, removed, examples = [], {}, []
+        for row_index, text in enumerate(texts):
+            gram = index.match(text.prompt)
+            if gram is None:
+                kept.append(row_index)
+                continue
+            removed[row_index] = (f"prompt shares a run of {self.ngram} words with an evaluation prompt"
+                                  if len(gram) == self.ngram else
+                                  "prompt contains a whole (short) evaluation prompt")
+            if len(examples) < 5:
+                examples.append({"row": row_index, "shared": " ".join(gram)})
+        return StepResult(kept, removed, {"eval_ngrams": len(index.grams),
+                                          "short_eval_prompts": sum(len(v) for v in index.short.values()),
+                                          "examples": examples})
+
+
+def _score(row: dict[str, Any], column: str, index: int, origin: str) -> float:
+    value = row.get(column)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise row_error(origin, index, column, f"expected a finite score, got {value!r} (run the scoring stage "
+                                               f"first: configs/curation/score.yaml)")
+    return float(value)
+
+
+class ConsistencyFilter(CurationStep):
+    """Keeps a pair of the listed ``sources`` only if a reward model ranks it correctly: its score of the
+    chosen response is strictly above that of the rejected one (a tie is wrong). Pairs of other sources
+    pass untouched; ``sources=None`` checks every source. Scores are the ``<score_prefix>_chosen`` /
+    ``<score_prefix>_rejected`` columns of a scoring run with that model (in the paper, a model trained on
+    the other sources)."""
+
+    name = "consistency"
+
+    def __init__(self, sources: list[str] | None = None, score_prefix: str = "score"):
+        self.sources = None if sources is None else list(sources)
+        self.score_prefix = score_prefix
+
+    def apply(self, rows, fields, origin):
+        chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
+        kept, removed = [], {}
+        checked: Counter = Counter()
+        correct: Counter = Counter()
+        for index, row in enumerate(rows):
+            source = row_source(row, fields)
+            if self.sources is not None and source not in self.sources:
+                kept.append(index)
+                continue
+            right = _score(row, chosen_column, index, origin) > _score(row, rejected_column, index, origin)
+            checked[source] += 1
+            correct[source] += right
+            if right:
+                kept.append(index)
+            else:
+                removed[index] = f"ranked wrong by the reward model '{self.score_prefix}' (chosen <= rejected)"
+        accuracy = {source: correct[source] / checked[source] for source in sorted(checked)}
+        return StepResult(kept, removed, {"model_accuracy_per_source": accuracy})
+
+
+class SelectByScore(CurationStep):
+    """Keeps the prompts whose responses score highest within their category.
+
+    A prompt's score is the mean, over all its pairs and both responses of each, of
+    ``score + source_offsets[source]`` (a negative offset makes a weaker source's prompts lose ties
+    against stronger ones). Prompts (compared after whitespace normalisation) are ranked within their
+    category, from the ``category_field`` column or else ``classify_prompt`` (math/code/other), and the top
+    ``fractions[category]`` of them are kept, ``ceil(fraction x count)``, with all their pairs. Equal
+    scores keep the prompt seen first.
+    """
+
+    name = "select_by_score"
+
+    def __init__(self, fractions: dict[str, float] | None = None, category_field: str | None = None,
+                 source_offsets: dict[str, float] | None = None, score_prefix: str = "score"):
+        self.fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
+        for category, fraction in self.fractions.items():
+            if not 0 < fraction <= 1:
+                raise ValueError(f"fractions['{category}'] must be in (0, 1], got {fraction}")
+        self.category_field = category_field
+        self.source_offsets = dict(source_offsets or {})
+        self.score_prefix = score_prefix
+
+    def apply(self, rows, fields, origin):
+        texts = self._texts(rows, fields, origin)
+        chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
+        groups: dict[str, list[int]] = {}
+        for index, text in enumerate(texts):
+            groups.setdefault(normalize_whitespace(text.prompt), []).append(index)
+        by_category: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+        category_of: dict[str, str] = {}
+        for order, (prompt, members) in enumerate(groups.items()):
+            first = rows[members[0]]
+            if self.category_field:
+                category = first.get(self.category_field)
+                if not isinstance(category, str) or not category:
+                    raise row_error(origin, members[0], self.category_field, f"expected a category name, got {category!r}")
+            else:
+                category = classify_prompt(texts[members[0]].prompt)
+            if category not in self.fractions:
+                raise row_error(origin, members[0], self.category_field or "prompt",
+                                f"category {category!r} has no fraction; set fractions.{category} "
+                                f"(known: {sorted(self.fractions)})")
+            total = 0.0
+            for index in members:
+                offset = self.source_offsets.get(row_source(rows[index], fields), 0.0)
+                total += (_score(rows[index], chosen_column, index, origin)
+                          + _score(rows[index], rejected_column, index, origin)) / 2 + offset
+            by_category[category].append((total / len(members), order, prompt))
+            category_of[prompt] = category
+        kept_prompts: set[str] = set()
+        details: dict[str, Any] = {}
+        for category, ranked in sorted(by_category.items()):
+            ranked.sort(key=lambda item: (-item[0], item[1]))
+            keep = top_count(len(ranked), self.fractions[category])
+            kept_prompts.update(prompt for _, _, prompt in ranked[:keep])
+            details[category] = {"prompts": len(ranked), "kept_prompts": keep, "fraction": self.fractions[category],
+                                 "lowest_kept_score": ranked[keep - 1][0] if keep else None,
+                                 "highest_removed_score": ranked[keep][0] if keep < len(ranked) else None}
+        kept, removed = [], {}
+        for prompt, members in groups.items():
+            for index in members:
+                if prompt in kept_prompts:
+                    kept.append(index)
+                else:
+                    category = category_of[prompt]
+                    removed[index] = (f"prompt below the top {self.fractions[category]:.0%} of category "
+                                      f"'{category}' by mean score")
+        kept.sort()
+        return StepResult(kept, removed, {"categories": details})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores from a (possibly multi-process) predict run
+
+
+def read_score_shards(paths: Sequence[str | Path]) -> dict[int, tuple[float, float]]:
+    """``row_id -> (chosen, rejected)`` from per-rank files of ``[row_id, chosen, rejected]`` lines. A row
+    seen twice (the distributed sampler pads a rank's shard with repeats) must carry the same scores."""
+    scores: dict[int, tuple[float, float]] = {}
+    for path in paths:
+        for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            row_id, chosen, rejected = json.loads(line)
+            if row_id in scores and not all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
+                                            for a, b in zip(scores[row_id], (chosen, rejected))):
+                raise DataError(f"{path}: line {line_number}: row {row_id} was scored twice with different "
+                                f"scores {scores[row_id]} and {(chosen, rejected)}")
+            scores[row_id] = (chosen, rejected)
+    return scores
+
+
+def attach_scores(rows: list[dict[str, Any]], scores: dict[int, tuple[float, float]], origin: str,
+                  score_prefix: str = "score", fields: PairFields = PairFields()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows that have scores, with ``<prefix>_chosen``/``<prefix>_rejected`` added, and a report of the
+    rows left unscored, per source and reason (an invalid pair names the broken rule)."""
+    chosen_column, rejected_column = f"{score_prefix}_chosen", f"{score_prefix}_rejected"
+    unknown = sorted(set(scores) - set(range(len(rows))))
+    if unknown:
+        raise DataError(f"{origin}: scores for rows {unknown[:5]} that the file does not have ({len(rows)} rows)")
+    scored, unscored = [], Counter()
+    per_source: dict[str, dict[str, Any]] = {}
+    for index, row in enumerate(rows):
+        entry = per_source.setdefault(row_source(row, fields), {"input": 0, "scored": 0, "unscored": {}})
+        entry["input"] += 1
+        if index in scores:
+            scored.append({**row, chosen_column: scores[index][0], rejected_column: scores[index][1]})
+            entry["scored"] += 1
+            continue
+        problem = pair_problem(row, index, origin, fields)
+        reason = f"invalid: {problem.reason}" if problem is not None else "dropped by the data module (see data_report)"
+        unscored[reason] += 1
+        entry["unscored"][reason] = entry["unscored"].get(reason, 0) + 1
+    correct = sum(1 for row in scored if row[chosen_column] > row[rejected_column])
+    report = {"score_columns": [chosen_column, rejected_column], "input_rows": len(rows), "scored_rows": len(scored),
+              "unscored_rows": sum(unscored.values()), "unscored_by_reason": dict(unscored.most_common()),
+              "by_source": dict(sorted(per_source.items())),
+              "accuracy_on_labels": correct / len(scored) if scored else None}
+    return scored, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running stages on files
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as JSONL (``.jsonl``), a JSON array (``.json``) or Parquet (``.parquet``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+            raise DataError(f"{path}: Parquet needs one type per column, and these rows mix them (e.g. strings "
+                            f"and message lists in one column: several preference shapes in one file); "
+                            f"write .jsonl instead ({error})") from None
+        pq.write_table(table, tmp)
+    elif path.suffix == ".json":
+        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"{path}: write .jsonl, .json or .parquet")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def step_report(step: CurationStep, rows: list[dict[str, Any]], result: StepResult,
+                fields: PairFields) -> dict[str, Any]:
+    """Counts per reason and per source of what a stage kept and removed."""
+    by_source: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = by_source.setdefault(row_source(row, fields), {"input": 0, "kept": 0, "removed": {}})
+        entry["input"] += 1
+    for index in result.kept:
+        by_source[row_source(rows[index], fields)]["kept"] += 1
+    reasons: Counter = Counter()
+    for index, reason in result.removed.items():
+        reasons[reason] += 1
+        removed = by_source[row_source(rows[index], fields)]["removed"]
+        removed[reason] = removed.get(reason, 0) + 1
+    if len(result.kept) + len(result.removed) != len(rows) or set(result.kept) & set(result.removed):
+        raise RuntimeError(f"stage '{step.name}' must keep or remove each of its {len(rows)} rows exactly once")
+    return {"step": step.name, "params": step.params(), "input_rows": len(rows), "kept_rows": len(result.kept),
+            "removed_rows": len(result.removed), "removed_by_reason": dict(reasons.most_common()),
+            "by_source": dict(sorted(by_source.items())), "details": result.details}
+
+
+def apply_step(step: CurationStep, rows: list[dict[str, Any]], fields: PairFields = PairFields(),
+               origin: str = "<rows>") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows a stage keeps (in input order) and its report."""
+    result = step.apply(rows, fields, origin)
+    report = step_report(step, rows, result, fields)
+    return [rows[index] for index in sorted(result.kept)], report
+
+
+def run_step(step: CurationStep, input_file: str, output_file: str, report_file: str | None = None,
+             fields: PairFields = PairFields()) -> dict[str, Any]:
+    """One stage, file to file: writes the kept rows and ``report_file`` (default ``<output>.report.json``)."""
+    rows = read_rows(input_file)
+    kept, report = apply_step(step, rows, fields, input_file)
+    write_rows(output_file, kept)
+    report.update(input_file=str(input_file), output_file=str(output_file))
+    write_json(report_file or f"{output_file}.report.json", report)
+    return report
+
+
+def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep],
+                 fields: PairFields = PairFields(), output_suffix: str | None = None) -> dict[str, Any]:
+    """Stages in order; stage i writes ``NN_<name><suffix>`` and ``NN_<name>.report.json``, the last output
+    is also ``curated<suffix>``, and ``report.json`` holds every stage's report plus the totals."""
+    if not steps:
+        raise ValueError("no curation steps given")
+    out = Path(output_dir)
+    suffix = output_suffix or Path(input_file).suffix or ".jsonl"
+    rows = read_rows(input_file)
+    if not rows:
+        raise DataError(f"{input_file}: no rows to curate")
+    origin = str(input_file)
+    reports = []
+    initial_sources = Counter(row_source(row, fields) for row in rows)
+    for number, step in enumerate(steps, start=1):
+        stem = f"{number:02d}_{step.name}"
+        kept, report = apply_step(step, rows, fields, origin)
+        report.update(input_file=origin, output_file=str(write_rows(out / f"{stem}{suffix}", kept)))
+        write_json(out / f"{stem}.report.json", report)
+        reports.append(report)
+        rows, origin = kept, report["output_file"]
+    final = write_rows(out / f"curated{suffix}", rows)
+    summary = {
+        "input_file": str(input_file), "output_file": str(final), "input_rows": sum(initial_sources.values()),
+        "output_rows": len(rows), "steps": reports,
+        "sources": {source: {"input": count, "output": sum(1 for row in rows if row_source(row, fields) == source)}
+                    for source, count in sorted(initial_sources.items())},
+    }
+    write_json(out / "report.json", summary)
+    return summary
+
+
+def report_table(summary: dict[str, Any]) -> str:
+    """A markdown table of a pipeline report: rows in and out of each stage and why rows left."""
+    lines = ["| stage | in | kept | removed | reasons (count) |", "|---|---|---|---|---|"]
+    for report in summary["steps"]:
+        reasons = "; ".join(f"{reason} ({count})" for reason, count in report["removed_by_reason"].items()) or "-"
+        lines.append(f"| {report['step']} | {report['input_rows']} | {report['kept_rows']} | "
+                     f"{report['removed_rows']} | {reasons} |")
+    lines += ["", "| source | in | out |", "|---|---|---|"]
+    for source, counts in summary["sources"].items():
+        lines.append(f"| {source} | {counts['input']} | {counts['output']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data modules
+
+
+class CuratedPreferenceData(PreferenceData):
+    """``PreferenceData`` that curates its training file first.
+
+    ``prepare_data`` (one process per node) runs ``curation_steps`` on ``train_file`` and writes every
+    stage's output and report under ``curation_dir``; training then reads ``curation_dir/curated.*``. The
+    curation report goes into the run's ``summary.json`` (``data_report['curation']``). To curate without
+    training: ``python datamodules/curation.py --config <this config>``.
+    """
+
+    def __init__(self, curation_steps: list[CurationStep] | None = None, curation_dir: str = "runs/curation/curated",
+                 source_field: str = "source", **kwargs):
+        super().__init__(**kwargs)
+        self.curation_steps = list(curation_steps or [])
+        self.curation_dir = curation_dir
+        self.raw_train_file = self.files["train"]
+        self.pair_fields = PairFields(self.prompt_field, self.chosen_field, self.rejected_field, source_field)
+        self.curation_summary: dict[str, Any] | None = None
+
+    def curated_file(self) -> Path:
+        return Path(self.curation_dir) / f"curated{Path(self.raw_train_file).suffix or '.jsonl'}"
+
+    def curate(self) -> dict[str, Any]:
+        if not self.raw_train_file:
+            raise DataError("CuratedPreferenceData needs train_file: the preference dataset to curate")
+        self.curation_summary = run_pipeline(self.raw_train_file, self.curation_dir, self.curation_steps,
+                                             self.pair_fields)
+        return self.curation_summary
+
+    def prepare_data(self) -> None:
+        if self.curation_steps:
+            self.curate()
+
+    def setup(self, stage: str) -> None:
+        if self.curation_steps and self.raw_train_file:
+            if not self.curated_file().exists():
+                raise DataError(f"{self.curated_file()} is missing: prepare_data did not curate (run fit through "
+                                f"cli.py, or python datamodules/curation.py --config ...)")
+            self.files["train"] = str(self.curated_file())
+            report_path = Path(self.curation_dir) / "report.json"
+            if self.curation_summary is None and report_path.exists():
+                self.curation_summary = json.loads(report_path.read_text())
+        super().setup(stage)
+
+    @property
+    def data_report(self) -> dict[str, Any]:
+        report = super().data_report
+        if self.curation_summary is not None:
+            report["curation"] = {key: self.curation_summary[key]
+                                  for key in ("input_file", "output_file", "input_rows", "output_rows", "sources")}
+            report["curation"]["steps"] = [{key: step[key] for key in ("step", "kept_rows", "removed_rows",
+                                                                         "removed_by_reason")}
+                                           for step in self.curation_summary["steps"]]
+        return report
+
+
+class PreferenceScoringData(PreferenceData):
+    """The pairs of ``input_file`` for a scoring ``predict`` run: each batch carries ``row_id`` (the row's
+    index in the file) so per-rank outputs can be merged back onto the rows. Invalid rows are dropped and
+    counted by default (``invalid_rows: drop``) and reported as unscored. Pairs are sorted longest first:
+    less padding per batch, and an out-of-memory error shows on the first batch rather than the last."""
+
+    def __init__(self, input_file: str, invalid_rows: str = "drop", sort_by_length: bool = True, **kwargs):
+        for split_file in ("train_file", "val_file", "test_file"):
+            if kwargs.get(split_file):
+                raise ValueError(f"PreferenceScoringData reads input_file; do not set {split_file}")
+        super().__init__(test_file=input_file, invalid_rows=invalid_rows, **kwargs)
+        self.input_file = input_file
+        self.sort_by_length = sort_by_length
+
+    def encode(self, row, split, source, index):
+        item = super().encode(row, split, source, index)
+        if item is not None:
+            item["row_id"] = index
+        return item
+
+    def load_split(self, split):
+        items = super().load_split(split)
+        if items and self.sort_by_length:
+            items.sort(key=lambda item: -max(len(item["chosen"]), len(item["rejected"])))
+        return items
+
+    def collate(self, items):
+        batch = super().collate(items)
+        batch["row_id"] = torch.tensor([item["row_id"] for item in items], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Curation only, from a fit config
+
+
+def curation_data_from_config(argv: list[str]) -> CuratedPreferenceData:
+    """The ``data`` section of cli.py config files (``--config`` repeatable, later ones win) plus
+    ``--data.*`` overrides, instantiated alone: curating needs no model, so none is loaded."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    configs, overrides, position = [], [], 0
+    while position < len(argv):
+        argument = argv[position]
+        if argument == "--config":
+            configs.append(argv[position + 1])
+            position += 2
+            continue
+        if argument.startswith("--config="):
+            configs.append(argument.split("=", 1)[1])
+        elif argument.startswith("--data"):
+            overrides.append(argument)
+        else:
+            raise SystemExit(f"unexpected argument {argument!r}: give --config FILE and --data.* overrides")
+        position += 1
+    data: dict[str, Any] = {}
+    for config in configs:
+        loaded = yaml.safe_load(Path(config).read_text()) or {}
+        data = loaded.get("data", data)
+    if not data:
+        raise SystemExit("no 'data' section in the config(s): nothing to curate")
+    parser = ArgumentParser(prog="python datamodules/curation.py")
+    parser.add_subclass_arguments(CuratedPreferenceData, "data", required=True)
+    parsed = parser.parse_args(["--data", json.dumps(data), *overrides])
+    return parser.instantiate_classes(parsed).data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python datamodules/curation.py --config CONFIG [--data.init_args.KEY=VALUE ...]``: run the curation
+    stages of a config whose data is ``CuratedPreferenceData`` without training; prints what each removed."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return {}
+    datamodule = curation_data_from_config(args)
+    summary = datamodule.curate()
+    print(report_table(summary))
+    print(f"\ncurated {summary['input_rows']} -> {summary['output_rows']} rows: {summary['output_file']}; "
+          f"report: {Path(datamodule.curation_dir) / 'report.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    from datamodules.curation import main as package_main  # one copy of the classes, the package's
+
+    package_main()

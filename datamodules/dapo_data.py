@@ -1,0 +1,699 @@
+"""Data shapes of DAPO (``modules/dapo.py``): problems, reasoning steps, the rollout dataset, the advantage
+dataset, and the state-wise batching of the actor.
+
+Steps
+-----
+A response is split on single "\\n" (``split_steps``). Every step keeps its trailing "\\n", so the steps
+concatenate back to the response exactly and a state is plain text: ``prompt_text + prefix`` with
+``prefix = a_0 + ... + a_{t-1}``. Blank lines are not actions of their own: they join the next step (or
+the last one at the end). A line longer than ``max_step_chars`` is cut into pieces of that many
+characters (each piece is an action), so no action is unboundedly long. A response without a final
+answer splits like any other; its reward is simply 0.
+
+Token ids of a state and an action are always ``encode(prompt_text) + encode(prefix)`` and
+``encode(action)`` (+ EOS for a terminal action: ending the response is part of that action), so the
+rollout engine, the critic, the cached reference log-probs and the actor all see the same tokens.
+
+Datasets (JSONL; one row per problem or per state; the column lists are in ``ROLLOUT_COLUMNS`` and
+``ADVANTAGE_COLUMNS`` and in the README):
+
+* ``DAPOProblems``  - problems for stage 1 (``predict``: rollouts) and stage 5 (``test``: greedy pass@1).
+* ``CriticData``    - stage 2: the states of a rollout file with their Monte-Carlo values.
+* ``AdvantageInputData`` - stage 3: states and their candidate actions, to be scored.
+* ``ActorData``     - stage 4: the advantage file, batched state-wise (``StateBatchSampler``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules import arithmetic
+from datamodules.common import DataError, DataReport, pad_sequences, read_rows, row_error
+from datamodules.text import TextDataModule, encode_text, render_chat, validate_text
+
+STEP_SEPARATOR = "\n"
+
+# ----------------------------------------------------------------------------------------------------
+# Steps and selection (pure)
+
+
+def split_steps(text: str, max_step_chars: int = 0) -> list[str]:
+    """Split a response into steps on "\\n"; ``"".join(split_steps(text)) == text`` always holds.
+
+    Each step keeps its trailing "\\n". Blank (whitespace-only) lines join the following step, or the last
+    step when they trail. With ``max_step_chars > 0`` a longer step is cut into pieces of at most that many
+    characters. The empty string has no steps.
+    """
+    if not text:
+        return []
+    lines = text.split(STEP_SEPARATOR)
+    pieces = [line + STEP_SEPARATOR for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    steps: list[str] = []
+    pending = ""
+    for piece in pieces:
+        if not piece.strip():
+            pending += piece
+            continue
+        steps.append(pending + piece)
+        pending = ""
+    if pending:
+        if steps:
+            steps[-1] += pending
+        else:
+            steps.append(pending)
+    if max_step_chars > 0:
+        steps = [step[start:start + max_step_chars] for step in steps
+                 for start in range(0, len(step), max_step_chars)]
+    return steps
+
+
+def first_step(completion: str, max_step_chars: int = 0) -> str:
+    """The candidate action a completion starts with ("" for an empty completion)."""
+    steps = split_steps(completion, max_step_chars)
+    return steps[0] if steps else ""
+
+
+def balanced_keep(rewards: Sequence[float], n: int) -> list[int]:
+    """Indices of up to ``n`` responses, half correct (reward >= 0.5) and half wrong as far as possible.
+
+    When one side has too few, the other fills the remaining places (n=6 with 1 correct: 1 + 5 wrong).
+    The first responses of each kind are taken; the input order is the sampling order, i.e. random.
+    """
+    correct = [i for i, r in enumerate(rewards) if r >= 0.5]
+    wrong = [i for i, r in enumerate(rewards) if r < 0.5]
+    take_correct = min(len(correct), max((n + 1) // 2, n - len(wrong)))
+    take_wrong = min(len(wrong), n - take_correct)
+    return sorted(correct[:take_correct] + wrong[:take_wrong])
+
+
+def state_prefixes(steps: Sequence[str]) -> list[str]:
+    """The assistant text of every non-terminal state of a response: "", a_0, a_0+a_1, ..."""
+    return ["".join(steps[:t]) for t in range(len(steps))]
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by ``key``: assigns problems to train/val splits independently of order."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokens of states and actions
+
+
+def encode_state(tokenizer, prompt_text: str, prefix: str) -> list[int]:
+    return encode_text(tokenizer, prompt_text) + (encode_text(tokenizer, prefix) if prefix else [])
+
+
+def encode_action(tokenizer, action: str, terminal: bool) -> list[int]:
+    ids = encode_text(tokenizer, action) if action else []
+    return ids + [tokenizer.eos_token_id] if terminal else ids
+
+
+def state_action_tokens(tokenizer, prompt_text: str, prefix: str, action: str, terminal: bool,
+                        max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of s∘a and labels (−100 except the action's tokens), left-truncated to ``max_length``.
+
+    The one definition shared by the cached reference log-probs (stage 3) and the actor (stage 4), so
+    log π_θ − log π_ref compares the same tokens.
+    """
+    state_ids = encode_state(tokenizer, prompt_text, prefix)
+    action_ids = encode_action(tokenizer, action, terminal)
+    ids = (state_ids + action_ids)[-max_length:]
+    labels = [-100] * (len(ids) - len(action_ids)) + action_ids[-len(ids):]
+    return ids, labels
+
+
+def prompt_text_for(tokenizer, prompt: str, use_chat_template: bool) -> str:
+    """What the policy is conditioned on: the chat template with the generation prompt, or the raw prompt."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset files
+
+ROLLOUT_COLUMNS = {
+    "problem_id": "str, unique key of the problem (restarts skip ids already written)",
+    "task_kind": "'arithmetic' | 'math' | 'code': how `datamodules.verifiers.reward` checks an answer",
+    "prompt": "str, the problem as given",
+    "prompt_text": "str, the exact text the policy is conditioned on (chat template + generation prompt)",
+    "reference": "the gold answer (int/str) or the unit tests (HumanEval mapping / test code)",
+    "policy": "str, the generator/completer model (pi_ref) name or path",
+    "samples": "list of {text, reward, count, finished}: the n1 sampled responses, de-duplicated "
+               "(count = how many samples had this text; finished = ended with EOS)",
+    "num_samples": "int, n1",
+    "sample_accuracy": "float, fraction of the n1 samples that are correct",
+    "kept": "list of int, indices into samples of the n kept responses (balanced correct/wrong)",
+    "states": "list of {prefix, depth, num_completions, num_correct, mc_value, candidates}: every distinct "
+              "step-prefix state of the kept responses; prefix = steps a_0..a_{depth-1} concatenated (state "
+              "text = prompt_text + prefix); mc_value = num_correct / num_completions of the m completions",
+    "states[].candidates": "list of {action, terminal, count, num_correct, truncated}: the distinct first "
+                           "steps of the m completions; terminal = the completion ended (EOS) after it, so "
+                           "its reward is known; count/num_correct = completions starting with it / of "
+                           "those correct; truncated = the completion hit the token limit inside this step",
+}
+
+ADVANTAGE_COLUMNS = {
+    "state_id": "str, '<problem_id>/<state index>'",
+    "problem_id": "str",
+    "prompt_text": "str", "prefix": "str", "depth": "int", "mc_value": "float (from the rollouts)",
+    "critic_value": "float, the critic's V(s) of the state itself (a diagnostic)",
+    "gap": "float, max advantage - min advantage over the state's candidates",
+    "kept": "bool, gap >= the threshold (min_gap, 0.1): only kept states train the actor",
+    "candidates": "list of {action, terminal, count, q, q_source, advantage, ref_logprob, num_tokens}: "
+                  "q = critic V(s + action), or the true reward for a terminal action (q_source 'critic' / "
+                  "'reward'); advantage = q - mean q over the state's candidates; ref_logprob = "
+                  "sum of the reference policy's token log-probs of the action (EOS included when "
+                  "terminal), null for dropped states; num_tokens = tokens of the action",
+    "critic": "str, the critic model", "reference_policy": "str, the pi_ref model",
+}
+
+
+def read_jsonl(path: str | Path, tolerate_partial_tail: bool = False) -> list[dict[str, Any]]:
+    """Rows of a JSONL file. A malformed line is an error naming the file and line, except (with
+    ``tolerate_partial_tail``) the last line of an append-only log cut by a crash, which is skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if tolerate_partial_tail and number == len(lines):
+                break
+            raise DataError(f"{path}: line {number} is not valid JSON: {error.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is a {type(row).__name__}, expected an object")
+        rows.append(row)
+    return rows
+
+
+def _field(row: dict, source: str, index: int, name: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """``row[name]`` checked against ``kind``; errors name the field as ``where + name``."""
+    label = f"{where}.{name}" if where else name
+    if name not in row or row[name] is None:
+        raise row_error(source, index, label, "missing")
+    value = row[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise row_error(source, index, label, f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def validate_rollout_row(row: dict, source: str, index: int) -> dict:
+    """Check the columns the later stages read; raise ``DataError`` naming the file, row and field."""
+    _field(row, source, index, "problem_id", str)
+    _field(row, source, index, "prompt_text", str)
+    states = _field(row, source, index, "states", list)
+    for s, state in enumerate(states):
+        where = f"states[{s}]"
+        if not isinstance(state, dict):
+            raise row_error(source, index, where, f"expected an object, got {type(state).__name__}")
+        _field(state, source, index, "prefix", str, where)
+        mc_value = _field(state, source, index, "mc_value", float, where)
+        num_completions = _field(state, source, index, "num_completions", int, where)
+        _field(state, source, index, "num_correct", int, where)
+        candidates = _field(state, source, index, "candidates", list, where)
+        if not 0.0 <= mc_value <= 1.0:
+            raise row_error(source, index, f"{where}.mc_value", f"must be in [0, 1], got {mc_value}")
+        if num_completions <= 0:
+            raise row_error(source, index, f"{where}.num_completions", "must be positive")
+        for c, candidate in enumerate(candidates):
+            cwhere = f"{where}.candidates[{c}]"
+            if not isinstance(candidate, dict):
+                raise row_error(source, index, cwhere, f"expected an object, got {type(candidate).__name__}")
+            _field(candidate, source, index, "action", str, cwhere)
+            _field(candidate, source, index, "terminal", bool, cwhere)
+            _field(candidate, source, index, "count", int, cwhere)
+            _field(candidate, source, index, "num_correct", int, cwhere)
+    return row
+
+
+def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
+    source = str(path)
+    return [validate_rollout_row(row, source, index) for index, row in enumerate(read_jsonl(path))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1 and 5: problems
+
+
+class DAPOProblems(TextDataModule):
+    """Problems to roll out (``predict``) and held-out problems to evaluate (``test``).
+
+    Embedded default: the arithmetic task, drawn exactly as ``SFTData`` draws it (``train_size``,
+    ``val_size``, ``test_size`` and ``seed`` must equal the SFT run's, so ``test`` is the SFT held-out set),
+    plus a disjoint ``rollout`` split drawn after them: problems the policy never saw in SFT.
+    ``rollout_offset``/``rollout_size`` pick a slice of it.
+
+    Files: ``train_file`` holds the problems to roll out, ``test_file`` the evaluation problems (JSON, JSONL
+    or Parquet). ``row_format``: ``plain`` (``prompt_field`` + ``answer_field``, optional ``id_field``),
+    ``math`` (MATH ``problem``/``solution`` with a boxed answer), ``gsm8k`` (``question``/``answer`` ending
+    in "#### N"), ``humaneval`` (``task_id``, ``prompt``, ``test``, ``entry_point``; the response continues the
+    prompt). ``task_kind`` selects the answer check (``datamodules.verifiers.reward``).
+
+    Batches: ``problem_id``, ``prompt``, ``prompt_text``, ``prompt_ids`` (lists, unpadded), ``reference``,
+    ``task_kind``.
+    """
+
+    ROW_FORMATS = ("plain", "math", "gsm8k", "humaneval")
+
+    def __init__(self, task_kind: str = "arithmetic", row_format: str = "plain", prompt_field: str = "prompt",
+                 answer_field: str = "answer", id_field: str = "id", use_chat_template: bool = True,
+                 train_size: int = 6000, val_size: int = 256, test_size: int = 500, rollout_size: int = 256,
+                 rollout_offset: int = 0, min_steps: int = 2, max_steps: int = 3, **kwargs):
+        kwargs.setdefault("batch_size", 8)
+        kwargs.setdefault("val_split", None)
+        super().__init__(**kwargs)
+        from datamodules.verifiers import TASK_KINDS
+
+        if task_kind not in TASK_KINDS:
+            raise ValueError(f"task_kind must be one of {TASK_KINDS}, got {task_kind!r}")
+        if row_format not in self.ROW_FORMATS:
+            raise ValueError(f"row_format must be one of {self.ROW_FORMATS}, got {row_format!r}")
+        self.task_kind, self.row_format = task_kind, row_format
+        self.prompt_field, self.answer_field, self.id_field = prompt_field, answer_field, id_field
+        self.use_chat_template = use_chat_template
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size, "rollout": rollout_offset + rollout_size}
+        self.rollout_offset = rollout_offset
+        self.arithmetic_steps = (min_steps, max_steps)
+        self._arithmetic: dict[str, list[arithmetic.Problem]] | None = None
+
+    def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
+        if self._arithmetic is None:
+            self._arithmetic = arithmetic.generate_splits(self.sizes, seed=self.seed, min_steps=self.arithmetic_steps[0],
+                                                          max_steps=self.arithmetic_steps[1])
+        if split == "predict":
+            problems = self._arithmetic["rollout"][self.rollout_offset:]
+            return [dict(p.as_row(), id=f"rollout-{self.rollout_offset + i:06d}") for i, p in enumerate(problems)]
+        problems = self._arithmetic.get(split, [])
+        return [dict(p.as_row(), id=f"{split}-{i:06d}") for i, p in enumerate(problems)] or None
+
+    def source_rows(self, split: str):
+        if split == "predict":  # rollouts read the training problems
+            if self.files["train"]:
+                return read_rows(self.files["train"]), self.files["train"]
+            if self.dataset:
+                return read_rows(self.dataset, self.hub_splits["train"], self.dataset_config), \
+                    f"{self.dataset}[{self.hub_splits['train']}]"
+            return self.embedded_rows("predict"), "embedded:DAPOProblems[rollout]"
+        return super().source_rows(split)
+
+    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
+        from datamodules import verifiers
+
+        row_id = f"{source}:{index}"
+        try:
+            if self.row_format == "math":
+                problem = verifiers.math_problem_from_row(row, row_id)
+                prompt, reference = problem.question, problem.answer
+            elif self.row_format == "gsm8k":
+                problem = verifiers.gsm8k_problem_from_row(row, row_id)
+                prompt, reference = problem.question, problem.answer
+            elif self.row_format == "humaneval":
+                for name in ("prompt", "test", "entry_point"):
+                    validate_text(row.get(name), source, index, name)
+                prompt = row["prompt"]
+                reference = {key: row[key] for key in ("prompt", "test", "entry_point")}
+            else:
+                prompt = validate_text(row.get(self.prompt_field), source, index, self.prompt_field)
+                if self.answer_field not in row or row[self.answer_field] is None:
+                    raise row_error(source, index, self.answer_field, "missing")
+                reference = row[self.answer_field]
+        except verifiers.RowFormatError as error:
+            raise DataError(f"{source}: {error}", reason=str(error).split(": ", 1)[-1]) from None
+        problem_id = row.get(self.id_field) if self.row_format != "humaneval" else row.get("task_id")
+        problem_id = str(problem_id) if problem_id is not None else f"{Path(source).name}:{index}"
+        prompt_text = prompt_text_for(self.tokenizer, prompt, self.use_chat_template and self.row_format != "humaneval")
+        prompt_ids = encode_text(self.tokenizer, prompt_text)
+        if len(prompt_ids) > self.max_length:
+            self.report.drop(split, "prompt longer than max_length")
+            return None
+        return {"problem_id": problem_id, "prompt": prompt, "prompt_text": prompt_text, "prompt_ids": prompt_ids,
+                "reference": reference, "task_kind": self.task_kind}
+
+    def setup(self, stage: str) -> None:
+        self.resolve_tokenizer()
+        split = {"predict": "predict", "test": "test", "validate": "test"}.get(stage)
+        if split is None:
+            raise ValueError(f"DAPOProblems serves 'predict' (rollouts) and 'test' (evaluation), not {stage!r}")
+        if split not in self.datasets:
+            loaded = self.load_split(split)
+            if loaded is None:
+                raise DataError(f"no problems for '{stage}': set {'train_file' if split == 'predict' else 'test_file'}")
+            ids = [item["problem_id"] for item in loaded]
+            if len(set(ids)) != len(ids):
+                duplicate = next(i for i in ids if ids.count(i) > 1)
+                raise DataError(f"problem ids must be unique; '{duplicate}' appears more than once ({split} split)")
+            self.datasets[split] = loaded
+        rank_zero_info(f"[DAPOProblems] rows: {self.report.rows}; dropped: {self.report.dropped}")
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {key: [item[key] for item in items] for key in items[0]}
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["predict"], batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return []
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["test"], batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared by the stages that read a rollout or advantage file
+
+
+class _StatesData(pl.LightningDataModule):
+    """Reads one JSONL dataset, splits problems into train/val by a hash of their id, pads batches."""
+
+    def __init__(self, data_file: str, val_fraction: float = 0.1, max_length: int = 512, batch_size: int = 32,
+                 eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 tokenizer: str | None = None):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.data_file, self.val_fraction, self.max_length = data_file, val_fraction, max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed, self.tokenizer_name = num_workers, seed, tokenizer
+        self.tokenizer = None
+        self.report = DataReport()
+        self.datasets: dict[str, list] = {}
+
+    def resolve_tokenizer(self):
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
+                self.tokenizer = module.tokenizer
+            else:
+                from modules.lm import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
+        return self.tokenizer
+
+    def split_of(self, problem_id: str) -> str:
+        return "val" if stable_fraction(f"{self.seed}:{problem_id}") < self.val_fraction else "train"
+
+    def count_truncated(self, split: str) -> None:
+        self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
+
+    @property
+    def data_report(self) -> dict[str, Any]:
+        return self.report.as_dict()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: the critic's states
+
+
+class CriticData(_StatesData):
+    """States of a rollout file (``data_file``) with their Monte-Carlo values, for the critic.
+
+    Items: ``input_ids`` (prompt + prefix, left-truncated to ``max_length`` so the last token, where the
+    value is read, is kept), ``target`` = mc_value, ``num_correct`` and ``num_completions`` (for the AUROC of
+    predicting whether a trajectory sampled from the state ends correct). Problems go to ``val`` with
+    probability ``val_fraction`` (by a hash of their id).
+    """
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        tokenizer = self.resolve_tokenizer()
+        rows = read_rollouts(self.data_file)
+        if not rows:
+            raise DataError(f"{self.data_file}: no rollouts")
+        self.datasets = {"train": [], "val": []}
+        for row in rows:
+            split = self.split_of(row["problem_id"])
+            for state in row["states"]:
+                ids = encode_state(tokenizer, row["prompt_text"], state["prefix"])
+                if len(ids) > self.max_length:
+                    ids = ids[-self.max_length:]
+                    self.count_truncated(split)
+                self.datasets[split].append({"input_ids": ids, "target": float(state["mc_value"]),
+                                             "num_correct": state["num_correct"],
+                                             "num_completions": state["num_completions"]})
+        for split, items in self.datasets.items():
+            self.report.rows[split] = len(items)
+        if stage == "fit" and not self.datasets["train"]:
+            raise DataError(f"{self.data_file}: no training states (all {len(rows)} problems went to val)")
+        rank_zero_info(f"[CriticData] states: {self.report.rows}; truncated: {self.report.truncated}")
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": pad_sequences([item["input_ids"] for item in items], pad),
+            "attention_mask": pad_sequences([[1] * len(item["input_ids"]) for item in items], 0),
+            "target": torch.tensor([item["target"] for item in items]),
+            "num_correct": torch.tensor([item["num_correct"] for item in items], dtype=torch.float),
+            "num_completions": torch.tensor([item["num_completions"] for item in items], dtype=torch.float),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        from datamodules.common import EpochSeededSampler
+
+        trainer = self.trainer
+        sampler = EpochSeededSampler(len(self.datasets["train"]), self.seed,
+                                     epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        if not self.datasets.get("val"):
+            return []
+        return DataLoader(self.datasets["val"], batch_size=self.eval_batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: states and candidates to score
+
+
+class AdvantageInputData(_StatesData):
+    """The states of a rollout file (``data_file``) with their candidate actions, for ``predict``.
+
+    Batches are lists of states (``batch_size`` states each); the scoring module tokenizes. States whose
+    candidates are all alike (fewer than 2 candidates) are still passed on: they get gap 0 and are
+    recorded as dropped, so the advantage file accounts for every state.
+    """
+
+    def __init__(self, data_file: str, batch_size: int = 16, **kwargs):
+        kwargs.setdefault("val_fraction", 0.0)
+        super().__init__(data_file, batch_size=batch_size, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        self.resolve_tokenizer()
+        rows = read_rollouts(self.data_file)
+        states = []
+        for row in rows:
+            for index, state in enumerate(row["states"]):
+                states.append({"state_id": f"{row['problem_id']}/{index}", "problem_id": row["problem_id"],
+                               "prompt_text": row["prompt_text"], "prefix": state["prefix"],
+                               "depth": state.get("depth", index), "mc_value": state["mc_value"],
+                               "candidates": state["candidates"]})
+        self.datasets = {"predict": states}
+        self.report.rows["predict"] = len(states)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["predict"], batch_size=self.batch_size, shuffle=False,
+                          collate_fn=lambda items: items, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 4: the actor's state-wise batches
+
+
+class StateBatchSampler:
+    """Batches of whole states: all candidates of a state are always in the same batch.
+
+    ``states_per_batch`` states per batch, in a permutation fixed by (seed, epoch) when ``shuffle``. Under
+    DDP each of ``num_replicas`` processes takes every ``num_replicas``-th batch starting at its ``rank``;
+    the batch list is padded by repeating its first batches (or cut, with ``drop_last``) so every process
+    runs the same number of steps. Yields lists of state indices.
+    """
+
+    def __init__(self, num_states: int, states_per_batch: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        if states_per_batch <= 0:
+            raise ValueError(f"states_per_batch must be positive, got {states_per_batch}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if num_states == 0:
+            raise ValueError("no states to batch")
+        self.num_states, self.states_per_batch = num_states, states_per_batch
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_states, generator=generator).tolist()
+        else:
+            order = list(range(self.num_states))
+        return [order[i:i + self.states_per_batch] for i in range(0, self.num_states, self.states_per_batch)]
+
+    def __len__(self) -> int:
+        batches = math.ceil(self.num_states / self.states_per_batch)
+        return batches // self.num_replicas if self.drop_last else math.ceil(batches / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        per_rank = len(self)
+        total = per_rank * self.num_replicas
+        if total > len(batches):  # pad: every process must take the same number of steps
+            batches = batches + [batches[i % len(batches)] for i in range(total - len(batches))]
+        return iter(batches[self.rank:total:self.num_replicas])
+
+
+class _StateBatches(IterableDataset):
+    """Collated batches from a ``StateBatchSampler``. Being iterable, Lightning leaves the sharding to the
+    sampler instead of inserting a per-item ``DistributedSampler`` that would split states apart."""
+
+    def __init__(self, states: list, sampler: StateBatchSampler, collate, epoch_source=None):
+        self.states, self.sampler, self.collate, self.epoch_source = states, sampler, collate, epoch_source
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self.epoch_source is not None:
+            self.sampler.set_epoch(self.epoch_source())
+        for indices in self.sampler:
+            yield self.collate([self.states[i] for i in indices])
+
+
+class ActorData(_StatesData):
+    """The advantage file (``data_file``) for the actor, batched state-wise.
+
+    Keeps states with ``kept`` true, a gap of at least ``min_gap`` and at least two candidates with a cached
+    ``ref_logprob``; drops and counts the rest. A state's candidates are weighted uniformly (each state
+    counts once in the loss, see ``modules.dapo.dapo_actor_loss``). Each batch holds ``batch_size`` whole
+    states (``StateBatchSampler``), sharded across DDP processes by the sampler.
+
+    Batch tensors (one row per candidate): ``input_ids``, ``attention_mask``, ``labels`` (-100 except the
+    action's tokens), ``advantage``, ``ref_logprob``, ``state_index`` (0..states-1 within the batch).
+    """
+
+    def __init__(self, data_file: str, min_gap: float = 0.1, batch_size: int = 8, **kwargs):
+        super().__init__(data_file, batch_size=batch_size, **kwargs)
+        self.min_gap = min_gap
+
+    def encode_state_row(self, row: dict, split: str, source: str, index: int) -> dict | None:
+        for name, kind in (("state_id", str), ("prompt_text", str), ("prefix", str), ("candidates", list)):
+            _field(row, source, index, name, kind)
+        for c, candidate in enumerate(row["candidates"]):
+            _field(candidate, source, index, "action", str, f"candidates[{c}]")
+        if not row.get("kept", False) or float(row.get("gap", 0.0)) < self.min_gap:
+            self.report.drop(split, f"advantage gap below {self.min_gap}")
+            return None
+        state_ids = encode_state(self.tokenizer, row["prompt_text"], row["prefix"])
+        candidates = []
+        for c, candidate in enumerate(row["candidates"]):
+            where = f"candidates[{c}]"
+            for name in ("advantage", "ref_logprob"):
+                value = candidate.get(name)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise row_error(source, index, f"{where}.{name}", f"expected a finite number, got {value!r}")
+            terminal = bool(candidate.get("terminal"))
+            if not candidate["action"] and not terminal:
+                raise row_error(source, index, f"{where}.action", "empty non-terminal action")
+            action_length = len(encode_action(self.tokenizer, candidate["action"], terminal))
+            if action_length >= self.max_length:
+                self.report.drop(split, "action longer than max_length")
+                return None
+            if len(state_ids) + action_length > self.max_length:
+                self.count_truncated(split)
+            ids, labels = state_action_tokens(self.tokenizer, row["prompt_text"], row["prefix"], candidate["action"],
+                                              terminal, self.max_length)
+            candidates.append({"input_ids": ids, "labels": labels, "advantage": float(candidate["advantage"]),
+                               "ref_logprob": float(candidate["ref_logprob"])})
+        if len(candidates) < 2:
+            self.report.drop(split, "fewer than 2 candidates")
+            return None
+        return {"state_id": row["state_id"], "candidates": candidates}
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        self.resolve_tokenizer()
+        rows = read_jsonl(self.data_file)
+        self.datasets = {"train": [], "val": []}
+        for index, row in enumerate(rows):
+            split = self.split_of(str(row.get("problem_id", row.get("state_id", index))))
+            state = self.encode_state_row(row, split, self.data_file, index)
+            if state is not None:
+                self.datasets[split].append(state)
+        for split, items in self.datasets.items():
+            self.report.rows[split] = len(items)
+        if stage == "fit" and not self.datasets["train"]:
+            raise DataError(f"{self.data_file}: no state left for training; dropped: {self.report.dropped}")
+        rank_zero_info(f"[ActorData] states: {self.report.rows}; dropped: {self.report.dropped}; "
+                       f"truncated: {self.report.truncated}")
+
+    def collate(self, states: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [(index, candidate) for index, state in enumerate(states) for candidate in state["candidates"]]
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": pad_sequences([c["input_ids"] for _, c in rows], pad),
+            "attention_mask": pad_sequences([[1] * len(c["input_ids"]) for _, c in rows], 0),
+            "labels": pad_sequences([c["labels"] for _, c in rows], -100),
+            "advantage": torch.tensor([c["advantage"] for _, c in rows]),
+            "ref_logprob": torch.tensor([c["ref_logprob"] for _, c in rows]),
+            "state_index": torch.tensor([index for index, _ in rows]),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = StateBatchSampler(len(self.datasets[split]), self.batch_size if shuffle else self.eval_batch_size,
+                                    num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        epoch_source = (lambda: trainer.current_epoch) if trainer is not None and shuffle else None
+        return DataLoader(_StateBatches(self.datasets[split], sampler, self.collate, epoch_source), batch_size=None,
+                          num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False) if self.datasets.get("val") else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rejection-sampling fine-tuning baseline
+
+
+def rejection_sampling_rows(rollout_rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """SFT rows ``{prompt, response}`` from the distinct correct sampled responses of a rollout file (the
+    RFT baseline trains on exactly the stage-1 data DAPO uses)."""
+    rows = []
+    for row in rollout_rows:
+        for sample in row.get("samples", []):
+            if sample["reward"] >= 0.5 and sample["text"].strip():
+                rows.append({"prompt": row["prompt"], "response": sample["text"], "problem_id": row["problem_id"]})
+    return rows

@@ -1,0 +1,308 @@
+"""DAPO end to end on the embedded arithmetic task, every stage an ordinary ``cli.py`` run.
+
+0. SFT the tiny preset, validating every 50 steps, and keep the checkpoint whose validation accuracy is
+   nearest 50%: a clearly imperfect policy (or ``--policy PATH``: any causal LM);
+1. rollouts (predict), 2. critic (fit + export), 3. advantages (predict), 4. actor (fit + export),
+5. greedy pass@1 on the 500 held-out problems (the SFT test split) for every policy;
+plus the rejection-sampling fine-tuning (RFT) baseline: SFT of the same policy on the correct responses
+of the same stage-1 rollouts, and optionally a second DAPO round (the round-1 actor becomes generator,
+completer and pi_ref; the critic warm-starts from round 1's; fresh problems).
+
+Prints a table and writes ``<out>/results.md`` and ``<out>/results.json`` (accuracies with 95% intervals,
+dataset and critic/actor metrics, wall time per stage, the machine's load average). A stage whose output
+exists is skipped, so an interrupted recipe continues where it stopped (``--fresh`` starts over,
+``--redo actor_round1`` reruns named stages and everything that depends on them).
+
+    python recipes/dapo_arithmetic.py                  # about 20 minutes on an idle 2-core CPU
+    python recipes/dapo_arithmetic.py --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/dapo")
+    p.add_argument("--policy", default=None, help="skip stage 0 and use this policy (folder or hub name)")
+    p.add_argument("--sft-steps", type=int, default=450, help="stage 0 schedule length (cosine decay over it)")
+    p.add_argument("--sft-val-every", type=int, default=50, help="stage 0 validation (and checkpoint) interval")
+    p.add_argument("--sft-target-accuracy", type=float, default=0.5,
+                   help="stage 0 keeps the checkpoint whose validation accuracy is nearest this: a clearly "
+                        "imperfect policy whatever the machine's numerics")
+    p.add_argument("--rounds", type=int, default=1, choices=(1, 2))
+    p.add_argument("--problems", type=int, default=256, help="rollout problems per round")
+    p.add_argument("--n1", type=int, default=16)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--m", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--critic-epochs", type=int, default=4)
+    p.add_argument("--critic-lr", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--min-gap", type=float, default=0.1)
+    p.add_argument("--actor-lr", type=float, default=1e-4)
+    p.add_argument("--actor-epochs", type=int, default=2)
+    p.add_argument("--actor-batch-states", type=int, default=8)
+    p.add_argument("--rft-lr", type=float, default=1e-4)
+    p.add_argument("--rft-epochs", type=int, default=2)
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--redo", default="", help="comma-separated stage names to rerun (with their dependants)")
+    p.add_argument("--only-dapo", action="store_true", help="skip the RFT baseline")
+    p.add_argument("--sft-only", action="store_true", help="stop after stage 0 and its evaluation (to calibrate --sft-steps)")
+    return p.parse_args(argv)
+
+
+class Recipe:
+    def __init__(self, args):
+        self.args = args
+        self.out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+        self.python = sys.executable
+        self.timings: dict[str, dict] = {}
+        self.redo = {s for s in args.redo.split(",") if s}
+
+    # -- running stages ------------------------------------------------------------------------------
+    def done_marker(self, name: str) -> Path:
+        return self.out / "stages" / f"{name}.json"
+
+    def stage(self, name: str, command: list[str], depends: tuple[str, ...] = ()) -> dict:
+        """Run one CLI command unless its marker exists (and neither it nor a dependency is redone)."""
+        marker = self.done_marker(name)
+        if any(d in self.redo for d in depends):
+            self.redo.add(name)
+        if marker.exists() and name not in self.redo:
+            record = json.loads(marker.read_text())
+            print(f"[skip] {name}: done earlier ({record['seconds']:.0f} s)", flush=True)
+            self.timings[name] = record
+            return record
+        log = self.out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        load_before = os.getloadavg()[0]
+        print(f"[run ] {name}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        with open(log, "w") as handle:
+            result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            tail = log.read_text()[-3000:]
+            raise SystemExit(f"stage {name} failed (exit {result.returncode}); log {log}:\n{tail}")
+        record = {"seconds": seconds, "load_before": load_before, "load_after": os.getloadavg()[0], "log": str(log)}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(record))
+        self.timings[name] = record
+        print(f"[done] {name}: {seconds:.0f} s", flush=True)
+        return record
+
+    def cli(self, subcommand: str, config: str, log_name: str, *overrides: str, checkpoint: bool = False) -> list[str]:
+        command = [self.python, "cli.py", subcommand, "--config", config,
+                   f"--trainer.logger.init_args.save_dir={self.out / 'logs'}",
+                   f"--trainer.logger.init_args.name={log_name}", "--trainer.logger.init_args.version=0",
+                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+        if checkpoint:
+            command.append(f"--checkpoint.dirpath={self.out / log_name / 'checkpoints'}")
+        if subcommand == "predict":
+            command += ["--return_predictions", "false"]
+        return command + list(overrides)
+
+    def export(self, name: str, checkpoint: Path, target: Path, depends: tuple[str, ...]) -> Path:
+        if not checkpoint.exists():  # no validation data ranked a best checkpoint (tiny runs): take the last
+            checkpoint = checkpoint.with_name("last.ckpt")
+        self.stage(name, [self.python, "cli.py", "export", str(checkpoint), str(target)], depends)
+        return target
+
+    @staticmethod
+    def closest_checkpoint(folder: Path, target: float) -> tuple[Path, float]:
+        """The ``sft-<step>-<val accuracy>.ckpt`` whose accuracy is nearest ``target`` (earliest on ties)."""
+        found = []
+        for path in folder.glob("sft-*-*.ckpt"):
+            _, step, accuracy = path.stem.split("-")
+            found.append((abs(float(accuracy) - target), int(step), path, float(accuracy)))
+        if not found:
+            raise SystemExit(f"no validated SFT checkpoint in {folder}")
+        _, _, path, accuracy = min(found)
+        return path, accuracy
+
+    def summary(self, log_name: str) -> dict:
+        path = self.out / "logs" / log_name / "version_0" / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def metrics(self, log_name: str, stage: str) -> dict:
+        return self.summary(log_name).get("stages", {}).get(stage, {}).get("metrics", {})
+
+    def evaluate(self, name: str, policy: Path | str, depends: tuple[str, ...]) -> float:
+        log_name = f"eval/{name}"
+        self.stage(f"eval_{name}", self.cli("test", "configs/dapo/evaluate.yaml", log_name,
+                                            f"--model.init_args.model={policy}",
+                                            f"--data.init_args.test_size={self.args.test_size}"), depends)
+        return self.metrics(log_name, "test")["test/accuracy"]
+
+    # -- the method ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        args = self.args
+        if args.fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        started, load_start = time.perf_counter(), os.getloadavg()
+        results: dict = {"settings": vars(args), "policies": {}}
+
+        # 0. the policy
+        if args.policy:
+            policy = args.policy
+            sft_deps: tuple[str, ...] = ()
+        else:
+            self.stage("sft", self.cli("fit", "configs/sft/arithmetic.yaml", "sft",
+                                       f"--trainer.max_steps={args.sft_steps}",
+                                       f"--trainer.val_check_interval={args.sft_val_every}",
+                                       "--checkpoint.save_top_k=-1", "--checkpoint.auto_insert_metric_name=false",
+                                       "--checkpoint.filename=sft-{step}-{val/accuracy:.4f}",
+                                       "--test_after_fit=false", f"--data.init_args.test_size={args.test_size}",
+                                       checkpoint=True))
+            checkpoint, accuracy = self.closest_checkpoint(self.out / "sft/checkpoints", args.sft_target_accuracy)
+            results["sft_checkpoint"] = {"path": str(checkpoint), "val_accuracy": accuracy}
+            policy = str(self.export("sft_export", checkpoint, self.out / "sft/export", ("sft",)))
+            sft_deps = ("sft_export",)
+        results["policies"]["SFT policy (stage 0)"] = self.evaluate("sft", policy, sft_deps)
+        results["policy"] = policy
+        if args.sft_only:
+            return self.finish(results, started, load_start)
+
+        reference, reference_deps = policy, sft_deps
+        critic_init, critic_deps = policy, sft_deps
+        for round_index in range(1, args.rounds + 1):
+            reference, reference_deps, critic_init, critic_deps = self.dapo_round(
+                round_index, reference, reference_deps, critic_init, critic_deps, results)
+            results["policies"][f"DAPO round {round_index}"] = self.evaluate(
+                f"dapo_round{round_index}", reference, reference_deps)
+            if round_index == 1 and not args.only_dapo:
+                results["policies"]["RFT baseline (round-1 rollouts)"] = self.rft(policy, sft_deps)
+        return self.finish(results, started, load_start)
+
+    def finish(self, results: dict, started: float, load_start) -> dict:
+        results["wall_seconds"] = time.perf_counter() - started
+        results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
+        results["stages"] = self.timings
+        results["test_problems"] = self.args.test_size
+        self.write(results)
+        return results
+
+    def dapo_round(self, r: int, policy: str, policy_deps, critic_init: str, critic_deps, results: dict):
+        args, base = self.args, self.out / f"round{r}"
+        rollouts, advantages = base / "rollouts.jsonl", base / "advantages.jsonl"
+        tag = f"round{r}"
+        # 1. rollouts: fresh problems each round
+        self.stage(f"rollouts_{tag}", self.cli(
+            "predict", "configs/dapo/rollouts.yaml", f"{tag}/rollouts",
+            f"--trainer.callbacks.init_args.output={rollouts}", f"--model.init_args.model={policy}",
+            f"--model.init_args.n1={args.n1}", f"--model.init_args.n={args.n}", f"--model.init_args.m={args.m}",
+            f"--model.init_args.temperature={args.temperature}", f"--data.init_args.rollout_size={args.problems}",
+            f"--data.init_args.rollout_offset={(r - 1) * args.problems}"), policy_deps)
+        # 2. critic
+        self.stage(f"critic_{tag}", self.cli(
+            "fit", "configs/dapo/critic.yaml", f"{tag}/critic", f"--model.init_args.model={critic_init}",
+            f"--data.init_args.data_file={rollouts}", f"--trainer.max_epochs={args.critic_epochs}",
+            f"--model.init_args.optimizer.init_args.lr={args.critic_lr}", checkpoint=True),
+            critic_deps + (f"rollouts_{tag}",))
+        critic = self.export(f"critic_export_{tag}", base / "critic/checkpoints/best.ckpt", base / "critic/export",
+                             (f"critic_{tag}",))
+        # 3. advantages (+ cached pi_ref log-probs)
+        self.stage(f"advantages_{tag}", self.cli(
+            "predict", "configs/dapo/advantages.yaml", f"{tag}/advantages",
+            f"--trainer.callbacks.init_args.output={advantages}", f"--model.init_args.critic={critic}",
+            f"--model.init_args.reference={policy}", f"--model.init_args.min_gap={args.min_gap}",
+            f"--data.init_args.data_file={rollouts}"), (f"critic_export_{tag}",))
+        # 4. actor, initialised from pi_ref
+        self.stage(f"actor_{tag}", self.cli(
+            "fit", "configs/dapo/actor.yaml", f"{tag}/actor", f"--model.init_args.model={policy}",
+            f"--model.init_args.beta={args.beta}", f"--model.init_args.optimizer.init_args.lr={args.actor_lr}",
+            f"--data.init_args.data_file={advantages}", f"--data.init_args.min_gap={args.min_gap}",
+            f"--data.init_args.batch_size={args.actor_batch_states}", f"--trainer.max_epochs={args.actor_epochs}",
+            checkpoint=True), (f"advantages_{tag}",))
+        actor = self.export(f"actor_export_{tag}", base / "actor/checkpoints/last.ckpt", base / "actor/export",
+                            (f"actor_{tag}",))
+        results[tag] = {
+            "rollouts": json.loads((base / "rollouts.report.json").read_text()),
+            "advantages": json.loads((base / "advantages.report.json").read_text()),
+            "critic": {k: v for k, v in self.metrics(f"{tag}/critic", "fit").items() if k.startswith("val/")},
+            "actor": {k: v for k, v in self.metrics(f"{tag}/actor", "fit").items() if k.startswith(("train/", "val/"))},
+        }
+        return str(actor), (f"actor_export_{tag}",), str(critic), (f"critic_export_{tag}",)
+
+    def rft(self, policy: str, policy_deps) -> float:
+        from datamodules.dapo_data import read_rollouts, rejection_sampling_rows
+
+        args, base = self.args, self.out / "rft"
+        data = base / "rft.jsonl"
+        base.mkdir(parents=True, exist_ok=True)
+        rows = rejection_sampling_rows(read_rollouts(self.out / "round1/rollouts.jsonl"))
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        self.rft_rows = len(rows)
+        if not rows:  # nothing to fine-tune on: the baseline is the policy itself
+            print("[note] RFT: the rollouts hold no correct response; the baseline equals the policy", flush=True)
+            return self.evaluate("sft", policy, policy_deps)
+        self.stage("rft", self.cli("fit", "configs/dapo/rft.yaml", "rft", f"--model.init_args.model={policy}",
+                                   f"--data.init_args.train_file={data}", f"--trainer.max_epochs={args.rft_epochs}",
+                                   f"--model.init_args.optimizer.init_args.lr={args.rft_lr}", checkpoint=True),
+                   policy_deps + ("rollouts_round1",))
+        rft_policy = self.export("rft_export", base / "checkpoints/last.ckpt", base / "export", ("rft",))
+        return self.evaluate("rft", rft_policy, ("rft_export",))
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def write(self, results: dict) -> None:
+        n = results["test_problems"]
+        base = results["policies"]["SFT policy (stage 0)"]
+        lines = ["# DAPO on the embedded arithmetic task", "",
+                 f"Greedy pass@1 on {n} held-out problems (the SFT test split); 95% Wilson intervals.", "",
+                 "| policy | accuracy | 95% interval | vs SFT |", "|---|---|---|---|"]
+        rank = {"SFT": 0, "DAPO": 1, "RFT": 2}
+        order = sorted(results["policies"], key=lambda name: (rank.get(name.split()[0], 3), name))
+        results["policies"] = {name: results["policies"][name] for name in order}
+        for name, accuracy in results["policies"].items():
+            low, high = wilson(accuracy, n)
+            lines.append(f"| {name} | {accuracy:.3f} | {low:.3f}-{high:.3f} | {accuracy - base:+.3f} |")
+        if hasattr(self, "rft_rows"):
+            results["rft_training_rows"] = self.rft_rows
+        results["stage_seconds_total"] = sum(record["seconds"] for record in results["stages"].values())
+        lines += ["", f"Wall time: {results['stage_seconds_total'] / 60:.1f} min over all stages "
+                  f"({results['wall_seconds'] / 60:.1f} min in this invocation; skipped stages count their "
+                  f"earlier time). Load average (1 min) at start "
+                  f"{results['load_average_start'][0]:.2f}, at end {results['load_average_end'][0]:.2f} "
+                  f"on {os.cpu_count()} CPUs.", "", "| stage | seconds | load before | load after |", "|---|---|---|---|"]
+        for name, record in results["stages"].items():
+            lines.append(f"| {name} | {record['seconds']:.0f} | {record['load_before']:.2f} | {record['load_after']:.2f} |")
+        for r in (1, 2):
+            info = results.get(f"round{r}")
+            if info:
+                lines += ["", f"## Round {r}", "", "```json", json.dumps(info, indent=1), "```"]
+        text = "\n".join(lines) + "\n"
+        (self.out / "results.md").write_text(text)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        print("\n" + text)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n <= 0:
+        return float("nan"), float("nan")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def main(argv=None) -> dict:
+    return Recipe(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Curation stages on small fixtures with known answers: what each keeps and removes, and why, per source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from datamodules.common import DataError, read_rows
+from datamodules.curation import (
+    ConsistencyFilter,
+    CuratedPreferenceData,
+    Decontaminate,
+    Deduplicate,
+    DropInvalid,
+    NgramIndex,
+    PairText,
+    SelectByScore,
+    apply_step,
+    attach_scores,
+    classify_prompt,
+    pair_problem,
+    pair_text,
+    read_score_shards,
+    run_pipeline,
+    run_step,
+    top_count,
+    words,
+    write_rows,
+)
+
+FIXTURES = ROOT / "tests" / "fixtures"
+POOL = FIXTURES / "curation_pool.jsonl"
+EVAL = FIXTURES / "curation_eval_prompts.jsonl"
+INVALID_IDS = {"identical", "empty-rejected", "ends-with-user", "missing-chosen", "bad-role"}
+
+
+def ids(rows):
+    return [row["id"] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return read_rows(str(POOL))
+
+
+@pytest.fixture(scope="module")
+def valid_pool(pool):
+    return [row for row in pool if row["id"] not in INVALID_IDS]
+
+
+# -- rows ----------------------------------------------------------------------------------------------
+
+def test_pair_text_of_the_four_shapes(pool):
+    by_id = {row["id"]: row for row in pool}
+    assert pair_text(by_id["std-explicit"]) == PairText("Compute 2+3.", "2+3=5\nAnswer: 5", "2+3=6\nAnswer: 6")
+    assert pair_text(by_id["conv-implicit"]) == PairText(
+        "Write a python function that adds two numbers.", "def add(a, b):\n    return a + b",
+        "def add(a, b):\n    return a - b")
+    # two strings: the shared prefix, cut back to the last whitespace
+    assert pair_text(by_id["std-implicit"]) == PairText("Q: What is the capital of France? A:", "Paris", "Lyon")
+    assert pair_text(by_id["conv-explicit"]) == PairText("Be brief.\nName a primary colour.", "Red.",
+                                                         "Green is a primary colour of paint.")
+
+
+def test_invalid_pair_rules_name_the_rule(pool):
+    reasons = {row["id"]: (pair_problem(row, index, "pool.jsonl") or None) for index, row in enumerate(pool)}
+    assert {key for key, value in reasons.items() if value is not None} == INVALID_IDS
+    assert reasons["identical"].reason == "rejected: identical to chosen"
+    assert reasons["empty-rejected"].reason == "rejected: empty"
+    assert reasons["ends-with-user"].reason == "rejected: the conversation must end with an assistant turn"
+    assert reasons["missing-chosen"].reason == "chosen: missing"
+    assert reasons["bad-role"].reason.startswith("chosen[0].role: unknown role 'robot'")
+    assert "pool.jsonl: row 6, field 'rejected'" in str(reasons["identical"])
+
+
+def test_invalid_pair_rules_agree_with_the_reward_datamodule(pool):
+    from datamodules.preference import PreferenceData
+    from modules.lm import load_tokenizer
+
+    data = PreferenceData(tokenizer="tiny", max_length=512)
+    data.tokenizer = load_tokenizer("tiny")
+    for index, row in enumerate(pool):
+        try:
+            data.encode(row, "train", "pool.jsonl", index)
+            accepted = True
+        except DataError:
+            accepted = False
+        assert accepted == (pair_problem(row, index, "pool.jsonl") is None), row["id"]
+
+
+def test_drop_invalid_reports_per_source_and_reason(pool):
+    kept, report = apply_step(DropInvalid(), pool, origin="pool.jsonl")
+    assert ids(kept) == [row["id"] for row in pool if row["id"] not in INVALID_IDS]
+    assert report["input_rows"] == 16 and report["kept_rows"] == 11 and report["removed_rows"] == 5
+    assert report["by_source"]["crowd"] == {
+        "input": 8, "kept": 6, "removed": {"invalid: rejected: identical to chosen": 1, "invalid: rejected: empty": 1}}
+    assert report["by_source"]["synthetic"]["kept"] == 0
+    assert report["by_source"]["synthetic"]["removed"] == {
+        "invalid: rejected: the conversation must end with an assistant turn": 1, "invalid: chosen: missing": 1,
+        "invalid: chosen[0].role: unknown role 'robot'; use one of ('system', 'user', 'assistant')": 1}
+
+
+def test_stages_that_need_valid_pairs_say_so(pool):
+    with pytest.raises(DataError, match=r"row 6, field 'rejected': identical to chosen .*run DropInvalid first"):
+        apply_step(Deduplicate(), pool, origin="pool.jsonl")
+
+
+# -- deduplication -------------------------------------------------------------------------------------
+
+def test_deduplicate_exact_and_whitespace(valid_pool):
+    kept, report = apply_step(Deduplicate(normalize_whitespace=True), valid_pool)
+    assert "exact-copy" not in ids(kept) and "spacing-copy" not in ids(kept)
+    assert ids(kept)[0] == "std-explicit"  # the first of the copies stays
+    assert report["removed_by_reason"] == {"exact duplicate": 1, "duplicate after whitespace normalisation": 1}
+    assert report["by_source"]["crowd"]["removed"] == report["removed_by_reason"]
+    assert report["details"]["examples"][0] == {"row": 4, "duplicate_of_row": 0, "reason": "exact duplicate"}
+
+    kept, report = apply_step(Deduplicate(normalize_whitespace=False), valid_pool)
+    assert "spacing-copy" in ids(kept) and "exact-copy" not in ids(kept)
+    assert report["removed_by_reason"] == {"exact duplicate": 1}
+
+
+# -- decontamination -----------------------------------------------------------------------------------
+
+def test_words_split_on_whitespace_and_strip_edge_punctuation():
+    assert words("WHAT, exactly, is 7+5-3? (Really.)") == ["what", "exactly", "is", "7+5-3", "really"]
+
+
+def test_ngram_index_on_hand_made_overlaps():
+    index = NgramIndex(["one two three four five six seven eight nine", "Compute 7+5-3."], n=8)
+    assert index.match("zero one two three four five six seven eight") == tuple(
+        "one two three four five six seven eight".split())
+    assert index.match("one two three four five six seven") is None  # 7 shared words: not more than 7
+    assert index.match("please Compute 7+5-3 now") == ("compute", "7+5-3")  # a whole short eval prompt
+    assert index.match("Compute 7+5-3+2.") is None  # another formula is another word
+    assert index.match("compute 5-3") is None
+    seven = NgramIndex(["one two three four five six seven eight nine"], n=7)
+    assert seven.match("one two three four five six seven") is not None
+    assert NgramIndex(["Compute 7+5-3."], n=8, match_short_prompts=False).match("Compute 7+5-3.") is None
+
+
+def test_decontaminate_against_an_eval_file(valid_pool):
+    kept, report = apply_step(Decontaminate(eval_files=[str(EVAL)], ngram=8), valid_pool)
+    removed = set(ids(valid_pool)) - set(ids(kept))
+    assert removed == {"shares-10-words", "wraps-short-eval", "case-and-punctuation"}
+    assert "shares-7-words" in ids(kept) and "similar-formula" in ids(kept)
+    assert report["removed_by_reason"] == {"prompt shares a run of 8 words with an evaluation prompt": 2,
+                                           "prompt contains a whole (short) evaluation prompt": 1}
+    assert report["by_source"]["forum"]["removed"] == {"prompt shares a run of 8 words with an evaluation prompt": 1,
+                                                       "prompt contains a whole (short) evaluation prompt": 1}
+    assert report["by_source"]["crowd"]["removed"] == {"prompt shares a run of 8 words with an evaluation prompt": 1}
+    # with 7-word runs the 7-word overlap goes too
+    kept, _ = apply_step(Decontaminate(eval_files=[str(EVAL)], ngram=7), valid_pool)
+    assert "shares-7-words" not in ids(kept)
+
+
+def test_decontaminate_bad_eval_sets(valid_pool, tmp_path):
+    with pytest.raises(DataError, match="curation_eval_empty.jsonl: the evaluation set is empty"):
+        apply_step(Decontaminate(eval_files=[str(FIXTURES / "curation_eval_empty.jsonl")]), valid_pool)
+    with pytest.raises(DataError, match="needs an evaluation set"):
+        apply_step(Decontaminate(), valid_pool)
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(json.dumps({"question": "no prompt here"}) + "\n")
+    with pytest.raises(DataError, match="row 0, field 'prompt': missing"):
+        apply_step(Decontaminate(eval_files=[str(bad)]), valid_pool)
+
+
+# -- consistency filter --------------------------------------------------------------------------------
+
+def scored(prompt, chosen, rejected, source, **extra):
+    return {"prompt": prompt, "chosen": "good answer", "rejected": "bad answer", "source": source,
+            "score_chosen": chosen, "score_rejected": rejected, **extra}
+
+
+def test_consistency_filter_keeps_only_correctly_ranked_pairs_of_the_named_sources():
+    rows = [scored("a", 2.0, 1.0, "crowd"), scored("b", 1.0, 1.0, "crowd"), scored("c", 0.0, 3.0, "crowd"),
+            scored("d", 0.0, 3.0, "trusted"), scored("e", 0.5, 0.4, "synthetic")]
+    kept, report = apply_step(ConsistencyFilter(sources=["crowd", "synthetic"]), rows)
+    assert [row["prompt"] for row in kept] == ["a", "d", "e"]  # a tie is wrong; trusted is not checked
+    assert report["by_source"]["crowd"]["removed"] == {
+        "ranked wrong by the reward model 'score' (chosen <= rejected)": 2}
+    assert report["details"]["model_accuracy_per_source"] == {"crowd": 1 / 3, "synthetic": 1.0}
+    kept, _ = apply_step(ConsistencyFilter(sources=None), rows)
+    assert [row["prompt"] for row in kept] == ["a", "e"]
+
+
+def test_consistency_filter_needs_scores():
+    rows = [{"prompt": "a", "chosen": "x", "rejected": "y", "source": "crowd", "judge_chosen": 2.0, "judge_rejected": 1.0},
+            {"prompt": "b", "chosen": "x", "rejected": "y", "source": "crowd"}]
+    with pytest.raises(DataError, match=r"row 1, field 'judge_chosen': expected a finite score, got None"):
+        apply_step(ConsistencyFilter(sources=["crowd"], score_prefix="judge"), rows, origin="scored.jsonl")
+
+
+# -- score-based selection -----------------------------------------------------------------------------
+
+def test_top_count_and_categories():
+    assert [top_count(10, 0.3), top_count(7, 0.3), top_count(11, 0.3), top_count(3, 0.1), top_count(5, 1.0)] == [3, 3, 4, 1, 5]
+    assert classify_prompt("Compute 7+5-3.") == "math"
+    assert classify_prompt("Solve x^2 = 4 for x.") == "math"
+    assert classify_prompt("Write a Python function that sorts a list.") == "code"
+    assert classify_prompt("Fix this: ```x = 1 + 2```") == "code"
+    assert classify_prompt("Tell me a story about a dragon.") == "other"
+
+
+def selection_pool():
+    """10 math prompts with mean scores 1..10, 3 code prompts (means 1, 2, 3) and 10 other prompts (1..10);
+    each pair is chosen = mean + 1, rejected = mean - 1."""
+    rows = []
+    for value in range(1, 11):
+        rows.append(scored(f"Compute {value}+{value}.", value + 1.0, value - 1.0, "crowd"))
+        rows.append(scored(f"Tell me story number {value}.", value + 1.0, value - 1.0, "crowd"))
+    for value in range(1, 4):
+        rows.append(scored(f"Write a python script number {value}.", value + 1.0, value - 1.0, "crowd"))
+    return rows
+
+
+def test_select_by_score_keeps_the_top_fraction_per_category():
+    kept, report = apply_step(SelectByScore(), selection_pool())
+    prompts = {row["prompt"] for row in kept}
+    # math: ceil(0.3 x 10) = 3 -> means 10, 9, 8; other: ceil(0.1 x 10) = 1 -> 10; code: ceil(0.3 x 3) = 1 -> 3
+    assert prompts == {"Compute 10+10.", "Compute 9+9.", "Compute 8+8.", "Tell me story number 10.",
+                       "Write a python script number 3."}
+    details = report["details"]["categories"]
+    assert details["math"] == {"prompts": 10, "kept_prompts": 3, "fraction": 0.3, "lowest_kept_score": 8.0,
+                               "highest_removed_score": 7.0}
+    assert details["other"]["kept_prompts"] == 1 and details["code"]["kept_prompts"] == 1
+    assert report["removed_by_reason"] == {"prompt below the top 10% of category 'other' by mean score": 9,
+                                           "prompt below the top 30% of category 'math' by mean score": 7,
+                                           "prompt below the top 30% of category 'code' by mean score": 2}
+
+
+def test_select_by_score_source_offsets_break_ties_and_prompts_group_their_pairs():
+    rows = [scored("Compute 9+9.", 10.0, 8.0, "crowd"), scored("Compute 1+8.", 9.5, 8.5, "trusted")]
+    rows += [scored(f"Compute {value}+0.", 1.0, 0.0, "crowd") for value in range(8)]  # 10 math prompts in all
+    keep_one = {"math": 0.1}
+    kept, _ = apply_step(SelectByScore(fractions=keep_one), rows)
+    assert [row["prompt"] for row in kept] == ["Compute 9+9."]  # equal means (9.0): the first seen wins
+    kept, _ = apply_step(SelectByScore(fractions=keep_one, source_offsets={"crowd": -0.05}), rows)
+    assert [row["prompt"] for row in kept] == ["Compute 1+8."]  # 9.0 beats 8.95
+    # a prompt with two pairs is scored by the mean of its four responses: (4 + 0 + 10 + 2) / 4 = 4
+    grouped = [scored("Compute 5+5.", 4.0, 0.0, "crowd"), scored("Compute 5+5.", 10.0, 2.0, "crowd"),
+               scored("Compute 6+6.", 4.5, 3.0, "crowd")]
+    kept, report = apply_step(SelectByScore(fractions={"math": 0.5}), grouped)
+    assert [row["prompt"] for row in kept] == ["Compute 5+5.", "Compute 5+5."]
+    assert report["details"]["categories"]["math"]["lowest_kept_score"] == 4.0
+    assert report["details"]["categories"]["math"]["highest_removed_score"] == 3.75
+
+
+def test_select_by_score_category_column_and_bad_categories():
+    rows = [scored("p1", 1.0, 0.0, "crowd", category="chat"), scored("p2", 3.0, 0.0, "crowd", category="chat")]
+    kept, _ = apply_step(SelectByScore(fractions={"chat": 0.5}, category_field="category"), rows)
+    assert [row["prompt"] for row in kept] == ["p2"]
+    with pytest.raises(DataError, match=r"row 0, field 'category': category 'chat' has no fraction"):
+        apply_step(SelectByScore(category_field="category"), rows, origin="scored.jsonl")
+    with pytest.raises(DataError, match=r"field 'category': expected a category name, got None"):
+        apply_step(SelectByScore(fractions={"chat": 0.5}, category_field="category"),
+                   [scored("p3", 1.0, 0.0, "crowd")])
+    with pytest.raises(ValueError, match=r"fractions\['math'\] must be in \(0, 1\]"):
+        SelectByScore(fractions={"math": 1.5})
+
+
+# -- files, chaining, reports --------------------------------------------------------------------------
+
+def test_pipeline_writes_every_stage_and_a_report(tmp_path):
+    steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)])]
+    summary = run_pipeline(str(POOL), str(tmp_path / "out"), steps)
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == [
+        "01_drop_invalid.jsonl", "01_drop_invalid.report.json", "02_deduplicate.jsonl", "02_deduplicate.report.json",
+        "03_decontaminate.jsonl", "03_decontaminate.report.json", "curated.jsonl", "report.json"]
+    curated = read_rows(str(out / "curated.jsonl"))
+    assert ids(curated) == ["std-explicit", "conv-implicit", "std-implicit", "conv-explicit", "shares-7-words",
+                            "similar-formula"]
+    assert curated[1]["chosen"] == read_rows(str(POOL))[1]["chosen"]  # rows are written back unchanged
+    assert [step["removed_rows"] for step in summary["steps"]] == [5, 2, 3]
+    assert summary["input_rows"] == 16 and summary["output_rows"] == 6
+    assert summary["sources"] == {"crowd": {"input": 8, "output": 3}, "forum": {"input": 4, "output": 2},
+                                  "synthetic": {"input": 3, "output": 0}, "trusted": {"input": 1, "output": 1}}
+    assert json.loads((out / "report.json").read_text())["steps"][2]["step"] == "decontaminate"
+
+
+def test_one_step_on_parquet(tmp_path, valid_pool):
+    explicit = [row for row in valid_pool if isinstance(row.get("prompt"), str)]  # one shape per Parquet file
+    source = write_rows(tmp_path / "pool.parquet", explicit)
+    report = run_step(Deduplicate(), str(source), str(tmp_path / "dedup.parquet"))
+    kept = read_rows(str(tmp_path / "dedup.parquet"))
+    assert [row["id"] for row in kept] == [row["id"] for row in explicit if row["id"] not in ("exact-copy", "spacing-copy")]
+    assert report["removed_rows"] == 2 and kept[0] == explicit[0]
+    assert json.loads(Path(f"{tmp_path / 'dedup.parquet'}.report.json").read_text())["kept_rows"] == len(kept)
+    with pytest.raises(DataError, match="Parquet needs one type per column"):
+        write_rows(tmp_path / "mixed.parquet", valid_pool)
+
+
+def test_curated_data_module_trains_on_the_curated_rows(tmp_path):
+    data = CuratedPreferenceData(train_file=str(POOL), curation_dir=str(tmp_path / "cur"), tokenizer="tiny",
+                                 curation_steps=[DropInvalid(), Deduplicate()])
+    data.prepare_data()
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 9  # 16 rows - 5 invalid - 2 duplicates
+    report = data.data_report
+    assert report["curation"]["output_rows"] == 9 and report["rows"]["train"] == 9
+    assert [step["removed_rows"] for step in report["curation"]["steps"]] == [5, 2]
+
+
+# -- scores --------------------------------------------------------------------------------------------
+
+def test_score_shards_merge_and_report_unscored_rows(tmp_path, pool):
+    first, second = tmp_path / "s.rank0.jsonl", tmp_path / "s.rank1.jsonl"
+    first.write_text("[0, 1.5, 0.5]\n[2, 0.0, 1.0]\n")
+    second.write_text("[1, 2.0, 1.0]\n[0, 1.5, 0.5]\n")  # row 0 again: the distributed sampler's padding
+    scores = read_score_shards([first, second])
+    assert scores == {0: (1.5, 0.5), 1: (2.0, 1.0), 2: (0.0, 1.0)}
+    rows = pool[:3] + [pool[6]]  # three valid pairs and the identical one
+    merged, report = attach_scores(rows, scores, "pool.jsonl", "judge")
+    assert [row["judge_chosen"] for row in merged] == [1.5, 2.0, 0.0]
+    assert report["unscored_by_reason"] == {"invalid: rejected: identical to chosen": 1}
+    assert report["accuracy_on_labels"] == pytest.approx(2 / 3)
+    second.write_text("[0, 9.0, 0.5]\n")
+    with pytest.raises(DataError, match="row 0 was scored twice with different scores"):
+        read_score_shards([first, second])
+
+
+def test_scoring_predict_run_matches_direct_rewards(run_cli, tmp_path, pool):
+    """The predict stage scores every valid pair with the checkpoint's weights, sorted by length and merged
+    back by row id; invalid rows are reported, not scored."""
+    from datamodules.preference import PreferenceData
+    from modules.reward import RewardModel
+
+    torch.manual_seed(0)
+    model = RewardModel(model="tiny")
+    model.configure_model()
+    checkpoint = tmp_path / "rm.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"model": "tiny"}}, checkpoint)
+    output = tmp_path / "scored.jsonl"
+    run_cli("predict", "configs/curation/score.yaml", f"--model.init_args.checkpoint={checkpoint}",
+            f"--data.init_args.input_file={POOL}", f"--model.init_args.output_file={output}",
+            "--model.init_args.score_prefix=rm", "--data.init_args.eval_batch_size=4", name="score")
+    rows = read_rows(str(output))
+    report = json.loads(Path(f"{output}.report.json").read_text())
+    assert ids(rows) == [row["id"] for row in pool if row["id"] not in INVALID_IDS]
+    assert report["scored_rows"] == 11 and report["unscored_rows"] == 5
+    assert report["by_source"]["synthetic"]["unscored"]["invalid: chosen: missing"] == 1
+    assert not list(tmp_path.glob("scored.jsonl.rank*"))  # shards merged and removed
+
+    data = PreferenceData(tokenizer="tiny", max_length=512)
+    data.tokenizer = model.tokenizer
+    model.eval()
+    items = [data.encode(row, "test", "pool", index) for index, row in enumerate(rows)]
+    with torch.no_grad():
+        chosen, rejected = model.pair_rewards(data.collate(items))
+    torch.testing.assert_close(torch.tensor([row["rm_chosen"] for row in rows]), chosen, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([row["rm_rejected"] for row in rows]), rejected, rtol=1e-4, atol=1e-4)
+
+
+def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
+    from datamodules import curation
+    from modules import lm
+
+    monkeypatch.setattr(lm, "load_tokenizer", lambda *a, **k: pytest.fail("curation-only must not load a model"))
+    steps = ("[{class_path: datamodules.curation.DropInvalid}, {class_path: datamodules.curation.Deduplicate}, "
+             "{class_path: datamodules.curation.Decontaminate, init_args: {eval_files: [" + str(EVAL) + "]}}]")
+    summary = curation.main(["--config", str(ROOT / "configs/curation/clean.yaml"), f"--data.init_args.train_file={POOL}",
+                             f"--data.init_args.curation_dir={tmp_path / 'clean'}", f"--data.init_args.curation_steps={steps}"])
+    assert summary["output_rows"] == 6 and [step["step"] for step in summary["steps"]] == [
+        "drop_invalid", "deduplicate", "decontaminate"]
+    assert (tmp_path / "clean" / "curated.jsonl").exists()

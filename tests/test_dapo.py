@@ -1,0 +1,354 @@
+"""DAPO pieces in isolation: golden values of the losses, metrics and advantages (expected numbers worked
+out by hand in the comments), step splitting, the balanced selection, the state-wise sampler under two
+simulated DDP ranks, the generation engine against HF ``generate``, the writer's shards, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from datamodules.common import DataError
+from datamodules.dapo_data import (
+    ActorData,
+    DAPOProblems,
+    StateBatchSampler,
+    _StateBatches,
+    balanced_keep,
+    first_step,
+    read_rollouts,
+    split_steps,
+    state_action_tokens,
+    state_prefixes,
+)
+from modules.dapo import (
+    RolloutEngine,
+    critic_loss,
+    dapo_actor_loss,
+    expected_calibration_error,
+    sibling_advantages,
+    weighted_auroc,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# Golden values
+
+
+def test_critic_loss_is_bce_on_soft_targets():
+    # z = 0 -> V = 0.5: -(0.25 ln 0.5 + 0.75 ln 0.5) = ln 2 = 0.6931472
+    # z = ln 3 -> V = 0.75, target 1: -ln 0.75 = 0.2876821
+    logits = torch.tensor([0.0, math.log(3.0)])
+    loss, metrics = critic_loss(logits, torch.tensor([0.25, 1.0]))
+    assert loss.item() == pytest.approx((0.6931472 + 0.2876821) / 2, abs=1e-6)
+    assert metrics["mae"].item() == pytest.approx(0.25, abs=1e-6)  # |0.5-0.25|, |0.75-1|
+    assert metrics["value_mean"].item() == pytest.approx(0.625, abs=1e-6)
+
+
+def test_critic_loss_is_minimal_at_the_target_not_at_rounding():
+    # soft targets: the best prediction for MC = 0.25 is V = 0.25, not 0
+    target = torch.tensor([0.25])
+    losses = {v: critic_loss(torch.logit(torch.tensor([v])), target)[0].item() for v in (0.05, 0.25, 0.5)}
+    assert losses[0.25] < losses[0.05] and losses[0.25] < losses[0.5]
+
+
+def test_actor_loss_eq12_golden():
+    # log-ratios 0.5, 0, -1; targets A/beta = 1, -1, 2; residuals -0.5, 1, -3; 1/2 r^2 = 0.125, 0.5, 4.5
+    # state 0 = mean(0.125, 0.5) = 0.3125, state 1 = 4.5; loss = mean over states = 2.40625
+    loss, metrics = dapo_actor_loss(policy_logps=torch.tensor([-1.0, -2.0, -3.0]),
+                                    ref_logps=torch.tensor([-1.5, -2.0, -2.0]),
+                                    advantages=torch.tensor([0.1, -0.1, 0.2]),
+                                    state_index=torch.tensor([0, 0, 1]), beta=0.1)
+    assert loss.item() == pytest.approx(2.40625, abs=1e-6)
+    assert metrics["sign_accuracy"].item() == pytest.approx(1 / 3, abs=1e-6)  # +/+ agrees; 0 vs -, - vs + do not
+    assert metrics["log_ratio_mean"].item() == pytest.approx(-1 / 6, abs=1e-6)
+    assert metrics["target_abs_mean"].item() == pytest.approx(4 / 3, abs=1e-6)
+
+
+def test_actor_loss_weights_states_equally_and_candidates_uniformly():
+    # state 0 has 3 candidates with residual 1 each (1/2 each), state 1 one candidate with residual 3 (4.5):
+    # per-state means 0.5 and 4.5 -> 2.5; a plain mean over the 4 rows would give (1.5 + 4.5) / 4 = 1.5
+    advantages = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    policy = torch.tensor([1.0, -1.0, 1.0, 3.0])
+    loss, _ = dapo_actor_loss(policy, torch.zeros(4), advantages, torch.tensor([0, 0, 0, 1]), beta=0.01)
+    assert loss.item() == pytest.approx(2.5, abs=1e-6)
+
+
+def test_actor_loss_gradient_pushes_the_log_ratio_towards_advantage_over_beta():
+    policy = torch.tensor([-2.0, -2.0], requires_grad=True)
+    loss, _ = dapo_actor_loss(policy, torch.tensor([-2.0, -2.0]), torch.tensor([0.5, -0.5]), torch.tensor([0, 0]), 0.01)
+    loss.backward()
+    # dL/dlogpi_i = (1/M)(r_i - A_i/beta) = 0.5 * (0 - 50), 0.5 * (0 + 50)
+    assert policy.grad.tolist() == pytest.approx([-25.0, 25.0])
+
+
+def test_sibling_mean_advantages_and_gap():
+    # state 0: Q = 1, 0, 0.5 -> mean 0.5 -> A = 0.5, -0.5, 0; gap 1
+    # state 1: Q = 0.2, 0.4 -> mean 0.3 -> A = -0.1, 0.1; gap 0.2
+    advantages, gaps = sibling_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2, 0.4]), torch.tensor([0, 0, 0, 1, 1]))
+    assert advantages.tolist() == pytest.approx([0.5, -0.5, 0.0, -0.1, 0.1])
+    assert gaps.tolist() == pytest.approx([1.0, 0.2])
+    # a single candidate has advantage 0 and gap 0 (such a state is dropped by the 0.1 filter)
+    advantages, gaps = sibling_advantages(torch.tensor([0.7]), torch.tensor([0]))
+    assert advantages.tolist() == [0.0] and gaps.tolist() == [0.0]
+
+
+def test_weighted_auroc_golden():
+    # scores 0.1 (0 pos, 2 neg), 0.5 (1 pos, 1 neg), 0.9 (2 pos, 0 neg); P = N = 3
+    # wins: pos@0.5 > neg@0.1: 1*2; tie pos@0.5 ~ neg@0.5: 0.5*1*1; pos@0.9 > all 3 negs: 2*3 -> 8.5 / 9
+    auroc = weighted_auroc(torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([2.0, 1.0, 0.0]))
+    assert auroc == pytest.approx(8.5 / 9)
+    # equal scores everywhere: chance
+    assert weighted_auroc(torch.tensor([0.3, 0.3]), torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])) == 0.5
+    assert math.isnan(weighted_auroc(torch.tensor([0.3]), torch.tensor([0.0]), torch.tensor([4.0])))
+
+
+def test_expected_calibration_error_golden():
+    # 10 bins: 0.05 -> bin 0 (target 0), 0.15 -> bin 1 (target 0.5), 0.95 -> bin 9 (target 1)
+    # (0.05 + 0.35 + 0.05) / 3 = 0.15
+    ece = expected_calibration_error(torch.tensor([0.05, 0.15, 0.95]), torch.tensor([0.0, 0.5, 1.0]), 10)
+    assert ece == pytest.approx(0.15)
+    # two states in bin 2: |mean value - mean target| = |0.25 - 0.25| = 0, although each is off by 0.08
+    assert expected_calibration_error(torch.tensor([0.21, 0.29]), torch.tensor([0.29, 0.21])) == pytest.approx(0.0, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps
+
+
+@pytest.mark.parametrize("text, steps", [
+    ("7+5=12\n12-3=9\nAnswer: 9", ["7+5=12\n", "12-3=9\n", "Answer: 9"]),
+    ("7+5=12\n\n12-3=9\n", ["7+5=12\n", "\n12-3=9\n"]),           # a blank line joins the next step
+    ("\n\n7+5=12\nAnswer: 12\n\n", ["\n\n7+5=12\n", "Answer: 12\n\n"]),  # leading / trailing blank lines
+    ("7+5=12\n12-3=", ["7+5=12\n", "12-3="]),                     # no final answer: split all the same
+    ("   \n\n", ["   \n\n"]),                                       # only blank lines: one step
+    ("", []),
+])
+def test_split_steps(text, steps):
+    assert split_steps(text) == steps
+    assert "".join(split_steps(text)) == text
+
+
+def test_over_long_steps_are_cut_and_still_concatenate():
+    text = "1+1=2\n" + "9" * 25 + "\nAnswer: 2"
+    steps = split_steps(text, max_step_chars=10)
+    assert steps == ["1+1=2\n", "9" * 10, "9" * 10, "99999\n", "Answer: 2"]
+    assert "".join(steps) == text
+    assert all(len(step) <= 10 for step in steps)
+    assert first_step("9" * 25, 10) == "9" * 10
+
+
+def test_state_prefixes_are_the_non_terminal_states():
+    steps = split_steps("a\nb\nAnswer: 3")
+    assert state_prefixes(steps) == ["", "a\n", "a\nb\n"]
+
+
+@pytest.mark.parametrize("rewards, n, kept", [
+    ([1, 1, 1, 0, 0, 0, 0], 4, [0, 1, 3, 4]),   # 2 correct + 2 wrong
+    ([1, 0, 0, 0, 0], 4, [0, 1, 2, 3]),          # 1 correct, wrong ones fill up
+    ([1, 1, 1, 1, 0], 4, [0, 1, 2, 4]),          # 1 wrong, correct ones fill up
+    ([1, 1, 1], 2, [0, 1]),
+    ([0, 0], 6, [0, 1]),                          # fewer than n: keep all
+])
+def test_balanced_keep(rewards, n, kept):
+    assert balanced_keep(rewards, n) == kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# State-wise batches under two simulated DDP ranks
+
+
+def advantage_rows(sizes: list[int]) -> list[dict]:
+    rows = []
+    for s, size in enumerate(sizes):
+        rows.append({"state_id": f"p{s}/0", "problem_id": f"p{s}", "prompt_text": "<|user|>Q<|end|><|assistant|>",
+                     "prefix": "1+1=2\n" * (s % 2), "gap": 0.5, "kept": True,
+                     "candidates": [{"action": f"{s}+{c}={s + c}\n", "terminal": False, "advantage": 0.1 * c - 0.05,
+                                     "ref_logprob": -1.0 - c} for c in range(size)]})
+    return rows
+
+
+@pytest.mark.parametrize("num_states", [12, 11])
+def test_state_batch_sampler_two_ranks_disjoint_and_complete(num_states):
+    samplers = [StateBatchSampler(num_states, 2, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        batches = [list(sampler) for sampler in samplers]
+        assert len(batches[0]) == len(batches[1]) == len(samplers[0])  # same number of steps on both ranks
+        seen = [[i for batch in rank_batches for i in batch] for rank_batches in batches]
+        assert set(seen[0]) | set(seen[1]) == set(range(num_states))
+        if num_states % 4 == 0:  # divisible: no padding, disjoint
+            assert not set(seen[0]) & set(seen[1])
+            assert len(seen[0]) + len(seen[1]) == num_states
+    # the order changes with the epoch
+    a = StateBatchSampler(num_states, 2, 2, 0, seed=3)
+    b = StateBatchSampler(num_states, 2, 2, 0, seed=3)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_actor_batches_keep_every_state_whole_on_each_rank(tmp_path):
+    from modules.lm import load_tokenizer
+
+    sizes = [2, 3, 5, 2, 4, 3, 2, 6]
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in advantage_rows(sizes)))
+    data = ActorData(str(path), val_fraction=0.0, batch_size=3)
+    data.tokenizer = load_tokenizer("tiny")
+    data.setup("fit")
+    states = data.datasets["train"]
+    covered = []
+    for rank in (0, 1):
+        sampler = StateBatchSampler(len(states), 3, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        for indices, batch in zip(sampler, _StateBatches(states, sampler, data.collate)):
+            counts = torch.bincount(batch["state_index"]).tolist()
+            assert counts == [len(states[i]["candidates"]) for i in indices]  # every candidate of every state
+            covered.append((rank, indices))
+    by_rank = [{i for r, idx in covered if r == rank for i in idx} for rank in (0, 1)]
+    assert by_rank[0] | by_rank[1] == set(range(len(sizes)))
+
+
+def test_actor_labels_mark_exactly_the_action_tokens():
+    from modules.lm import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    ids, labels = state_action_tokens(tokenizer, "<|user|>Q<|end|><|assistant|>", "1+1=2\n", "Answer: 2", True, 512)
+    action = [t for t in labels if t != -100]
+    assert tokenizer.decode(action) == "Answer: 2<|end|>"  # a terminal action includes ending the response
+    assert ids[-len(action):] == action
+    # left truncation keeps the action
+    ids, labels = state_action_tokens(tokenizer, "<|user|>Q<|end|><|assistant|>", "1+1=2\n", "Answer: 2", False, 12)
+    assert len(ids) == 12 and sum(t != -100 for t in labels) == 9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data files: errors name the file, row and field
+
+
+def test_bad_rollout_row_names_file_row_and_field(tmp_path):
+    good = {"problem_id": "a", "prompt_text": "Q", "states": [
+        {"prefix": "", "mc_value": 0.5, "num_completions": 2, "num_correct": 1,
+         "candidates": [{"action": "x\n", "terminal": False, "count": 2, "num_correct": 1}]}]}
+    bad = json.loads(json.dumps(good))
+    del bad["states"][0]["mc_value"]
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"rollouts.jsonl: row 1, field 'states\[0\].mc_value': missing"):
+        read_rollouts(path)
+    bad = json.loads(json.dumps(good))
+    bad["states"][0]["candidates"][0]["terminal"] = "yes"
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"row 0, field 'states\[0\].candidates\[0\].terminal': expected bool"):
+        read_rollouts(path)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_rollouts(path)
+
+
+def test_actor_data_rejects_a_missing_reference_logprob(tmp_path):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([2, 2])
+    rows[1]["candidates"][1]["ref_logprob"] = None
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = ActorData(str(path), val_fraction=0.0)
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match=r"row 1, field 'candidates\[1\].ref_logprob': expected a finite number"):
+        data.setup("fit")
+
+
+def test_actor_data_counts_the_states_it_drops(tmp_path):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([2, 3, 1])
+    rows[0]["gap"], rows[0]["kept"] = 0.05, False
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = ActorData(str(path), val_fraction=0.0)
+    data.tokenizer = load_tokenizer("tiny")
+    data.setup("fit")
+    assert data.report.rows["train"] == 1
+    assert data.report.dropped["train"] == {"advantage gap below 0.1": 1, "fewer than 2 candidates": 1}
+
+
+def test_problems_hold_out_exactly_the_sft_test_split():
+    from datamodules.sft_data import SFTData
+    from modules.lm import load_tokenizer
+
+    problems, sft = DAPOProblems(rollout_size=50), SFTData(train_size=6000)  # the sizes of configs/sft
+    sft_rows = {split: {row["prompt"] for row in sft.embedded_rows(split)} for split in ("train", "val", "test")}
+    test = [row["prompt"] for row in problems.embedded_rows("test")]
+    rollout = {row["prompt"] for row in problems.embedded_rows("predict")}
+    assert set(test) == sft_rows["test"] and len(test) == 500
+    assert len(rollout) == 50 and not rollout & (sft_rows["train"] | sft_rows["val"] | sft_rows["test"])
+    problems.tokenizer = load_tokenizer("tiny")
+    item = problems.encode(problems.embedded_rows("test")[0], "test", "embedded", 0)
+    assert item["prompt_text"].startswith("<|user|>Compute ") and item["prompt_text"].endswith("<|assistant|>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generation engine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from modules import lm
+
+    torch.manual_seed(0)
+    return lm.load_model("tiny").eval(), lm.load_tokenizer("tiny")
+
+
+def test_engine_greedy_matches_hf_generate_with_left_padding(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in ("<|user|>Compute 1+2.<|end|><|assistant|>", "ab", "<|user|>Compute 17+25-3+8.<|end|><|assistant|>")]
+    engine = RolloutEngine(model, tokenizer, max_batch_sequences=8)
+    outputs = engine.generate(prompts, [1, 3, 2], max_new_tokens=10, temperature=0.0)
+    assert [len(o) for o in outputs] == [1, 3, 2]
+    with torch.no_grad():
+        for prompt, generations in zip(prompts, outputs):
+            reference = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            expected = reference[0, len(prompt):].tolist()
+            if tokenizer.eos_token_id in expected:
+                expected = expected[:expected.index(tokenizer.eos_token_id)]
+            for generation in generations:  # the expanded cache gives every sample the same greedy path
+                assert generation.token_ids == expected
+                assert generation.finished == (len(expected) < 10)
+
+
+def test_engine_sampling_is_seeded_and_chunks_large_requests(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer("<|user|>Hi<|end|><|assistant|>", add_special_tokens=False)["input_ids"], [5, 6, 7]]
+    engine = RolloutEngine(model, tokenizer, max_batch_sequences=4)  # 7 samples -> chunks of at most 4 rows
+    draw = lambda seed: engine.generate(prompts, [5, 2], 6, temperature=1.0,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(seed))
+    first, again, other = draw(1), draw(1), draw(2)
+    assert [len(x) for x in first] == [5, 2]
+    tokens = lambda out: [g.token_ids for gens in out for g in gens]  # noqa: E731
+    assert tokens(first) == tokens(again) and tokens(first) != tokens(other)
+    for generation in (g for gens in first for g in gens):
+        assert generation.finished or len(generation.token_ids) == 6
+        assert tokenizer.eos_token_id not in generation.token_ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sharded writer
+
+
+def test_writer_merges_shards_skips_done_keys_and_ignores_a_cut_line(tmp_path):
+    from callbacks.rollout_writer import ShardedJsonlWriter, _drop_partial_tail
+
+    writer = ShardedJsonlWriter(str(tmp_path / "rollouts.jsonl"))
+    writer.shard_dir.mkdir()
+    writer.shard_path(0).write_text('{"problem_id": "b", "v": 1}\n{"problem_id": "a", "v": 2}\n{"problem_id": "c", "v"')
+    writer.shard_path(1).write_text('{"problem_id": "d", "v": 3}\n{"problem_id": "a", "v": 4}\n')
+    assert writer.done_keys() == {"a", "b", "d"}  # the cut row "c" is not done
+    _drop_partial_tail(writer.shard_path(0))
+    assert writer.shard_path(0).read_text().endswith('"v": 2}\n')
+    merged = [json.loads(line) for line in writer.merge().read_text().splitlines()]
+    assert [row["problem_id"] for row in merged] == ["a", "b", "d"]
+    assert merged[0]["v"] == 2  # one row per key

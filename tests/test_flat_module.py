@@ -1,0 +1,166 @@
+"""The FLAT unlearner LightningModule on the tiny preset: unlearning moves P_f down and P_e up, every loss
+trains, the frozen reference of NPO/DPO, logging, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.tofu import TofuQAData
+from modules.flat import LOSSES, FlatUnlearner
+
+SMALL = dict(n_authors=4, qa_per_author=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model gains nothing from more threads and stalls when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unlearn_data():
+    data = TofuQAData(task="unlearn", batch_size=3, eval_batch_size=8, **SMALL)
+    data.setup("fit")
+    return data
+
+
+def make_module(state=None, **kwargs) -> FlatUnlearner:
+    torch.manual_seed(0)
+    module = FlatUnlearner(model="tiny", **kwargs)
+    module.configure_model()
+    if state is not None:
+        module.model.load_state_dict(state)
+    return module
+
+
+@pytest.fixture(scope="module")
+def memorised(unlearn_data):
+    """Weights of the tiny preset after it has learned the forget answers (P_f well above chance)."""
+    module = make_module(loss="idk")
+    batch = next(iter(unlearn_data.reference_dataloader()))
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-2)
+    module.model.train()
+    for _ in range(60):
+        stats = module.score_parts(module.model, batch, ("forget",))
+        loss = -stats["forget"]["mean_logp"].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def probabilities(module: FlatUnlearner, batch) -> tuple[float, float]:
+    with torch.no_grad():
+        stats = module.score_parts(module.model, batch, ("forget", "template"))
+    return stats["template"]["p"].mean().item(), stats["forget"]["p"].mean().item()
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js", "pearson", "tv"])
+def test_a_few_flat_steps_lower_p_forget_and_raise_p_template(unlearn_data, memorised, divergence):
+    module = make_module(memorised, loss="flat", divergence=divergence)
+    batch = next(iter(unlearn_data.reference_dataloader()))  # every forget sample, fixed order
+    p_e0, p_f0 = probabilities(module, batch)
+    assert p_f0 > 2 * p_e0  # the forget answers were learned, the refusals not
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
+    module.model.train()
+    for _ in range(4):
+        loss, metrics = module.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.model.eval()
+    p_e, p_f = probabilities(module, batch)
+    assert p_f < p_f0 and p_e > p_e0, (divergence, p_e0, p_e, p_f0, p_f)
+    assert {"p_template", "p_forget", "weight_template", "weight_forget"} <= set(metrics)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_every_parameter(unlearn_data, loss):
+    module = make_module(loss=loss, reference_mode="frozen")
+    batch = next(iter(unlearn_data.train_dataloader()))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    value, metrics = module.compute_loss(batch)
+    assert torch.isfinite(value)
+    value.backward()
+    torch.optim.SGD(module.model.parameters(), lr=1.0).step()
+    unchanged = [n for n, p in module.model.named_parameters() if torch.equal(before[n], p.detach())]
+    assert unchanged == []
+    assert {"p_template", "p_forget"} <= set(metrics)
+    if loss == "gd":
+        assert "retain_nll" in metrics
+
+
+def test_gradient_ascent_lowers_p_forget(unlearn_data, memorised):
+    module = make_module(memorised, loss="ga")
+    batch = next(iter(unlearn_data.reference_dataloader()))
+    _, p_f0 = probabilities(module, batch)
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss, _ = module.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert probabilities(module, batch)[1] < p_f0
+
+
+class _Trainer:
+    def __init__(self, datamodule):
+        self.datamodule = datamodule
+
+
+def test_precomputed_reference_equals_frozen_copy(unlearn_data, monkeypatch):
+    pre = make_module(loss="npo")
+    monkeypatch.setattr(FlatUnlearner, "trainer", property(lambda self: _Trainer(unlearn_data)))
+    pre.precompute_reference()
+    n = len(unlearn_data.datasets["train"])
+    assert pre.reference_logps["forget"].shape == (n,) and torch.isfinite(pre.reference_logps["forget"]).all()
+    frozen = make_module(loss="npo", reference_mode="frozen")
+    batch = next(iter(unlearn_data.train_dataloader()))
+    torch.testing.assert_close(pre.reference_for(batch)["forget"], frozen.reference_for(batch)["forget"],
+                               rtol=1e-5, atol=1e-4)
+    # at the start the model is its own reference: log-ratio 0, NPO loss = (2/beta) log 2
+    loss, metrics = pre.compute_loss(batch)
+    assert metrics["log_ratio"].abs().item() < 1e-3
+    assert loss.item() == pytest.approx(2 / 0.1 * 0.6931471805599453, rel=1e-3)
+    # the numbers travel with checkpoints, since a resumed model is no longer the reference
+    checkpoint: dict = {}
+    pre.on_save_checkpoint(checkpoint)
+    resumed = make_module(loss="npo")
+    resumed.on_load_checkpoint(checkpoint)
+    torch.testing.assert_close(resumed.reference_logps["forget"], pre.reference_logps["forget"])
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        FlatUnlearner(model="tiny", loss="graddiff")
+    with pytest.raises(ValueError, match="wrong sign"):
+        FlatUnlearner(model="tiny", divergence="reverse_kl")
+    with pytest.raises(ValueError, match="use_retain must be true"):
+        FlatUnlearner(model="tiny", loss="gd", use_retain=False)
+    with pytest.raises(ValueError, match="reference_mode"):
+        FlatUnlearner(model="tiny", loss="npo", reference_mode="lazy")
+
+
+def test_a_batch_without_retain_rows_is_a_clear_error(unlearn_data):
+    module = make_module(loss="gd")
+    batch = {k: v for k, v in next(iter(unlearn_data.train_dataloader())).items() if not k.startswith("retain_")}
+    with pytest.raises(ValueError, match=r"needs \['retain'\] rows"):
+        module.compute_loss(batch)
+
+
+def test_fit_logs_probabilities_and_weights(tmp_path):
+    import lightning.pytorch as pl
+
+    data = TofuQAData(task="unlearn", batch_size=2, **SMALL)
+    module = FlatUnlearner(model="tiny", loss="flat", divergence="js")
+    trainer = pl.Trainer(max_steps=2, logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    logged = set(trainer.callback_metrics)
+    assert {"train/p_template", "train/p_forget", "train/weight_template", "train/weight_forget",
+            "train/template_term", "train/forget_term", "train/loss"} <= logged
+    assert 0 < trainer.callback_metrics["train/p_forget"].item() < 1
