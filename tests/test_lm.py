@@ -25,12 +25,13 @@ def test_preset_reloads_like_a_hub_model(tmp_path):
         assert torch.equal(a, b)  # seeded: the same preset everywhere
 
 
-def test_distinct_pad_token_is_added_when_pad_equals_eos(tmp_path):
+def test_pad_equal_to_eos_is_replaced_by_a_distinct_pad_token():
     tokenizer = lm.build_byte_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     size = len(tokenizer)
     assert lm.ensure_distinct_pad_token(tokenizer) is False  # an existing <|pad|> token is reused
     assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == size
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def test_config_only_folder_gives_fresh_weights(tmp_path):
