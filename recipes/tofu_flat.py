@@ -244,7 +244,7 @@ class Recipe:
         return result
 
     def write(self, result: dict) -> None:
-        header = ["| model | Forget Quality | Model Utility | forget ROUGE-L | forget Prob | retain ROUGE-L | training s |",
+        header = ["| model | Forget Quality | Model Utility | forget ROUGE-L | forget Prob | retain ROUGE-L | stage s |",
                   "|---|---|---|---|---|---|---|"]
 
         def fmt(row: dict, last: str) -> str:
@@ -267,7 +267,7 @@ class Recipe:
                   f"Unlearned models are reported after their last epoch."]
         if result["utility_matched"]:
             lines += ["", "Best epoch per method with Model Utility >= 90% of the target's (selected on the "
-                          "evaluation itself):", "", header[0].replace("training s", "epoch"), header[1]]
+                          "evaluation itself):", "", header[0].replace("stage s", "epoch"), header[1]]
             for row in result["utility_matched"]:
                 lines.append(fmt(row, row["epoch"]) if row["epoch"] else f"| {row['model']} | no epoch kept 90% "
                                                                          f"of the utility | | | | | |")
