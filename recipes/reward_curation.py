@@ -196,7 +196,10 @@ def markdown(results: dict[str, Any]) -> str:
              f"total {results['seconds']:.0f} s.", "", "## Held-out evaluation (RewardBench-shaped, strict accuracy)", "",
              "| training data | pairs | accuracy | " + " | ".join(categories) + " | overall (mean of categories) |",
              "|---|---|---|" + "---|" * len(categories) + "---|"]
-    for name, run in (("raw pool", raw), ("curated", curated)):
+    arms = [("raw pool", raw), ("curated", curated)]
+    if "curated_without_selection" in results["runs"]:
+        arms.append(("curated without score selection (ablation)", results["runs"]["curated_without_selection"]))
+    for name, run in arms:
         lines.append(f"| {name} | {run['train_pairs']} | {run['accuracy']:.3f} | "
                      + " | ".join(f"{run['categories'].get(c, float('nan')):.3f}" for c in categories)
                      + f" | {run['overall']:.3f} |")
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped")
     parser.add_argument("--math-fraction", type=float, default=0.3, help="top fraction of math prompts kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablation-no-selection", action="store_true",
+                        help="also train on the pool curated without the score-based selection step")
     args = parser.parse_args(argv)
 
     from datamodules.curation import report_table, run_pipeline, write_json, write_rows
@@ -246,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(report_table(curation))
     runs["raw"] = fit_and_test(out, "raw", pool_file, eval_file, args)
     runs["curated"] = fit_and_test(out, "curated", Path(curation["output_file"]), eval_file, args)
+    if args.ablation_no_selection:
+        before_selection = Path(curation["steps"][-2]["output_file"])
+        runs["curated_without_selection"] = fit_and_test(out, "curated_without_selection", before_selection,
+                                                         eval_file, args)
 
     results = {
         "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "composition": data["composition"],
