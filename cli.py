@@ -2,7 +2,8 @@
 
 Every LightningModule in ``modules`` and LightningDataModule in ``datamodules`` is selectable by its short
 class name (``model: {class_path: RewardModel, init_args: {...}}``). One extra command exports a trained
-checkpoint as a Hugging Face folder: ``python cli.py export CKPT OUT_DIR``.
+checkpoint as a Hugging Face folder: ``python cli.py export CKPT OUT_DIR``; another builds the embedded
+presets ahead of time (``setup.sh`` runs it, as one would download a base model): ``python cli.py presets``.
 """
 
 from __future__ import annotations
@@ -67,9 +68,22 @@ def export_main(argv: list[str]) -> None:
     print(f"exported {argv[0]} -> {out}")
 
 
+def presets_main(argv: list[str]) -> None:
+    from modules.lm import PRESETS, TRAINED_PRESETS, presets_root, resolve_model_path
+
+    known = [*PRESETS, *TRAINED_PRESETS]
+    unknown = [name for name in argv if name not in known]
+    if unknown:
+        sys.exit(f"unknown preset(s) {unknown}; choose from {known}")
+    for name in argv or known:
+        ready = (presets_root() / name / "config.json").exists()
+        print(f"preset {name}: {resolve_model_path(name)}" + (" (already built)" if ready else " (built)"), flush=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "export":
-        export_main(sys.argv[2:])
+    commands = {"export": export_main, "presets": presets_main}
+    if len(sys.argv) > 1 and sys.argv[1] in commands:
+        commands[sys.argv[1]](sys.argv[2:])
         sys.exit(0)
     try:
         main()

@@ -16,4 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" -e ".[dev]"
+# The embedded presets, built once like a base-model download (tiny-sft: ~2.5 min of SFT on a 2-core CPU);
+# jobs that need one also build it on first use.
+.venv/bin/python cli.py presets
 echo "setup done: activate with 'source .venv/bin/activate'"

@@ -53,3 +53,25 @@ def test_trained_preset_builder_writes_a_loadable_sft_model(tmp_path):
     assert all(changed)
     assert AutoTokenizer.from_pretrained(path).chat_template == lm.CHAT_TEMPLATE
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically
+
+
+def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, lm.PRESETS_ROOT_ENV: str(tmp_path)}
+    built = subprocess.run([sys.executable, "cli.py", "presets", "tiny"], cwd=repo, env=env, capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr
+    assert "(built)" in built.stdout
+    assert AutoTokenizer.from_pretrained(tmp_path / "tiny").chat_template == lm.CHAT_TEMPLATE
+    again = subprocess.run([sys.executable, "cli.py", "presets", "tiny"], cwd=repo, env=env, capture_output=True,
+                           text=True)
+    assert "(already built)" in again.stdout
+    unknown = subprocess.run([sys.executable, "cli.py", "presets", "tiny-xl"], cwd=repo, env=env,
+                             capture_output=True, text=True)
+    assert unknown.returncode != 0 and "unknown preset(s) ['tiny-xl']" in unknown.stderr
+    assert not (tmp_path / "tiny-xl").exists()
