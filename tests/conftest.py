@@ -25,6 +25,17 @@ def quiet_run_args(tmp_path: Path, name: str = "run") -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests: they gain nothing from more threads and stall when cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """``run_cli(subcommand, config, *overrides)`` runs cli.py in-process and returns the CLI object."""

@@ -23,13 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--data.init_args.n_authors=4", "--data.init_args.qa_per_author=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from more threads and stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
