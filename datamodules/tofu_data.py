@@ -563,6 +563,36 @@ def spans_to_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[Sequen
     return mask
 
 
+def question_variants(name: str) -> list[tuple[str, str, list[list[int]]]]:
+    """Every phrasing of every fact question about ``name``: (fact, question, name_spans). ECO's prompt
+    classifier trains on these (more ways of asking about an author than the QA rows hold)."""
+    first = name.split(" ", 1)[0]
+    out = []
+    for kind in _FACT_KINDS:
+        for template in kind.questions:
+            question, spans = _format_with_name(template, name, {"first": first})
+            out.append((kind.key, question, spans))
+    return out
+
+
+def decoy_names(data: TofuData, count: int, seed: int = 0) -> list[str]:
+    """``count`` author names drawn from the generator's pools that belong to no author of ``data``:
+    negatives that teach a classifier the forget names rather than "a question about some author"."""
+    taken = {author["name"] for author in data.authors}
+    rng = random.Random(f"tofu-decoys:{seed}")
+    out: list[str] = []
+    for _ in range(100 * max(count, 1)):
+        if len(out) == count:
+            break
+        name = f"{rng.choice(_FEMALE_FIRST + _MALE_FIRST)} {rng.choice(_SURNAMES)}"
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+    if len(out) < count:
+        raise ValueError(f"only {len(out)} unused names for {count} decoys")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Multiple choice (ECO's WMDP/MMLU-style evaluation on the embedded facts)
 

@@ -1,0 +1,225 @@
+"""Data for ECO: prompts for the forget-prompt classifier, and the forget set the corruption learner scores.
+
+Both build on ``TofuQAData`` (the same sources and generator arguments: the embedded TOFU-shaped data,
+``locuslab/TOFU`` by name or a folder of ``<config>.jsonl``).
+
+``EcoPromptData`` (for ``modules.eco.PromptClassifier``): one row per prompt text, ``label`` 1 for a
+prompt about a forget-split author, 0 otherwise. Positives: the forget split's questions; negatives: the
+retain split's and the general-knowledge questions. Each question also appears in its lettered
+multiple-choice form (what the multiple-choice evaluation sends). On the embedded data, every other way
+the generator can ask about an author (``tofu_data.question_variants``) is added, and questions about
+``decoy_authors`` names that exist nowhere in the data (negatives: "a question about some author" must not
+be enough to be flagged). Rows are split, per class and seeded, into train and validation
+(``val_fraction``); the test split is the TOFU evaluation prompts (forget / retain / real_authors /
+world_facts questions and their multiple-choice forms) with ``kind`` names, for FPR/FNR per split.
+``train_file``/``val_file``/``test_file`` (JSON/JSONL/Parquet with ``text``, ``label`` and optional
+``kind``) replace the generated rows; a bad row stops the run naming file, row and field.
+
+``EcoForgetData`` (for ``modules.eco.EcoCorruptionLearner``): every training batch is the whole forget
+set, ``{"qa": ..., "mc": ...}``: ``qa`` holds each forget question with its answer (role 0), paraphrased
+answer (role 1) and perturbed answers (role 2), ``mc`` the lettered multiple-choice sequences; both in the
+TOFU evaluator's scoring layout. ``steps_per_epoch`` copies per epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules import tofu_data as td
+from datamodules.common import DataError, pad_sequences, read_rows, row_error
+from datamodules.tofu import TofuQAData, encode_qa
+
+KINDS = ("forget", "retain", "general", "decoy")
+
+
+def mc_items(rows: list[dict[str, Any]], seed: int = 0, n_options: int = 4) -> list[dict[str, Any]]:
+    """``tofu_data.multiple_choice_items`` plus each row's answer sentence (for cloze scoring)."""
+    return [{**item, "answer": row["answer"]}
+            for item, row in zip(td.multiple_choice_items(rows, seed=seed, n_options=n_options), rows)]
+
+
+def validate_prompt_row(row: Any, source: str, index: int) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: row {index} is a {type(row).__name__}, expected an object")
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise row_error(source, index, "text", "missing or empty (the prompt to classify)")
+    label = row.get("label")
+    if label not in (0, 1) or isinstance(label, bool):
+        raise row_error(source, index, "label", f"expected 0 or 1, got {label!r}")
+    return {"text": text, "label": int(label), "kind": str(row.get("kind") or ("forget" if label else "other"))}
+
+
+class EcoPromptData(TofuQAData):
+    def __init__(self, val_fraction: float = 0.2, decoy_authors: int = 40, include_variants: bool = True,
+                 include_multiple_choice: bool = True, train_file: Optional[str] = None,
+                 val_file: Optional[str] = None, test_file: Optional[str] = None, **kwargs):
+        """Classifier prompts (see the module docstring). ``decoy_authors``/``include_variants`` apply to
+        the embedded data only. Other arguments: ``TofuQAData`` (``max_length`` caps a prompt's tokens)."""
+        kwargs.setdefault("batch_size", 32)
+        super().__init__(**kwargs)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction, self.decoy_authors = val_fraction, decoy_authors
+        self.include_variants, self.include_multiple_choice = include_variants, include_multiple_choice
+        self.prompt_files = {"train": train_file, "val": val_file, "test": test_file}
+        self.class_counts: Optional[list[int]] = None
+
+    # -- rows ------------------------------------------------------------------------------------------
+    def _with_mc(self, rows: list[dict[str, Any]], label: int, kind: str) -> list[dict[str, Any]]:
+        out = [{"text": row["question"], "label": label, "kind": kind} for row in rows]
+        if self.include_multiple_choice:
+            usable = [row for row in rows if len(set(row.get("perturbed_values", row.get("perturbed_answer") or []))) >= 3]
+            out += [{"text": item["prompt"], "label": label, "kind": f"{kind}_mc"}
+                    for item in mc_items(usable, seed=self.seed)]
+        return out
+
+    def labelled_rows(self) -> list[dict[str, Any]]:
+        """Every generated prompt with its label and kind, duplicates removed (first kind wins)."""
+        retain_split = td.RETAIN_OF_FORGET[self.forget_split]
+        rows = (self._with_mc(self.rows(self.forget_split), 1, "forget")
+                + self._with_mc(self.rows(retain_split), 0, "retain")
+                + self._with_mc(self.general_rows(), 0, "general"))
+        if self.is_embedded:
+            data = self.generated()
+            forget_ids = set(data.forget_authors[self.forget_split])
+            if self.include_variants:
+                for author in data.authors:
+                    label = int(author["author_id"] in forget_ids)
+                    rows += [{"text": q, "label": label, "kind": "forget" if label else "retain"}
+                             for _, q, _ in td.question_variants(author["name"])]
+            for name in td.decoy_names(data, self.decoy_authors, seed=self.seed):
+                rows += [{"text": q, "label": 0, "kind": "decoy"} for _, q, _ in td.question_variants(name)]
+        unique: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            unique.setdefault(row["text"], row)
+        return list(unique.values())
+
+    def split_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Seeded per-class split of ``labelled_rows`` into train and val."""
+        rng = random.Random(f"eco-prompts:{self.seed}")
+        splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+        for label in (0, 1):
+            group = [row for row in self.labelled_rows() if row["label"] == label]
+            rng.shuffle(group)
+            n_val = max(1, round(self.val_fraction * len(group))) if len(group) > 1 else 0
+            splits["val"] += group[:n_val]
+            splits["train"] += group[n_val:]
+        return splits
+
+    def evaluation_rows(self) -> list[dict[str, Any]]:
+        """The prompts the TOFU and multiple-choice evaluations send, labelled by split."""
+        out = []
+        for kind, rows in self.eval_sets().items():
+            out += self._with_mc(rows, int(kind == "forget"), kind)
+        return out
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _file_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+        path = self.prompt_files[split]
+        if not path:
+            return None
+        return [validate_prompt_row(row, path, i) for i, row in enumerate(read_rows(path))]
+
+    def _encode_prompts(self, split: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items = []
+        for row in rows:
+            ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_length:
+                ids = ids[:self.max_length]
+                self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
+            items.append({"input_ids": ids, "label": row["label"], "kind": row["kind"]})
+        if not items:
+            raise DataError(f"EcoPromptData: split {split!r} has no prompts")
+        self.report.rows[split] = len(items)
+        return items
+
+    def setup(self, stage: str) -> None:
+        self.resolve_tokenizer()
+        generated = None
+        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(stage, ()):
+            if split in self.datasets:
+                continue
+            rows = self._file_rows(split)
+            if rows is None:
+                if split == "test":
+                    rows = self.evaluation_rows()
+                else:
+                    generated = generated or self.split_rows()
+                    rows = generated[split]
+            self.datasets[split] = self._encode_prompts(split, rows)
+        if "train" in self.datasets:
+            labels = [item["label"] for item in self.datasets["train"]]
+            self.class_counts = [labels.count(0), labels.count(1)]
+            if 0 in self.class_counts:
+                raise DataError(f"EcoPromptData: the training prompts hold one class only (counts {self.class_counts})")
+        rank_zero_info(f"[EcoPromptData] rows {self.report.rows}, class counts (train) {self.class_counts}, "
+              f"truncated {self.report.truncated}")
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [item["input_ids"] for item in items]
+        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
+                "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0),
+                "labels": torch.tensor([item["label"] for item in items]),
+                "kind": [item["kind"] for item in items]}
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], self.batch_size, True, self.collate)
+
+    def val_dataloader(self):
+        return self._loader(self.datasets["val"], self.eval_batch_size, False, self.collate) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"], self.eval_batch_size, False, self.collate)
+
+
+class EcoForgetData(TofuQAData):
+    def __init__(self, steps_per_epoch: int = 1, n_options: int = 4, **kwargs):
+        """The forget set as one batch (see the module docstring). Other arguments: ``TofuQAData``."""
+        super().__init__(**kwargs)
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.steps_per_epoch, self.n_options = steps_per_epoch, n_options
+        self.batch: Optional[dict[str, Any]] = None
+
+    def forget_batch(self) -> dict[str, Any]:
+        from callbacks.eco_eval import encode_multiple_choice, score_batch
+
+        self.resolve_tokenizer()
+        rows = self.rows(f"{self.forget_split}_perturbed")
+        encoded, questions, roles, owners = [], [], [], []
+        for i, row in enumerate(rows):
+            answers = [(0, row["answer"]), (1, row["paraphrased_answer"])] + [(2, a) for a in row["perturbed_answer"]]
+            for role, answer in answers:
+                qa = encode_qa(self.tokenizer, row["question"], answer, self.max_length, self.use_chat_template,
+                               "error", f"{self.forget_split}_perturbed: row {i}")
+                encoded.append(qa)
+                questions.append(row["question"])
+                roles.append(role)
+                owners.append(i)
+        qa_batch = score_batch(encoded, questions, self.tokenizer.pad_token_id)
+        qa_batch.update(roles=torch.tensor(roles), rows=torch.tensor(owners))
+        mc = encode_multiple_choice(mc_items(rows, seed=self.seed, n_options=self.n_options), self.tokenizer,
+                                    "letter", self.max_length, self.use_chat_template)
+        mc_batch = score_batch(mc["encoded"], mc["questions"], self.tokenizer.pad_token_id)
+        mc_batch.update(rows=torch.tensor(mc["rows"]), options=torch.tensor(mc["options"]),
+                        answer_index=torch.tensor(mc["answer_index"]))
+        return {"qa": qa_batch, "mc": mc_batch}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.batch is None:
+            self.batch = self.forget_batch()
+            rank_zero_info(f"[EcoForgetData] {self.forget_split}: {int(self.batch['qa']['rows'].max()) + 1} questions, "
+                  f"{len(self.batch['qa']['questions'])} answer sequences, "
+                  f"{len(self.batch['mc']['questions'])} multiple-choice sequences")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([self.batch] * self.steps_per_epoch, batch_size=None, shuffle=False)
+
+    def val_dataloader(self):
+        return []

@@ -1,0 +1,412 @@
+"""ECO: corruption functions on known tensors, the prefill-only hook, bit-identical unflagged prompts,
+zeroth-order estimates on known functions, threshold calibration, settings round trip, and the two
+LightningModules run briefly through cli.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modules import eco
+
+# ----------------------------------------------------------------------------------------------------
+# Corruption functions
+
+
+def test_rand_noise_first_n_adds_seeded_noise_to_selected_first_dims_only():
+    embeds = torch.arange(24, dtype=torch.float32).reshape(1, 3, 8) / 10
+    select = torch.tensor([[False, True, True]])
+    out = eco.rand_noise_first_n(embeds, select, 2.0, dims=3, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn((1, 3, 3), generator=torch.Generator().manual_seed(7)) * 2.0
+    expected = embeds.clone()
+    expected[0, 1:, :3] += noise[0, 1:]
+    assert torch.equal(out, expected)
+    assert torch.equal(out[0, 0], embeds[0, 0])  # unselected token: bit-identical
+    assert torch.equal(out[0, :, 3:], embeds[0, :, 3:])  # dims beyond n untouched
+    # vector strength: one standard deviation per dimension; a zero leaves that dimension alone
+    out = eco.rand_noise_first_n(embeds, select, [1.0, 0.0, 3.0], dims=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out[0, 1:, 1], embeds[0, 1:, 1]) and not torch.equal(out[0, 1:, 2], embeds[0, 1:, 2])
+    with pytest.raises(ValueError, match="one per corrupted dimension"):
+        eco.rand_noise_first_n(embeds, select, [1.0, 2.0], dims=3)
+
+
+def test_rand_noise_first_n_has_the_requested_spread():
+    embeds = torch.zeros(1, 20_000, 2)
+    out = eco.rand_noise_first_n(embeds, torch.ones(1, 20_000, dtype=torch.bool), 0.5, dims=1,
+                                 generator=torch.Generator().manual_seed(0))
+    assert out[..., 0].std().item() == pytest.approx(0.5, rel=0.03)
+    assert out[..., 1].abs().max().item() == 0.0
+
+
+def test_rand_noise_rand_n_changes_exactly_n_dims_of_selected_tokens():
+    embeds = torch.ones(2, 4, 16)
+    select = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    out = eco.rand_noise_rand_n(embeds, select, 1.0, dims=3, generator=torch.Generator().manual_seed(3))
+    changed = (out != embeds).sum(-1)
+    assert changed.tolist() == [[3, 0, 3, 0], [0, 0, 0, 3]]
+
+
+def test_zero_out_and_flip_sign_top_k_by_magnitude():
+    embeds = torch.tensor([[[1.0, -5.0, 3.0, 0.5], [1.0, -5.0, 3.0, 0.5]]])
+    select = torch.tensor([[True, False]])
+    zeroed = eco.zero_out_top_k(embeds, select, dims=2)
+    assert zeroed[0, 0].tolist() == [1.0, 0.0, 0.0, 0.5]
+    assert torch.equal(zeroed[0, 1], embeds[0, 1])
+    flipped = eco.flip_sign_top_k(embeds, select, dims=2)
+    assert flipped[0, 0].tolist() == [1.0, 5.0, -3.0, 0.5]
+    assert torch.equal(flipped[0, 1], embeds[0, 1])
+
+
+def test_reverse_order_and_shuffle_permute_selected_tokens_only():
+    embeds = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1).repeat(1, 1, 2)
+    select = torch.tensor([[False, True, True, True, False, True]])
+    reversed_ = eco.reverse_order(embeds, select)
+    assert reversed_[0, :, 0].tolist() == [0, 5, 3, 2, 4, 1]
+    shuffled = eco.shuffle(embeds, select, generator=torch.Generator().manual_seed(0))
+    values = shuffled[0, :, 0].tolist()
+    assert values[0] == 0 and values[4] == 4
+    assert sorted(values[i] for i in (1, 2, 3, 5)) == [1, 2, 3, 5]
+    again = eco.shuffle(embeds, select, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled, again)  # seeded
+
+
+def test_all_but_last_on_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert eco.all_but_last(right).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert eco.all_but_last(left).int().tolist() == [[0, 0, 1, 0], [0, 1, 1, 0]]
+    assert eco.prompt_mask_right_padded(4, torch.tensor([2, 3])).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+
+
+def test_unknown_corruption_and_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown corruption"):
+        eco.EcoSettings(corruption="blur")
+    with pytest.raises(ValueError, match="entity_names"):
+        eco.EcoSettings(token_selection="entities")
+    with pytest.raises(ValueError, match="unknown ECO settings"):
+        eco.EcoSettings.from_dict({"strenght": 1.0})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier loss and thresholds
+
+
+def test_class_weights_and_weighted_cross_entropy_golden():
+    weights = eco.class_weights([30, 10])
+    assert weights.tolist() == pytest.approx([40 / 30, 4.0])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    logp = logits.numpy() - np.log(np.exp(logits.numpy()).sum(1, keepdims=True))
+    w = np.array([40 / 30, 4.0])[labels.numpy()]
+    expected = -(w * logp[np.arange(3), labels.numpy()]).sum() / w.sum()
+    assert eco.weighted_cross_entropy(logits, labels, weights).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="at least one training example"):
+        eco.class_weights([5, 0])
+
+
+def test_threshold_calibration_on_a_synthetic_score_distribution():
+    rng = np.random.default_rng(0)
+    negatives = rng.beta(2, 8, size=2000)  # non-forget prompts: low p(forget)
+    positives = rng.beta(8, 2, size=500)
+    for target in (0.01, 0.05, 0.2):
+        tau = eco.calibrate_threshold(negatives, target)
+        fpr = (negatives > tau).mean()
+        assert target - 1 / 2000 <= fpr <= target  # as many false positives as allowed, not more
+    assert (negatives > eco.calibrate_threshold(negatives, 0.0)).sum() == 0
+    scores = np.concatenate([negatives, positives])
+    labels = np.concatenate([np.zeros(2000), np.ones(500)])
+    tau = eco.best_threshold(scores, labels)
+    rates = eco.error_rates(scores, labels, tau)
+    # no other threshold has a lower FPR + FNR
+    grid = np.linspace(0, 1, 2001)
+    assert rates["fpr"] + rates["fnr"] <= min(sum(eco.error_rates(scores, labels, t)[k] for k in ("fpr", "fnr")) for t in grid) + 1e-12
+    separable = eco.best_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    assert 0.2 < separable < 0.8
+    with pytest.raises(ValueError, match="both classes"):
+        eco.best_threshold([0.1, 0.2], [0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Zeroth-order estimates
+
+
+def test_central_difference_is_exact_on_a_quadratic():
+    def f(s):
+        return (s - 3.0) ** 2
+
+    grad, upper, lower = eco.central_difference(f, 1.0, 0.5)
+    assert grad == pytest.approx(-4.0) and upper == f(1.5) and lower == f(0.5)
+    # at the boundary s - eps < s_min: the slope of the chord actually stepped (derivative at its midpoint)
+    grad, _, lower = eco.central_difference(f, 0.2, 0.5, min_strength=0.0)
+    assert lower == f(0.0) and grad == pytest.approx(2 * (0.35 - 3.0))
+    s = 0.5  # the update rule drives the strength to the minimum
+    for _ in range(50):
+        g, _, _ = eco.central_difference(f, s, 0.1)
+        s = max(1e-4, s - 0.25 * g)
+    assert s == pytest.approx(3.0, abs=1e-6)
+
+
+def test_random_direction_gradient_on_a_quadratic():
+    a, c = torch.tensor([1.0, 2.0, 0.5, 4.0], dtype=torch.float64), torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def f(v):
+        return float((a * (v - c) ** 2).sum())
+
+    s = torch.tensor([3.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    grad, _ = eco.random_direction_gradient(f, s, 0.1, directions=4, min_strength=-100.0,
+                                            generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(grad, 2 * a * (s - c), atol=1e-9)  # orthonormal basis: exact
+    # fewer directions: unbiased on average over seeds
+    estimates = torch.stack([eco.random_direction_gradient(f, s, 0.1, directions=1, min_strength=-100.0,
+                                                           generator=torch.Generator().manual_seed(k))[0] for k in range(4000)])
+    standard_error = estimates.std(0) / len(estimates) ** 0.5
+    assert ((estimates.mean(0) - 2 * a * (s - c)).abs() < 4 * standard_error).all()
+    units = eco.random_directions(4, 3, torch.Generator().manual_seed(1))
+    assert torch.allclose(units @ units.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hook and the wrapper on the tiny preset (random weights)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from modules.lm import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    torch.manual_seed(0)
+    model = load_model("tiny", tokenizer=tokenizer).eval()
+    return model, tokenizer
+
+
+def _prompts(tokenizer, questions):
+    from datamodules.common import pad_sequences
+    from datamodules.tofu import render_prompt
+
+    ids = [tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    return (pad_sequences(ids, tokenizer.pad_token_id, side="left"),
+            pad_sequences([[1] * len(x) for x in ids], 0, side="left"))
+
+
+def _score_batch(tokenizer, questions, answers):
+    from callbacks.eco_eval import score_batch
+    from datamodules.tofu import encode_qa
+
+    return score_batch([encode_qa(tokenizer, q, a, 256) for q, a in zip(questions, answers)], questions,
+                       tokenizer.pad_token_id)
+
+
+QUESTIONS = ["Where was Amara Voss born?", "What genre does Bram Okafor write?", "What is the capital of Peru?"]
+
+
+def test_hook_corrupts_selected_prefill_positions_of_flagged_rows_and_never_decode_steps(tiny):
+    model, tokenizer = tiny
+    wrapper = eco.EcoLM(model, tokenizer, eco.EcoSettings(strength=5.0, dims=8, gate="all"))
+    seen = []
+    recorder = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+    try:
+        input_ids, attention_mask = _prompts(tokenizer, QUESTIONS)
+        flags = torch.tensor([False, True, False])
+        wrapper.generate(input_ids, attention_mask, QUESTIONS, flags=flags, do_sample=False, max_new_tokens=6,
+                         min_new_tokens=6, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        recorder.remove()
+    assert wrapper.hook.corrupted_calls == 1
+    assert len(seen) >= 6  # prefill + decode steps
+    embedding = model.get_input_embeddings()
+    prefill_ids, prefill_out = seen[0]
+    clean = embedding.weight[prefill_ids]
+    changed = (prefill_out != clean).any(-1)
+    expected = eco.all_but_last(attention_mask) & flags.unsqueeze(1)
+    assert torch.equal(changed, expected)  # exactly the selected positions of the flagged row
+    assert (prefill_out[..., 8:] == clean[..., 8:]).all()  # only the first n dims
+    for ids, out in seen[1:]:  # decode steps: one new token each, never corrupted
+        assert ids.shape[1] == 1 and torch.equal(out, embedding.weight[ids])
+
+    # teacher-forced scoring: one forward over prompt + answer; only the flagged row's prompt (all but its
+    # last token) is corrupted, never an answer position
+    seen.clear()
+    recorder = embedding.register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+    try:
+        batch = _score_batch(tokenizer, QUESTIONS, ["She was born in Lisbon.", "He writes poetry.", "Lima"])
+        wrapper.score_tokens(batch, flags=flags)
+    finally:
+        recorder.remove()
+    (ids, out), = seen
+    changed = (out != embedding.weight[ids]).any(-1)
+    prompt = eco.prompt_mask_right_padded(ids.shape[1], batch["prompt_lengths"])
+    assert torch.equal(changed, eco.all_but_last(prompt) & flags.unsqueeze(1))
+    assert wrapper.hook.corrupted_calls == 2
+    wrapper.close()
+
+
+def test_unflagged_prompts_are_bit_identical_in_generation_and_scoring(tiny):
+    from callbacks.tofu_eval import HFEvalLM
+
+    model, tokenizer = tiny
+    wrapper = eco.EcoLM(model, tokenizer, eco.EcoSettings(strength=10.0, dims=64, gate="all"))
+    bare = HFEvalLM(model, tokenizer)
+    input_ids, attention_mask = _prompts(tokenizer, QUESTIONS)
+    flags = torch.tensor([True, False, False])
+    gen_kwargs = dict(do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    wrapped_out = wrapper.generate(input_ids, attention_mask, QUESTIONS, flags=flags, **gen_kwargs)
+    with torch.no_grad():
+        bare_out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+    assert torch.equal(wrapped_out[1:], bare_out[1:])
+
+    batch = _score_batch(tokenizer, QUESTIONS, ["She was born in Lisbon.", "He writes poetry.", "Lima"])
+    wrapped_logp = wrapper.score_tokens(batch, flags=flags)
+    bare_logp = bare.score_tokens(batch)
+    assert torch.equal(wrapped_logp[1:], bare_logp[1:])
+    assert not torch.equal(wrapped_logp[0], bare_logp[0])  # the flagged prompt did change
+    # answer tokens are never corrupted: the first answer position's input is the last prompt token, kept
+    # by all_but_last, so only the context (through attention) differs
+    none = eco.EcoLM(model, tokenizer, eco.EcoSettings(gate="none"))
+    calls = none.hook.corrupted_calls
+    assert torch.equal(none.score_tokens(batch), bare_logp) and none.hook.corrupted_calls == calls
+    wrapper.close()
+    none.close()
+
+
+def test_entity_selection_marks_the_name_tokens(tiny):
+    model, tokenizer = tiny
+    settings = eco.EcoSettings(token_selection="entities", entity_names=["Amara Voss"], gate="all", strength=1.0)
+    wrapper = eco.EcoLM(model, tokenizer, settings)
+    batch = _score_batch(tokenizer, QUESTIONS[:2], ["x", "y"])
+    prompt_mask = eco.prompt_mask_right_padded(batch["input_ids"].shape[1], batch["prompt_lengths"])
+    prompt_ids = [batch["input_ids"][b, :int(n)].tolist() for b, n in enumerate(batch["prompt_lengths"])]
+    select = wrapper.selection(prompt_mask, prompt_ids, QUESTIONS[:2], torch.tensor([True, True]))
+    assert tokenizer.decode(batch["input_ids"][0][select[0]]) == "Amara Voss"
+    assert select[0].sum().item() == len("Amara Voss")  # byte-level tokenizer: one token per character
+    assert not select[1].any()  # no entity in the second prompt
+    wrapper.close()
+
+
+def test_settings_and_classifier_round_trip(tiny, tmp_path):
+    from modules.lm import load_model, load_tokenizer
+
+    model, tokenizer = tiny
+    classifier_tokenizer = load_tokenizer("tiny")
+    torch.manual_seed(1)
+    classifier = load_model("tiny", kind="sequence_classification", num_labels=2, tokenizer=classifier_tokenizer)
+    gate = eco.PromptGate(classifier, classifier_tokenizer)
+    settings = eco.EcoSettings(corruption="rand_noise_first_n", strength=[0.5, 2.0], dims=2, threshold=0.37, seed=3,
+                               classifier_source="somewhere")
+    wrapper = eco.EcoLM(model, tokenizer, settings, gate)
+    folder = wrapper.save(tmp_path / "eco")
+    assert json.loads((folder / "eco.json").read_text())["strength"] == [0.5, 2.0]
+    loaded = eco.EcoLM.load(folder, model, tokenizer)
+    assert loaded.settings == settings
+    assert torch.equal(loaded.gate.probabilities(QUESTIONS), gate.probabilities(QUESTIONS))
+    assert torch.equal(loaded.flags(QUESTIONS), gate.probabilities(QUESTIONS) > 0.37)
+    batch = _score_batch(tokenizer, QUESTIONS, ["a", "b", "c"])
+    flags = torch.tensor([True, True, False])
+    assert torch.equal(loaded.score_tokens(batch, flags=flags), wrapper.score_tokens(batch, flags=flags))
+    with pytest.raises(FileNotFoundError, match="eco.json"):
+        eco.EcoLM.load(tmp_path, model, tokenizer)
+    wrapper.close()
+    loaded.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+class _PrefersLetterB:
+    """Scores 0 for the letter B as first answer token, -1 for every other token."""
+
+    def __init__(self, tokenizer):
+        self.b = tokenizer("B", add_special_tokens=False)["input_ids"][0]
+
+    def score_tokens(self, batch):
+        labels = batch["labels"][:, 1:]
+        return torch.where(labels == self.b, 0.0, -1.0) * (labels != -100)
+
+    def generate_answers(self, batch, max_new_tokens):
+        return [""] * len(batch["prompt_input_ids"])
+
+
+def test_multiple_choice_letter_scoring_picks_the_top_letter():
+    from callbacks.eco_eval import MultipleChoiceEvaluator
+    from datamodules.eco_data import mc_items
+    from datamodules.tofu_data import generate_tofu
+    from modules.lm import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    rows = generate_tofu(n_authors=4, qa_per_author=4).split("full")
+    items = mc_items(rows)
+    result = MultipleChoiceEvaluator(items, tokenizer, "letter").evaluate(_PrefersLetterB(tokenizer))
+    assert result["choices"] == [1] * len(items)
+    assert result["accuracy"] == pytest.approx(np.mean([item["answer_index"] == 1 for item in items]))
+    assert result["chance"] == 0.25
+    # cloze scoring writes each option into the answer sentence
+    sentence = MultipleChoiceEvaluator(items[:1], tokenizer, "option").encoded["encoded"]
+    decoded = [tokenizer.decode([t for t in s.labels if t != -100]) for s in sentence]
+    assert sum(items[0]["answer"] in text for text in decoded) == 1
+    assert all(option in text for option, text in zip(items[0]["options"], decoded))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and the two LightningModules through cli.py (short)
+
+
+def test_prompt_data_labels_and_splits():
+    from datamodules.eco_data import EcoPromptData
+
+    data = EcoPromptData(n_authors=8, qa_per_author=4, decoy_authors=5)
+    rows = data.labelled_rows()
+    generated = data.generated()
+    forget_names = [generated.authors[i]["name"] for i in generated.forget_authors["forget10"]]
+    for row in rows:
+        about_forget = any(name in row["text"] for name in forget_names)
+        assert row["label"] == int(about_forget), row
+    assert {"forget", "retain", "general", "decoy", "forget_mc"} <= {row["kind"] for row in rows}
+    splits = data.split_rows()
+    assert not {r["text"] for r in splits["train"]} & {r["text"] for r in splits["val"]}
+    assert {r["label"] for r in splits["val"]} == {0, 1}
+
+
+def test_prompt_file_with_a_bad_label_names_file_row_and_field(tmp_path):
+    from datamodules.common import DataError
+    from datamodules.eco_data import EcoPromptData
+    from modules.lm import load_tokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"text": "hello", "label": 0}\n{"text": "Where was X born?", "label": "yes"}\n')
+    data = EcoPromptData(train_file=str(path), val_file=str(path))
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 1, field 'label'"):
+        data.setup("fit")
+
+
+def test_classifier_fit_chooses_a_threshold_and_exports_it(run_cli, tmp_path):
+    run_cli("fit", "configs/eco/classifier.yaml", "--data.init_args.n_authors=8", "--data.init_args.qa_per_author=4",
+            "--data.init_args.decoy_authors=5", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+            "--model.init_args.target_fpr=0.1", name="cls")
+    export = tmp_path / "cls" / "export"
+    threshold = eco.classifier_threshold(export)
+    assert 0.0 <= threshold <= 1.0
+    gate = eco.PromptGate.load(export)
+    assert gate.probabilities(QUESTIONS).shape == (3,)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_learner_moves_the_strength_and_writes_settings(run_cli, tmp_path, vector):
+    settings_dir = tmp_path / "settings"
+    run_cli("fit", "configs/eco/learn.yaml", "--model.init_args.model=tiny", "--model.init_args.retain_eval=null",
+            f"--model.init_args.vector={vector}", "--model.init_args.directions=2",
+            "--model.init_args.metric=answer_prob", "--model.init_args.target=0.0", "--model.init_args.dims=16",
+            "--model.init_args.strength=0.1", "--model.init_args.lr=1.0", "--model.init_args.tolerance=0.0",
+            f"--model.init_args.settings_dir={settings_dir}", "--data.init_args.n_authors=6",
+            "--data.init_args.qa_per_author=3", "--data.init_args.steps_per_epoch=2", name="learn")
+    learning = json.loads((settings_dir / "learning.json").read_text())
+    history = learning["history"]
+    assert len(history) == 3 and history[1]["strength"] != history[0]["strength"]
+    assert learning["best_objective"] == pytest.approx(min(h["objective"] for h in history))
+    settings, gate = eco.load_settings(settings_dir)
+    assert gate is None and settings.gate == "all" and settings.dims == 16
+    assert isinstance(settings.strength, list) == vector and (not vector or len(settings.strength) == 16)
