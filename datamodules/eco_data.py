@@ -18,7 +18,8 @@ world_facts questions and their multiple-choice forms) with ``kind`` names, for 
 ``EcoForgetData`` (for ``modules.eco.EcoCorruptionLearner``): every training batch is the whole forget
 set, ``{"qa": ..., "mc": ...}``: ``qa`` holds each forget question with its answer (role 0), paraphrased
 answer (role 1) and perturbed answers (role 2), ``mc`` the lettered multiple-choice sequences; both in the
-TOFU evaluator's scoring layout. ``steps_per_epoch`` copies per epoch.
+TOFU evaluator's scoring layout. ``steps_per_epoch`` copies per epoch (default 1: one epoch = one learner
+step, so ``trainer.max_epochs`` and ``trainer.max_steps`` count the same thing).
 """
 
 from __future__ import annotations

@@ -16,11 +16,17 @@ language model changes; what is learned is a prompt classifier and the corruptio
    false-positive rate), FPR/FNR logged.
 5. ``EcoCorruptionLearner`` (LightningModule): learns the strength with forward passes only; objective =
    |metric of the corrupted model on the forget set - target| (the retain model's value, or chance accuracy
-   for multiple choice).
+   for multiple choice), or the KS distance between the corrupted model's forget truth ratios and the
+   retain model's (``truth_ratio_ks``: the distribution TOFU's forget quality tests).
+
+Random draws (the noise, ``rand_noise_rand_n``'s dimensions, ``shuffle``'s order) come from one generator
+per prompt, seeded by the settings' seed and the prompt's token ids: a prompt is corrupted the same way
+whatever batch it is in, so the learner's numbers are the evaluator's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,38 +64,77 @@ def _check_dims(dims: int, width: int) -> int:
     return int(dims)
 
 
-def _noise(shape, strength, generator, like: torch.Tensor) -> torch.Tensor:
-    noise = torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+Generators = Optional[torch.Generator | Sequence[torch.Generator]]
+
+
+def _row_generators(generator: Generators, rows: int) -> Optional[list[torch.Generator]]:
+    """The per-row generators, checked; None when ``generator`` is None or a single generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    generators = list(generator)
+    if len(generators) != rows:
+        raise ValueError(f"{len(generators)} per-row generators for a batch of {rows} rows")
+    if any(g.device.type != "cpu" for g in generators):
+        raise ValueError("per-row generators must be CPU generators (the noise is drawn on the CPU, then moved)")
+    return generators
+
+
+def _draw(tail: tuple[int, ...], select: torch.Tensor, generator: Generators, like: torch.Tensor,
+          sample: Callable[..., torch.Tensor] = torch.randn) -> torch.Tensor:
+    """(B, T, *tail) float32 random values. ``generator`` is None or one generator for the whole block, or
+    one CPU generator per row: row b then draws from its own generator for its selected positions only, in
+    position order (zeros elsewhere), so a row's values depend neither on its padding nor on the other rows
+    of the batch, nor on the device."""
+    rows, width = select.shape
+    generators = _row_generators(generator, rows)
+    if generators is None:
+        return sample((rows, width, *tail), generator=generator, device=like.device, dtype=torch.float32)
+    values = torch.zeros((rows, width, *tail), dtype=torch.float32)
+    for row, row_generator in enumerate(generators):
+        positions = torch.nonzero(select[row].cpu()).flatten()
+        values[row, positions] = sample((positions.numel(), *tail), generator=row_generator, dtype=torch.float32)
+    return values.to(like.device)
+
+
+def _noise(tail: tuple[int, ...], select: torch.Tensor, strength, generator: Generators, like: torch.Tensor) -> torch.Tensor:
     scale = torch.as_tensor(strength, dtype=torch.float32, device=like.device)
-    return noise * scale
+    return _draw(tail, select, generator, like) * scale
 
 
 def rand_noise_first_n(embeds: torch.Tensor, select: torch.Tensor, strength: float | Sequence[float] | torch.Tensor,
-                       dims: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       dims: int = 1, generator: Generators = None) -> torch.Tensor:
     """e_t[:n] += N(0, s^2) on selected tokens. ``strength`` is a scalar or one standard deviation per
-    dimension (length ``dims``: the vector version the learner tunes)."""
+    dimension (length ``dims``: the vector version the learner tunes). ``generator``: one for the whole
+    tensor, or one per row (see ``_draw``)."""
     select = _check_select(embeds, select)
     n = _check_dims(dims, embeds.shape[-1])
     scale = torch.as_tensor(strength, dtype=torch.float32)
     if scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != n):
         raise ValueError(f"strength must be a scalar or {n} values (one per corrupted dimension), got shape {tuple(scale.shape)}")
     head = embeds[..., :n]
-    noisy = (head.float() + _noise(head.shape, scale, generator, embeds)).to(embeds.dtype)
+    noisy = (head.float() + _noise((n,), select, scale, generator, embeds)).to(embeds.dtype)
     out = embeds.clone()
     out[..., :n] = torch.where(select.unsqueeze(-1), noisy, head)
     return out
 
 
 def rand_noise_rand_n(embeds: torch.Tensor, select: torch.Tensor, strength: float, dims: int = 1,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Generators = None) -> torch.Tensor:
     """N(0, s^2) added to ``dims`` dimensions drawn at random for each selected token."""
     select = _check_select(embeds, select)
     n = _check_dims(dims, embeds.shape[-1])
     if torch.as_tensor(strength).numel() != 1:
         raise ValueError("rand_noise_rand_n takes a scalar strength (its dimensions change from token to token)")
-    ranks = torch.rand(embeds.shape, generator=generator, device=embeds.device)
+    width = embeds.shape[-1]
+    generators = _row_generators(generator, embeds.shape[0])
+    if generators is None:
+        ranks, noise = _draw((width,), select, generator, embeds, torch.rand), _noise((width,), select, strength, generator, embeds)
+    else:  # each row's generator: its ranks, then its noise
+        drawn = [(_draw((width,), select[row:row + 1], [g], embeds, torch.rand),
+                  _noise((width,), select[row:row + 1], strength, [g], embeds)) for row, g in enumerate(generators)]
+        ranks, noise = torch.cat([r for r, _ in drawn]), torch.cat([z for _, z in drawn])
     chosen = torch.zeros_like(embeds, dtype=torch.bool).scatter_(-1, ranks.topk(n, dim=-1).indices, True)
-    noisy = (embeds.float() + _noise(embeds.shape, strength, generator, embeds)).to(embeds.dtype)
+    noisy = (embeds.float() + noise).to(embeds.dtype)
     return torch.where(chosen & select.unsqueeze(-1), noisy, embeds)
 
 
@@ -99,7 +144,7 @@ def _top_k_dims(embeds: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def zero_out_top_k(embeds: torch.Tensor, select: torch.Tensor, strength: Any = None, dims: int = 1,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Generators = None) -> torch.Tensor:
     """The ``dims`` (k) entries of largest magnitude of each selected token set to 0 (strength unused)."""
     select = _check_select(embeds, select)
     chosen = _top_k_dims(embeds, _check_dims(dims, embeds.shape[-1])) & select.unsqueeze(-1)
@@ -107,35 +152,40 @@ def zero_out_top_k(embeds: torch.Tensor, select: torch.Tensor, strength: Any = N
 
 
 def flip_sign_top_k(embeds: torch.Tensor, select: torch.Tensor, strength: Any = None, dims: int = 1,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                    generator: Generators = None) -> torch.Tensor:
     """The ``dims`` (k) entries of largest magnitude of each selected token negated (strength unused)."""
     select = _check_select(embeds, select)
     chosen = _top_k_dims(embeds, _check_dims(dims, embeds.shape[-1])) & select.unsqueeze(-1)
     return torch.where(chosen, -embeds, embeds)
 
 
-def _permute_selected(embeds: torch.Tensor, select: torch.Tensor, order: Callable[[int], torch.Tensor]) -> torch.Tensor:
+def _permute_selected(embeds: torch.Tensor, select: torch.Tensor, order: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Row b's selected tokens reordered by ``order(b, count)``."""
     out = embeds.clone()
     for row in range(embeds.shape[0]):
         positions = torch.nonzero(select[row]).flatten()
         if positions.numel() > 1:
-            out[row, positions] = embeds[row, positions[order(positions.numel()).to(positions.device)]]
+            out[row, positions] = embeds[row, positions[order(row, positions.numel()).to(positions.device)]]
     return out
 
 
 def reverse_order(embeds: torch.Tensor, select: torch.Tensor, strength: Any = None, dims: int = 1,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Generators = None) -> torch.Tensor:
     """The selected tokens of each row in reverse order (an ablation: no noise, the same tokens)."""
     select = _check_select(embeds, select)
-    return _permute_selected(embeds, select, lambda n: torch.arange(n - 1, -1, -1))
+    return _permute_selected(embeds, select, lambda row, n: torch.arange(n - 1, -1, -1))
 
 
 def shuffle(embeds: torch.Tensor, select: torch.Tensor, strength: Any = None, dims: int = 1,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The selected tokens of each row in a random order (an ablation)."""
+            generator: Generators = None) -> torch.Tensor:
+    """The selected tokens of each row in a random order (an ablation); with per-row generators each row
+    is permuted by its own."""
     select = _check_select(embeds, select)
-    cpu_generator = generator if generator is None or generator.device.type == "cpu" else None
-    return _permute_selected(embeds, select, lambda n: torch.randperm(n, generator=cpu_generator))
+    generators = _row_generators(generator, embeds.shape[0])
+    if generators is None:
+        shared = generator if generator is None or generator.device.type == "cpu" else None
+        generators = [shared] * embeds.shape[0]
+    return _permute_selected(embeds, select, lambda row, n: torch.randperm(n, generator=generators[row]))
 
 
 CORRUPTIONS: dict[str, Callable[..., torch.Tensor]] = {
@@ -151,6 +201,18 @@ def corruption_function(name: str) -> Callable[..., torch.Tensor]:
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS)}")
     return CORRUPTIONS[name]
+
+
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """A 63-bit seed from ``seed`` and a prompt's token ids (BLAKE2b: stable across processes and machines,
+    unlike Python's ``hash``), so a prompt's corruption is a function of the prompt alone."""
+    digest = hashlib.blake2b(np.asarray([seed, *prompt_ids], dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def prompt_generators(seed: int, prompt_ids: Sequence[Sequence[int]]) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded by ``prompt_seed``."""
+    return [torch.Generator().manual_seed(prompt_seed(seed, ids)) for ids in prompt_ids]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,7 +394,7 @@ class EcoSettings:
     entity_names: list[str] = field(default_factory=list)
     gate: str = "classifier"
     threshold: float = 0.5
-    seed: int = 0
+    seed: int = 0  # with a prompt's token ids, seeds that prompt's random draws (prompt_seed)
     classifier_source: str = ""  # where the classifier came from (informational)
 
     def __post_init__(self):
@@ -450,22 +512,24 @@ class EcoLM:
                 select[row, positions] = self._entity_mask(prompt_ids[row], questions[row])
         return select & flags.unsqueeze(1).to(select.device)
 
-    def corruption(self, strength=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def corruption(self, prompt_ids: Sequence[Sequence[int]], strength=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The corruption of one batch: row b's random draws come from a generator seeded by the settings'
+        seed and ``prompt_ids[b]``, so a prompt is corrupted the same way alone or in any batch, padded
+        left (generation) or right (scoring), and every answer scored after it sees the same prompt."""
         settings = self.settings
         value = settings.strength if strength is None else strength
         if isinstance(value, (list, tuple)):
             value = torch.tensor(value, dtype=torch.float32)
 
         def corrupt(embeds: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-            generator = torch.Generator(device=embeds.device).manual_seed(settings.seed)
-            return self.corrupt_fn(embeds, select, value, settings.dims, generator)
+            return self.corrupt_fn(embeds, select, value, settings.dims, prompt_generators(settings.seed, prompt_ids))
 
         return corrupt
 
-    def _arm(self, select: torch.Tensor, strength=None) -> bool:
+    def _arm(self, select: torch.Tensor, prompt_ids: Sequence[Sequence[int]], strength=None) -> bool:
         if not bool(select.any()):
             return False
-        self.hook.arm(select, self.corruption(strength))
+        self.hook.arm(select, self.corruption(prompt_ids, strength))
         return True
 
     # -- forward passes --------------------------------------------------------------------------------
@@ -476,7 +540,7 @@ class EcoLM:
         flags = self.flags(questions) if flags is None else flags.bool()
         prompt_mask = prompt_mask_right_padded(input_ids.shape[1], prompt_lengths)
         prompt_ids = [input_ids[b, :int(n)].tolist() for b, n in enumerate(prompt_lengths)]
-        self._arm(self.selection(prompt_mask, prompt_ids, questions, flags), strength)
+        self._arm(self.selection(prompt_mask, prompt_ids, questions, flags), prompt_ids, strength)
         device = self._device()
         try:
             return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
@@ -498,7 +562,7 @@ class EcoLM:
         flags = self.flags(questions) if flags is None else flags.bool()
         prompt_mask = attention_mask.bool().cpu()
         prompt_ids = [input_ids[b][prompt_mask[b]].tolist() for b in range(input_ids.shape[0])]
-        self._arm(self.selection(prompt_mask, prompt_ids, questions, flags))
+        self._arm(self.selection(prompt_mask, prompt_ids, questions, flags), prompt_ids)
         device = self._device()
         try:
             return self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -661,40 +725,72 @@ def classifier_threshold(path: str | os.PathLike) -> float:
 # ----------------------------------------------------------------------------------------------------
 # The corruption learner
 
-METRICS = ("answer_prob", "truth_ratio", "mc_accuracy")
+METRICS = ("answer_prob", "truth_ratio", "truth_ratio_ks", "mc_accuracy")
 
 
-def forget_metric(metric: str, batch: Mapping[str, Any], logp: torch.Tensor) -> float:
+def ks_statistic(sample: Any, reference: Any) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic D = sup_x |F_sample(x) - F_reference(x)| over the two empirical
+    CDFs (the distance whose p-value is TOFU's forget quality; for fixed sample sizes the p-value falls as D
+    grows). The supremum is reached at a data point, where both CDFs are read with ``side="right"``."""
+    a = np.sort(np.asarray(sample, dtype=np.float64).ravel())
+    b = np.sort(np.asarray(reference, dtype=np.float64).ravel())
+    if a.size == 0 or b.size == 0:
+        raise ValueError("the KS statistic needs at least one value in each sample")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("the KS statistic needs finite values")
+    points = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, points, side="right") / a.size
+    cdf_b = np.searchsorted(b, points, side="right") / b.size
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def forget_truth_ratios(batch: Mapping[str, Any], logp: torch.Tensor) -> np.ndarray:
+    """Per forget question, TOFU's truth ratio R (paraphrased answer = role 1 against the perturbed answers =
+    role 2) from the token log-probs of an ``EcoForgetData`` batch's ``qa`` part."""
+    from modules import tofu_eval as te
+
+    part = batch["qa"]
+    nll = te.mean_answer_nll(logp.float().cpu(), part["labels"][:, 1:].cpu() != -100).double().numpy()
+    roles, rows = part["roles"].cpu().numpy(), part["rows"].cpu().numpy()
+    n = int(rows.max()) + 1
+    base = np.zeros(n)
+    perturbed: list[list[float]] = [[] for _ in range(n)]
+    for value, role, row in zip(nll, roles, rows):
+        if role == 1:
+            base[row] = value
+        elif role == 2:
+            perturbed[row].append(float(value))
+    return te.truth_ratio(base, perturbed)
+
+
+def forget_metric(metric: str, batch: Mapping[str, Any], logp: torch.Tensor,
+                  reference_ratios: Optional[np.ndarray] = None) -> float:
     """The forget-set metric from the token log-probs of a ``datamodules.eco_data.EcoForgetData`` batch
     (``batch["qa"]`` for the answer metrics, ``batch["mc"]`` for multiple choice).
 
     ``answer_prob``: mean exp(-mean token NLL) of the answers; ``truth_ratio``: mean min(R, 1/R) (TOFU's
-    forget number); ``mc_accuracy``: fraction of items whose right letter has the highest log-prob."""
+    forget number); ``truth_ratio_ks``: the KS statistic between the truth ratios R and
+    ``reference_ratios`` (the retain model's); ``mc_accuracy``: fraction of items whose right letter has
+    the highest log-prob."""
     from callbacks.eco_eval import choose_options, option_scores
     from modules import tofu_eval as te
 
-    part = {key: value.cpu() if torch.is_tensor(value) else value
-            for key, value in batch["mc" if metric == "mc_accuracy" else "qa"].items()}
-    logp = logp.float().cpu()
     if metric == "mc_accuracy":
+        part = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch["mc"].items()}
         answer = part["answer_index"].numpy()
-        choice = choose_options(option_scores(logp, part["labels"], "letter"), part["rows"].tolist(),
+        choice = choose_options(option_scores(logp.float().cpu(), part["labels"], "letter"), part["rows"].tolist(),
                                 part["options"].tolist(), len(answer))
         return float((choice == answer).mean())
-    nll = te.mean_answer_nll(logp, part["labels"][:, 1:] != -100).double().numpy()
-    roles, rows = part["roles"].numpy(), part["rows"].numpy()
     if metric == "answer_prob":
-        return float(np.exp(-nll[roles == 0]).mean())
+        part = batch["qa"]
+        nll = te.mean_answer_nll(logp.float().cpu(), part["labels"][:, 1:].cpu() != -100).double().numpy()
+        return float(np.exp(-nll[part["roles"].cpu().numpy() == 0]).mean())
     if metric == "truth_ratio":
-        n = int(rows.max()) + 1
-        base = np.zeros(n)
-        perturbed: list[list[float]] = [[] for _ in range(n)]
-        for value, role, row in zip(nll, roles, rows):
-            if role == 1:
-                base[row] = value
-            elif role == 2:
-                perturbed[row].append(float(value))
-        return float(te.forget_truth_ratio_score(te.truth_ratio(base, perturbed)).mean())
+        return float(te.forget_truth_ratio_score(forget_truth_ratios(batch, logp)).mean())
+    if metric == "truth_ratio_ks":
+        if reference_ratios is None:
+            raise ValueError("metric 'truth_ratio_ks' needs the retain model's forget truth ratios")
+        return ks_statistic(forget_truth_ratios(batch, logp), reference_ratios)
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
 
@@ -714,9 +810,11 @@ class EcoCorruptionLearner(pl.LightningModule):
 
     Each training step evaluates J(s) = |metric(corrupted LM on the forget set) - target| at s and at
     s +- epsilon (scalar) or along ``directions`` random unit directions (``vector: true``, one strength per
-    corrupted dimension) and steps s <- max(s_min, s - lr * g). Every forget prompt is corrupted (the gate
-    is the classifier's job). Logs ``train/strength``, ``train/objective``, ``train/metric``; at the end of
-    fit writes the best strength seen (lowest J) into ``settings_dir`` as ECO settings without a gate."""
+    corrupted dimension), puts the estimate in ``strength.grad`` and takes one SGD step (lr = ``lr``),
+    s <- max(s_min, s - lr * g): a real optimizer step, so ``trainer.max_steps`` counts learner steps.
+    Every forget prompt is corrupted (the gate is the classifier's job). Logs ``train/strength``,
+    ``train/objective``, ``train/metric``; at the end of fit writes the best strength evaluated (lowest J,
+    finite-difference probes included) into ``settings_dir`` as ECO settings without a gate."""
 
     def __init__(self, model: str = "tiny", corruption: str = "rand_noise_first_n", dims: int = 1,
                  strength: float = 0.1, epsilon: Optional[float] = None, lr: float = 100.0,
@@ -727,7 +825,9 @@ class EcoCorruptionLearner(pl.LightningModule):
                  dtype: Optional[str] = None):
         """``epsilon``: finite-difference step (default 0.999 * strength, the released WMDP script's
         choice). ``target``: the metric's target; default chance for ``mc_accuracy`` (1 / options) and the
-        retain model's value from ``retain_eval`` otherwise. ``tolerance``: stop once J <= tolerance."""
+        retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
+        distance to the retain model's forget truth ratios, read from ``retain_eval``). ``tolerance``: stop
+        once J <= tolerance."""
         super().__init__()
         self.save_hyperparameters()
         if metric not in METRICS:
@@ -741,14 +841,22 @@ class EcoCorruptionLearner(pl.LightningModule):
         self.automatic_optimization = False
         self.model_name_or_path, self.metric = model, metric
         self.epsilon = 0.999 * strength if epsilon is None else epsilon
-        if target is None and metric != "mc_accuracy":
+        self.reference_ratios: Optional[np.ndarray] = None
+        if metric == "truth_ratio_ks":
+            from modules.tofu_eval import reference_truth_ratios
+
+            if target not in (None, 0.0) or retain_eval is None:
+                raise ValueError("metric 'truth_ratio_ks' has target 0 (the KS distance) and needs retain_eval, "
+                                 f"the retain model's evaluation; got target={target!r}, retain_eval={retain_eval!r}")
+            self.reference_ratios, target = reference_truth_ratios(retain_eval), 0.0
+        elif target is None and metric != "mc_accuracy":
             target = target_from_retain_eval(retain_eval, metric)
         self.target = target
         initial = torch.full((dims,), float(strength)) if vector else torch.tensor(float(strength))
-        self.register_buffer("strength", initial.double())
+        # a parameter (never given autograd gradients) so an optimizer steps it and Lightning counts steps
+        self.strength = torch.nn.Parameter(initial.double(), requires_grad=False)
         self.register_buffer("best_strength", initial.double().clone())
         self.register_buffer("best_objective", torch.tensor(float("inf"), dtype=torch.float64))
-        self.register_buffer("steps_done", torch.tensor(0))
         self.tokenizer = lm.load_tokenizer(model)
         self._lm: Optional[EcoLM] = None  # held outside the module tree: never checkpointed nor trained
         self.history: list[dict[str, Any]] = []
@@ -763,53 +871,77 @@ class EcoCorruptionLearner(pl.LightningModule):
                                gate="all", seed=hp.seed)
         self._lm = EcoLM(model, self.tokenizer, settings)
 
+    def _check_step_limit(self) -> None:
+        from lightning.pytorch.callbacks import Timer
+
+        trainer = self.trainer
+        timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)  # trainer.max_time
+        if trainer.max_steps < 0 and (trainer.max_epochs is None or trainer.max_epochs < 0) and not timed:
+            raise ValueError("EcoCorruptionLearner needs a step limit: set trainer.max_steps (one step = one pass "
+                             "over the forget set) or trainer.max_epochs (data.steps_per_epoch steps each)")
+
     def on_fit_start(self) -> None:
+        self._check_step_limit()
         self.configure_model()
         self._lm.model.to(self.device)
+        forget_split = getattr(self.trainer.datamodule, "forget_split", None)
+        if self.hparams.retain_eval and forget_split is not None:
+            from modules.tofu_eval import load_eval
+
+            evaluated = load_eval(self.hparams.retain_eval).get("forget_split")
+            if evaluated != forget_split:
+                raise ValueError(f"{self.hparams.retain_eval}: the retain model was evaluated on forget split "
+                                 f"{evaluated!r}, the learner scores {forget_split!r}")
         if self.target is None:  # chance accuracy of the multiple-choice items
             self.target = 1.0 / float(self.trainer.datamodule.n_options)
         rank_zero_info(f"[EcoCorruptionLearner] metric {self.metric}, target {self.target:.4f}")
 
     def configure_optimizers(self):
-        return None
+        return torch.optim.SGD([self.strength], lr=self.hparams.lr)
 
     def metric_value(self, batch: Mapping[str, Any], strength) -> float:
         part = batch["mc" if self.metric == "mc_accuracy" else "qa"]
         value = strength.tolist() if torch.is_tensor(strength) and strength.dim() else float(strength)
         flags = torch.ones(len(part["questions"]), dtype=torch.bool)
-        return forget_metric(self.metric, batch, self._lm.score_tokens(part, flags=flags, strength=value))
+        logp = self._lm.score_tokens(part, flags=flags, strength=value)
+        return forget_metric(self.metric, batch, logp, self.reference_ratios)
 
-    def objective(self, batch: Mapping[str, Any], strength) -> float:
-        return abs(self.metric_value(batch, strength) - self.target)
-
-    def _visit(self, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, float, float]:
-        """Score the current strength, keep it if it is the best so far, and record it."""
-        s = self.strength.detach().cpu().clone()
+    def _visit(self, batch: Mapping[str, Any], strength, step: int, probe: bool = False) -> tuple[float, float]:
+        """Score one strength, keep it if it is the best so far, record it; returns (metric, J)."""
+        s = torch.as_tensor(strength, dtype=torch.float64).detach().cpu().clone()
         metric = self.metric_value(batch, s)
         j = abs(metric - self.target)
         if j < float(self.best_objective):
             self.best_objective.fill_(j)
             self.best_strength.copy_(s)
-        self.history.append({"step": step, "strength": s.tolist(), "objective": j, "metric": metric})
-        return s, metric, j
+        self.history.append({"step": step, "strength": s.tolist(), "objective": j, "metric": metric, "probe": probe})
+        return metric, j
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
-        step = int(self.steps_done)  # global_step counts optimizer steps, and there is no optimizer
-        s, metric_now, j_now = self._visit(batch, step)
+        step = self.global_step
+        s = self.strength.detach().cpu().clone()
+        metric_now, j_now = self._visit(batch, s, step)
+
+        def probe(value) -> float:
+            return self._visit(batch, value, step, probe=True)[1]
+
         if hp.vector:
             generator = torch.Generator().manual_seed(hp.seed * 1_000_003 + step)
-            grad, _ = random_direction_gradient(lambda v: self.objective(batch, v), s, self.epsilon, hp.directions,
-                                                hp.min_strength, generator)
+            grad, _ = random_direction_gradient(probe, s, self.epsilon, hp.directions, hp.min_strength, generator)
         else:
-            grad, _, _ = central_difference(lambda v: self.objective(batch, v), float(s), self.epsilon, hp.min_strength)
+            grad, _, _ = central_difference(probe, float(s), self.epsilon, hp.min_strength)
             grad = torch.tensor(grad, dtype=torch.float64)
-        self.strength.copy_((s - hp.lr * grad).clamp(min=hp.min_strength))
+        optimizer = self.optimizers()
+        self.strength.grad = grad.to(self.strength)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            self.strength.clamp_(min=hp.min_strength)
         scalars = {"train/objective": j_now, "train/metric": metric_now,
                    "train/strength": float(s.mean()), "train/gradient": float(torch.as_tensor(grad).norm())}
         for logger in self.trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        self.steps_done += 1
         if j_now <= hp.tolerance:
             self.trainer.should_stop = True
 
@@ -822,11 +954,12 @@ class EcoCorruptionLearner(pl.LightningModule):
     def on_fit_end(self) -> None:
         # the last update was never evaluated: score it so "best" covers every strength visited
         if self.trainer.datamodule is not None and self.trainer.is_global_zero:
-            self._visit(next(iter(self.trainer.datamodule.train_dataloader())), int(self.steps_done))
+            batch = next(iter(self.trainer.datamodule.train_dataloader()))
+            self._visit(batch, self.strength.detach().cpu(), self.global_step)
             rank_zero_info(f"[EcoCorruptionLearner] best strength {self.best_strength.tolist()} "
                            f"(objective {float(self.best_objective):.4f}, target {self.target:.4f})")
             if self.hparams.settings_dir:
                 folder = save_settings(self.hparams.settings_dir, self.learned_settings())
                 (folder / "learning.json").write_text(json.dumps(
                     {"metric": self.metric, "target": self.target, "best_objective": float(self.best_objective),
-                     "history": self.history}, indent=1))
+                     "steps": self.global_step, "history": self.history}, indent=1))

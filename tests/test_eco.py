@@ -49,6 +49,34 @@ def test_rand_noise_rand_n_changes_exactly_n_dims_of_selected_tokens():
     assert changed.tolist() == [[3, 0, 3, 0], [0, 0, 0, 3]]
 
 
+def test_per_row_generators_draw_each_rows_noise_for_its_selected_tokens_in_order():
+    embeds = torch.arange(40, dtype=torch.float32).reshape(2, 5, 4) / 10
+    select = torch.tensor([[False, True, True, False, False], [False, False, True, True, True]])
+    out = eco.rand_noise_first_n(embeds, select, 3.0, dims=2,
+                                 generator=[torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)])
+    expected = embeds.clone()
+    expected[0, 1:3, :2] += torch.randn((2, 2), generator=torch.Generator().manual_seed(11)) * 3.0
+    expected[1, 2:5, :2] += torch.randn((3, 2), generator=torch.Generator().manual_seed(12)) * 3.0
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="3 per-row generators for a batch of 2 rows"):
+        eco.rand_noise_first_n(embeds, select, 1.0, generator=[torch.Generator()] * 3)
+
+
+@pytest.mark.parametrize("name", sorted(eco.CORRUPTIONS))
+def test_with_per_row_generators_a_row_is_corrupted_the_same_alone_or_padded_in_a_batch(name):
+    corrupt = eco.corruption_function(name)
+    row = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0))
+    row_select = torch.tensor([[True, True, True, False]])
+    alone = corrupt(row, row_select, 2.0, 2, [torch.Generator().manual_seed(5)])
+    # the same row after two positions of left padding, next to another row
+    other = torch.randn(1, 6, 6, generator=torch.Generator().manual_seed(1))
+    batch = torch.cat([other, torch.cat([torch.zeros(1, 2, 6), row], dim=1)])
+    select = torch.tensor([[True] * 5 + [False], [False, False, True, True, True, False]])
+    together = corrupt(batch, select, 2.0, 2, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(5)])
+    assert torch.equal(together[1, 2:], alone[0])
+    assert not torch.equal(alone[0, :3], row[0, :3])  # it did corrupt
+
+
 def test_zero_out_and_flip_sign_top_k_by_magnitude():
     embeds = torch.tensor([[[1.0, -5.0, 3.0, 0.5], [1.0, -5.0, 3.0, 0.5]]])
     select = torch.tensor([[True, False]])
@@ -127,6 +155,48 @@ def test_threshold_calibration_on_a_synthetic_score_distribution():
     assert 0.2 < separable < 0.8
     with pytest.raises(ValueError, match="both classes"):
         eco.best_threshold([0.1, 0.2], [0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KS objective
+
+
+def test_ks_statistic_by_hand_and_against_scipy():
+    from scipy.stats import ks_2samp
+
+    # ECDFs at 1, 2, 2.5, 3, 4: (1/3, 0), (2/3, 0), (2/3, 1/2), (1, 1/2), (1, 1) -> D = 2/3
+    assert eco.ks_statistic([3.0, 1.0, 2.0], [4.0, 2.5]) == pytest.approx(2 / 3, abs=1e-15)
+    assert eco.ks_statistic([1.0, 2.0], [1.0, 2.0]) == 0.0
+    rng = np.random.default_rng(0)
+    for n, m in ((32, 32), (32, 17), (5, 200)):
+        a, b = rng.lognormal(0, 0.5, n), rng.lognormal(0.2, 0.4, m)
+        a[:3] = np.round(a[:3], 1)  # ties within and across the samples
+        b[:2] = a[:2]
+        assert eco.ks_statistic(a, b) == pytest.approx(ks_2samp(a, b).statistic, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one value"):
+        eco.ks_statistic([], [1.0])
+
+
+def test_truth_ratio_ks_metric_on_known_log_probs():
+    from scipy.stats import ks_2samp
+
+    # three questions; per question: answer (role 0), paraphrase (1) and two perturbed answers (2), each a
+    # two-token answer, so a sequence's mean NLL is the mean of its two token log-probs, negated
+    rows = torch.tensor([q for q in range(3) for _ in range(4)])
+    roles = torch.tensor([0, 1, 2, 2] * 3)
+    labels = torch.full((12, 4), -100)
+    labels[:, 2:] = 7
+    logp = -torch.rand(12, 3, generator=torch.Generator().manual_seed(0)) * 3
+    batch = {"qa": {"labels": labels, "roles": roles, "rows": rows}}
+    nll = -logp[:, 1:].double().numpy().mean(1)  # label positions 2, 3 -> log-prob positions 1, 2
+    ratios = np.array([np.exp(nll[4 * q + 1] - nll[4 * q + 2: 4 * q + 4].mean()) for q in range(3)])
+    assert eco.forget_truth_ratios(batch, logp) == pytest.approx(ratios, rel=1e-6)  # NLLs are float32 sums
+    assert eco.forget_metric("truth_ratio", batch, logp) == pytest.approx(np.minimum(ratios, 1 / ratios).mean())
+    reference = np.array([0.2, 0.5, 0.9, 1.4])
+    assert eco.forget_metric("truth_ratio_ks", batch, logp, reference) == pytest.approx(
+        ks_2samp(ratios, reference).statistic, abs=1e-12)
+    with pytest.raises(ValueError, match="retain model's forget truth ratios"):
+        eco.forget_metric("truth_ratio_ks", batch, logp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,6 +342,51 @@ def test_unflagged_prompts_are_bit_identical_in_generation_and_scoring(tiny):
     none.close()
 
 
+def _recorded_embeddings(model, call):
+    """The input-embedding outputs (after the wrapper's hook) of every forward call ``call()`` makes."""
+    seen = []
+    recorder = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    try:
+        result = call()
+    finally:
+        recorder.remove()
+    return seen, result
+
+
+def test_a_prompt_is_corrupted_the_same_alone_and_in_a_batch(tiny):
+    model, tokenizer = tiny
+    wrapper = eco.EcoLM(model, tokenizer, eco.EcoSettings(strength=5.0, dims=8, gate="all"))
+    answers = ["She was born in Lisbon.", "He writes poetry.", "Lima"]
+    alone = _score_batch(tokenizer, QUESTIONS[1:2], answers[1:2])
+    together = _score_batch(tokenizer, QUESTIONS, answers)
+    n = int(alone["prompt_lengths"][0])
+    (embeds_alone,), logits_alone = _recorded_embeddings(model, lambda: wrapper.logits(
+        alone["input_ids"], alone["attention_mask"], alone["prompt_lengths"], alone["questions"]))
+    (embeds_together,), logits_together = _recorded_embeddings(model, lambda: wrapper.logits(
+        together["input_ids"], together["attention_mask"], together["prompt_lengths"], together["questions"]))
+    assert torch.equal(embeds_together[1, :n], embeds_alone[0, :n])
+    # causal attention: the prompt positions' logits see only the (identically corrupted) prompt; batched
+    # and single-row matrix products may round differently, hence a tolerance at float32 precision
+    assert torch.allclose(logits_together[1, :n], logits_alone[0, :n], rtol=0, atol=1e-5)
+    clean = model.get_input_embeddings().weight[together["input_ids"]]
+    noise = embeds_together - clean
+    assert not torch.equal(noise[0, :2, :8], noise[1, :2, :8])  # each prompt has its own noise
+
+    # generation (left-padded prefill): the same prompt tokens get the same noise as in scoring
+    gen_kwargs = dict(do_sample=False, max_new_tokens=2, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    input_ids, attention_mask = _prompts(tokenizer, QUESTIONS)
+    seen, _ = _recorded_embeddings(model, lambda: wrapper.generate(input_ids, attention_mask, QUESTIONS, **gen_kwargs))
+    assert torch.equal(seen[0][1][attention_mask[1].bool()], embeds_alone[0, :n])
+    # another seed: other noise
+    reseeded = eco.EcoLM(model, tokenizer, eco.EcoSettings(strength=5.0, dims=8, gate="all", seed=1))
+    (embeds_reseeded,), _ = _recorded_embeddings(model, lambda: reseeded.logits(
+        alone["input_ids"], alone["attention_mask"], alone["prompt_lengths"], alone["questions"]))
+    assert not torch.equal(embeds_reseeded[0, :n], embeds_alone[0, :n])
+    for w in (wrapper, reseeded):
+        w.close()
+
+
 def test_entity_selection_marks_the_name_tokens(tiny):
     model, tokenizer = tiny
     settings = eco.EcoSettings(token_selection="entities", entity_names=["Amara Voss"], gate="all", strength=1.0)
@@ -402,11 +517,51 @@ def test_learner_moves_the_strength_and_writes_settings(run_cli, tmp_path, vecto
             "--model.init_args.metric=answer_prob", "--model.init_args.target=0.0", "--model.init_args.dims=16",
             "--model.init_args.strength=0.1", "--model.init_args.lr=1.0", "--model.init_args.tolerance=0.0",
             f"--model.init_args.settings_dir={settings_dir}", "--data.init_args.n_authors=6",
-            "--data.init_args.qa_per_author=3", "--data.init_args.steps_per_epoch=2", name="learn")
+            "--data.init_args.qa_per_author=3", "--trainer.max_steps=2", name="learn")
     learning = json.loads((settings_dir / "learning.json").read_text())
     history = learning["history"]
-    assert len(history) == 3 and history[1]["strength"] != history[0]["strength"]
+    steps = [h for h in history if not h["probe"]]
+    # trainer.max_steps counts learner steps: two steps, then the final strength is scored
+    assert learning["steps"] == 2 and [h["step"] for h in steps] == [0, 1, 2]
+    assert len(history) - len(steps) == 2 * (4 if vector else 2)  # finite-difference probes: 2 per direction
+    assert steps[1]["strength"] != steps[0]["strength"]
     assert learning["best_objective"] == pytest.approx(min(h["objective"] for h in history))
     settings, gate = eco.load_settings(settings_dir)
     assert gate is None and settings.gate == "all" and settings.dims == 16
     assert isinstance(settings.strength, list) == vector and (not vector or len(settings.strength) == 16)
+
+
+def _retain_eval(path, forget_split, ratios):
+    path.write_text(json.dumps({"format": "tofu-eval/v1", "forget_split": forget_split, "report": {},
+                                "splits": {"forget": {"truth_ratio": list(ratios)}}}))
+    return path
+
+
+def test_learner_with_the_ks_objective_reads_the_retain_models_ratios(run_cli, tmp_path):
+    ratios = [0.3, 0.55, 0.8, 1.1, 1.6]
+    args = ["--model.init_args.model=tiny", "--model.init_args.metric=truth_ratio_ks", "--model.init_args.dims=16",
+            "--model.init_args.strength=0.5", "--data.init_args.n_authors=6", "--data.init_args.qa_per_author=3",
+            "--trainer.max_steps=1", f"--model.init_args.settings_dir={tmp_path / 'settings'}"]
+    other_split = _retain_eval(tmp_path / "retain05.json", "forget05", ratios)
+    with pytest.raises(ValueError, match="evaluated on forget split 'forget05', the learner scores 'forget10'"):
+        run_cli("fit", "configs/eco/learn.yaml", *args, f"--model.init_args.retain_eval={other_split}", name="ks05")
+    retain = _retain_eval(tmp_path / "retain.json", "forget10", ratios)
+    run_cli("fit", "configs/eco/learn.yaml", *args, f"--model.init_args.retain_eval={retain}", name="ks")
+    learning = json.loads((tmp_path / "settings" / "learning.json").read_text())
+    assert learning["metric"] == "truth_ratio_ks" and learning["target"] == 0.0
+    n_forget = 3  # forget10 of 6 authors x 3 questions: one author
+    for h in learning["history"]:  # a KS distance between 3 and 5 values is a multiple of 1/15
+        assert h["objective"] == h["metric"] and 0 < h["metric"] <= 1
+        assert h["metric"] * n_forget * len(ratios) == pytest.approx(round(h["metric"] * n_forget * len(ratios)))
+    with pytest.raises(ValueError, match="target 0"):
+        eco.EcoCorruptionLearner(model="tiny", metric="truth_ratio_ks", target=0.3, retain_eval=str(retain))
+
+
+def test_learner_refuses_to_run_without_a_step_limit():
+    import lightning.pytorch as pl
+
+    learner = eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0)
+    learner.trainer = pl.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="needs a step limit: set trainer.max_steps"):
+        learner.on_fit_start()
