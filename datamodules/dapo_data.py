@@ -26,7 +26,6 @@ Datasets (JSONL; one row per problem or per state; the column lists are in ``ROL
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import arithmetic
-from datamodules.common import DataError, DataReport, pad_sequences, read_rows, row_error
+from datamodules.common import LOCAL_SUFFIXES, DataError, DataReport, pad_sequences, read_rows, row_error
 from datamodules.text import TextDataModule, encode_text, render_chat, validate_text
 
 STEP_SEPARATOR = "\n"
@@ -143,64 +142,84 @@ def prompt_text_for(tokenizer, prompt: str, use_chat_template: bool) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Dataset files
 
+# The one definition of the dataset columns: the README's tables are generated from these
+# (``print(columns_markdown())``) and a test checks that written rows have exactly these columns.
+# "a[].b" is field b of every element of list a.
 ROLLOUT_COLUMNS = {
-    "problem_id": "str, unique key of the problem (restarts skip ids already written)",
-    "task_kind": "'arithmetic' | 'math' | 'code': how `datamodules.verifiers.reward` checks an answer",
+    "problem_id": "str, unique key of the problem (a restart skips ids already written)",
+    "task_kind": "'arithmetic', 'math' or 'code': how `datamodules.verifiers.reward` checks an answer",
     "prompt": "str, the problem as given",
     "prompt_text": "str, the exact text the policy is conditioned on (chat template + generation prompt)",
-    "reference": "the gold answer (int/str) or the unit tests (HumanEval mapping / test code)",
-    "policy": "str, the generator/completer model (pi_ref) name or path",
-    "samples": "list of {text, reward, count, finished}: the n1 sampled responses, de-duplicated "
-               "(count = how many samples had this text; finished = ended with EOS)",
+    "reference": "the gold answer (int or str) or the unit tests (HumanEval prompt, test and entry point)",
+    "policy": "str, the generator = completer = pi_ref (model name or folder)",
+    "samples": "list, the n1 sampled responses, de-duplicated",
+    "samples[].text": "str, the response",
+    "samples[].reward": "float, 1.0 correct, 0.0 wrong",
+    "samples[].count": "int, how many of the n1 samples had this text",
+    "samples[].finished": "bool, ended with EOS (false: cut at max_new_tokens)",
     "num_samples": "int, n1",
     "sample_accuracy": "float, fraction of the n1 samples that are correct",
-    "kept": "list of int, indices into samples of the n kept responses (balanced correct/wrong)",
-    "states": "list of {prefix, depth, num_completions, num_correct, mc_value, candidates}: every distinct "
-              "step-prefix state of the kept responses; prefix = steps a_0..a_{depth-1} concatenated (state "
-              "text = prompt_text + prefix); mc_value = num_correct / num_completions of the m completions",
-    "states[].candidates": "list of {action, terminal, count, num_correct, truncated}: the distinct first "
-                           "steps of the m completions; terminal = the completion ended (EOS) after it, so "
-                           "its reward is known; count/num_correct = completions starting with it / of "
-                           "those correct; truncated = the completion hit the token limit inside this step",
+    "kept": "list of int, indices into samples of the n kept responses (balanced correct / wrong)",
+    "states": "list, every distinct step-prefix state of the kept responses (the prompt alone first)",
+    "states[].prefix": "str, the steps a_0..a_{depth-1} concatenated, each with its newline; the state's text "
+                       "is prompt_text + prefix",
+    "states[].depth": "int, number of steps in prefix",
+    "states[].num_completions": "int, m: completions sampled from the state",
+    "states[].num_correct": "int, completions that ended correct",
+    "states[].mc_value": "float, num_correct / num_completions: the critic's target",
+    "states[].candidates": "list, the distinct first steps of the m completions",
+    "states[].candidates[].action": "str, the step (with its newline unless the response ended there)",
+    "states[].candidates[].terminal": "bool, the completion ended (EOS) right after this step, so its reward "
+                                      "is exact",
+    "states[].candidates[].count": "int, completions that started with this step",
+    "states[].candidates[].num_correct": "int, of those, the ones that ended correct",
+    "states[].candidates[].truncated": "int, of those, the ones cut at the token limit inside this step",
 }
 
 ADVANTAGE_COLUMNS = {
-    "state_id": "str, '<problem_id>/<state index>'",
+    "state_id": "str, '<problem_id>/<index of the state in the rollout row>'",
     "problem_id": "str",
-    "prompt_text": "str", "prefix": "str", "depth": "int", "mc_value": "float (from the rollouts)",
-    "critic_value": "float, the critic's V(s) of the state itself (a diagnostic)",
+    "prompt_text": "str, as in the rollouts",
+    "prefix": "str, as in the rollouts",
+    "depth": "int, as in the rollouts",
+    "mc_value": "float, as in the rollouts",
+    "critic_value": "float, the critic's V(s) of the state itself (a diagnostic; not used by the actor)",
     "gap": "float, max advantage - min advantage over the state's candidates",
-    "kept": "bool, gap >= the threshold (min_gap, 0.1): only kept states train the actor",
-    "candidates": "list of {action, terminal, count, q, q_source, advantage, ref_logprob, num_tokens}: "
-                  "q = critic V(s + action), or the true reward for a terminal action (q_source 'critic' / "
-                  "'reward'); advantage = q - mean q over the state's candidates; ref_logprob = "
-                  "sum of the reference policy's token log-probs of the action (EOS included when "
-                  "terminal), null for dropped states; num_tokens = tokens of the action",
-    "critic": "str, the critic model", "reference_policy": "str, the pi_ref model",
+    "kept": "bool, gap >= min_gap (0.1) and at least 2 candidates: only kept states train the actor",
+    "critic": "str, the critic model",
+    "reference_policy": "str, the pi_ref model",
+    "candidates": "list, the state's candidates in the rollout file's order",
+    "candidates[].action": "str, as in the rollouts",
+    "candidates[].terminal": "bool, as in the rollouts",
+    "candidates[].count": "int, as in the rollouts",
+    "candidates[].q": "float, Q(s, a): the critic's V(s + action), or the true reward of a terminal action",
+    "candidates[].q_source": "'critic' or 'reward' ('monte_carlo' in the q_estimator ablation: the fraction "
+                             "of the rollout completions starting with the action that ended correct)",
+    "candidates[].advantage": "float, q - mean q over the state's candidates",
+    "candidates[].ref_logprob": "float, sum of pi_ref's token log-probs of the action (EOS included when "
+                                "terminal); null for states not kept",
+    "candidates[].num_tokens": "int, tokens of the action (EOS included when terminal); null for states "
+                               "not kept",
 }
 
 
-def read_jsonl(path: str | Path, tolerate_partial_tail: bool = False) -> list[dict[str, Any]]:
-    """Rows of a JSONL file. A malformed line is an error naming the file and line, except (with
-    ``tolerate_partial_tail``) the last line of an append-only log cut by a crash, which is skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            if tolerate_partial_tail and number == len(lines):
-                break
-            raise DataError(f"{path}: line {number} is not valid JSON: {error.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number} is a {type(row).__name__}, expected an object")
-        rows.append(row)
-    return rows
+def columns_markdown() -> str:
+    """The README's tables of the rollout and advantage columns, generated from the two dicts above."""
+    lines = []
+    for title, columns in (("Rollout dataset (stage 1), one row per problem", ROLLOUT_COLUMNS),
+                           ("Advantage dataset (stage 3), one row per state", ADVANTAGE_COLUMNS)):
+        lines += [f"{title}:", "", "| column | meaning |", "|---|---|"]
+        lines += [f"| `{name}` | {text.replace('|', '/')} |" for name, text in columns.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a DAPO dataset file (JSONL as the stages write it; JSON or Parquet also read). A malformed line
+    is an error naming the file and line (``datamodules.common.read_rows``)."""
+    if Path(path).suffix not in LOCAL_SUFFIXES:  # read_rows would take any other name for a hub dataset
+        raise DataError(f"{path}: a DAPO dataset file must end in {', '.join(sorted(LOCAL_SUFFIXES))}")
+    return read_rows(str(path))
 
 
 def _field(row: dict, source: str, index: int, name: str, kind: type | tuple[type, ...], where: str = "") -> Any:
@@ -263,8 +282,9 @@ class DAPOProblems(TextDataModule):
     plus a disjoint ``rollout`` split drawn after them: problems the policy never saw in SFT.
     ``rollout_offset``/``rollout_size`` pick a slice of it.
 
-    Files: ``train_file`` holds the problems to roll out, ``test_file`` the evaluation problems (JSON, JSONL
-    or Parquet). ``row_format``: ``plain`` (``prompt_field`` + ``answer_field``, optional ``id_field``),
+    ``eval_split``: what ``test`` evaluates, ``test`` (default) or ``val`` (the SFT validation problems, or
+    ``val_file``): tune on ``val``, report ``test``. Files: ``train_file`` holds the problems to roll out,
+    ``test_file`` (``val_file``) the evaluation problems (JSON, JSONL or Parquet). ``row_format``: ``plain`` (``prompt_field`` + ``answer_field``, optional ``id_field``),
     ``math`` (MATH ``problem``/``solution`` with a boxed answer), ``gsm8k`` (``question``/``answer`` ending
     in "#### N"), ``humaneval`` (``task_id``, ``prompt``, ``test``, ``entry_point``; the response continues the
     prompt). ``task_kind`` selects the answer check (``datamodules.verifiers.reward``).
@@ -278,7 +298,8 @@ class DAPOProblems(TextDataModule):
     def __init__(self, task_kind: str = "arithmetic", row_format: str = "plain", prompt_field: str = "prompt",
                  answer_field: str = "answer", id_field: str = "id", use_chat_template: bool = True,
                  train_size: int = 6000, val_size: int = 256, test_size: int = 500, rollout_size: int = 256,
-                 rollout_offset: int = 0, min_steps: int = 2, max_steps: int = 3, **kwargs):
+                 rollout_offset: int = 0, min_steps: int = 2, max_steps: int = 3, eval_split: str = "test",
+                 **kwargs):
         kwargs.setdefault("batch_size", 8)
         kwargs.setdefault("val_split", None)
         super().__init__(**kwargs)
@@ -294,6 +315,9 @@ class DAPOProblems(TextDataModule):
         self.sizes = {"train": train_size, "val": val_size, "test": test_size, "rollout": rollout_offset + rollout_size}
         self.rollout_offset = rollout_offset
         self.arithmetic_steps = (min_steps, max_steps)
+        if eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+        self.eval_split = eval_split  # 'val': tune on the SFT validation problems, keep 'test' for the report
         self._arithmetic: dict[str, list[arithmetic.Problem]] | None = None
 
     def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
@@ -351,13 +375,13 @@ class DAPOProblems(TextDataModule):
 
     def setup(self, stage: str) -> None:
         self.resolve_tokenizer()
-        split = {"predict": "predict", "test": "test", "validate": "test"}.get(stage)
+        split = {"predict": "predict", "test": self.eval_split, "validate": self.eval_split}.get(stage)
         if split is None:
             raise ValueError(f"DAPOProblems serves 'predict' (rollouts) and 'test' (evaluation), not {stage!r}")
         if split not in self.datasets:
             loaded = self.load_split(split)
             if loaded is None:
-                raise DataError(f"no problems for '{stage}': set {'train_file' if split == 'predict' else 'test_file'}")
+                raise DataError(f"no problems for '{stage}': set {'train_file' if split == 'predict' else split + '_file'}")
             ids = [item["problem_id"] for item in loaded]
             if len(set(ids)) != len(ids):
                 duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -376,7 +400,7 @@ class DAPOProblems(TextDataModule):
         return []
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=self.eval_batch_size, shuffle=False,
+        return DataLoader(self.datasets[self.eval_split], batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self.collate, num_workers=self.num_workers)
 
 
@@ -400,16 +424,7 @@ class _StatesData(pl.LightningDataModule):
         self.report = DataReport()
         self.datasets: dict[str, list] = {}
 
-    def resolve_tokenizer(self):
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
-                self.tokenizer = module.tokenizer
-            else:
-                from modules.lm import load_tokenizer
-
-                self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
-        return self.tokenizer
+    resolve_tokenizer = TextDataModule.resolve_tokenizer  # the model's tokenizer, else ``tokenizer`` by name
 
     def split_of(self, problem_id: str) -> str:
         return "val" if stable_fraction(f"{self.seed}:{problem_id}") < self.val_fraction else "train"

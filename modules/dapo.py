@@ -32,20 +32,9 @@ Rollouts are written by ``callbacks.rollout_writer.ShardedJsonlWriter``: one app
 process (each DDP rank rolls out its own problems), rows keyed by problem id so a restarted run skips
 what is done, merged into the output file at the end (sorted by key, counts in ``<stem>.report.json``).
 
-Rollout dataset (stage 1), one row per problem:
-    problem_id, task_kind ('arithmetic'|'math'|'code'), prompt, prompt_text (what the policy is conditioned
-    on), reference (gold answer or unit tests), policy (the generator = completer = π_ref),
-    samples [{text, reward, count, finished}] (the n1 responses, de-duplicated), num_samples (n1),
-    sample_accuracy, kept (indices of the n kept samples), states [{prefix, depth, num_completions (m),
-    num_correct, mc_value, candidates [{action, terminal, count, num_correct, truncated}]}].
-    State text = prompt_text + prefix; prefix = the first ``depth`` steps, each with its "\\n"; a candidate
-    is terminal when its completion ended (EOS) right after it, so its reward is exact.
-Advantage dataset (stage 3), one row per state:
-    state_id ('<problem_id>/<state index>'), problem_id, prompt_text, prefix, depth, mc_value, critic_value
-    (V(s)), gap (max Â − min Â), kept (gap >= min_gap and >= 2 candidates), critic, reference_policy,
-    candidates [{action, terminal, count, q, q_source ('critic'|'reward'), advantage, ref_logprob (summed
-    log π_ref of the step's tokens, EOS included when terminal; null when not kept), num_tokens}].
-Longer descriptions: ``ROLLOUT_COLUMNS`` and ``ADVANTAGE_COLUMNS`` in ``datamodules/dapo_data.py``.
+The columns of the rollout dataset (one row per problem) and of the advantage dataset (one row per state)
+are defined once, in ``ROLLOUT_COLUMNS`` and ``ADVANTAGE_COLUMNS`` of ``datamodules/dapo_data.py``; the
+README's tables are generated from them (``datamodules.dapo_data.columns_markdown``).
 
 The generation engine (``RolloutEngine``) batches many prompts x many samples with a KV cache and left
 padding; a state is prefilled once and its cache expanded to its m samples; finished rows leave the batch.
@@ -583,13 +572,22 @@ class DAPOAdvantages(pl.LightningModule):
     the summed step log-probs of the ``reference`` policy (π_ref: the rollout policy) are cached, so the
     actor never loads π_ref. ``rows_per_forward`` bounds a forward pass; ``max_length`` must equal the
     actor data's (left truncation is shared, see ``state_action_tokens``).
+
+    ``q_estimator="monte_carlo"`` is an ablation, not the paper's method: Q of a non-terminal candidate is
+    the fraction of the rollout completions starting with it that ended correct (unbiased, but from few
+    samples); it tells whether the critic or the rest of the pipeline limits the actor.
     """
+
+    Q_ESTIMATORS = ("critic", "monte_carlo")
 
     def __init__(self, critic: str, reference: str, min_gap: float = 0.1, rows_per_forward: int = 64,
                  max_length: int = 512, dtype: str | None = None, attn_implementation: str | None = "sdpa",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, q_estimator: str = "critic"):
         super().__init__()
+        if q_estimator not in self.Q_ESTIMATORS:
+            raise ValueError(f"q_estimator must be one of {self.Q_ESTIMATORS}, got {q_estimator!r}")
         self.save_hyperparameters()
+        self.q_estimator = q_estimator
         self.critic_path, self.reference_path = critic, reference
         self.min_gap, self.rows_per_forward, self.max_length = min_gap, rows_per_forward, max_length
         self.load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation,
@@ -637,8 +635,9 @@ class DAPOAdvantages(pl.LightningModule):
         states = [s for s in batch if s["state_id"] not in self.skip_keys]
         if not states:
             return []
+        use_critic = self.q_estimator == "critic"
         queries = [(s["prompt_text"], s["prefix"] + c["action"]) for s in states for c in s["candidates"]
-                   if not c["terminal"]]
+                   if use_critic and not c["terminal"]]
         values = iter(self.critic_values(queries + [(s["prompt_text"], s["prefix"]) for s in states]))
         q_values, q_sources, state_index = [], [], []
         for index, state in enumerate(states):
@@ -646,11 +645,14 @@ class DAPOAdvantages(pl.LightningModule):
                 if candidate["terminal"]:  # the completion ended: its reward is known exactly
                     q_values.append(candidate["num_correct"] / candidate["count"])
                     q_sources.append("reward")
-                else:
+                elif use_critic:
                     q_values.append(next(values))
                     q_sources.append("critic")
+                else:  # ablation: the fraction of the completions that started with it that ended correct
+                    q_values.append(candidate["num_correct"] / candidate["count"])
+                    q_sources.append("monte_carlo")
                 state_index.append(index)
-        state_values = list(values)
+        state_values = list(values)  # V(s) of the states themselves, a diagnostic in either mode
         advantages, gaps = sibling_advantages(torch.tensor(q_values), torch.tensor(state_index))
         kept = [(gaps[i].item() >= self.min_gap and len(s["candidates"]) >= 2) for i, s in enumerate(states)]
         ref_rows = [(s["prompt_text"], s["prefix"], c["action"], c["terminal"])

@@ -1,7 +1,8 @@
 """DAPO end to end on the embedded arithmetic task, every stage an ordinary ``cli.py`` run.
 
-0. SFT the tiny preset, validating every 50 steps, and keep the checkpoint whose validation accuracy is
-   nearest 50%: a clearly imperfect policy (or ``--policy PATH``: any causal LM);
+0. SFT the tiny preset, validating every 50 steps until the validation accuracy reaches 50%, and keep the
+   checkpoint whose validation accuracy is nearest 50%: a clearly imperfect policy (or ``--policy PATH``:
+   any causal LM);
 1. rollouts (predict), 2. critic (fit + export), 3. advantages (predict), 4. actor (fit + export),
 5. greedy pass@1 on the 500 held-out problems (the SFT test split) for every policy;
 plus the rejection-sampling fine-tuning (RFT) baseline: SFT of the same policy on the correct responses
@@ -13,8 +14,9 @@ dataset and critic/actor metrics, wall time per stage, the machine's load averag
 exists is skipped, so an interrupted recipe continues where it stopped (``--fresh`` starts over,
 ``--redo actor_round1`` reruns named stages and everything that depends on them).
 
-    python recipes/dapo_arithmetic.py                  # about 20 minutes on an idle 2-core CPU
-    python recipes/dapo_arithmetic.py --rounds 2
+    python recipes/dapo_arithmetic.py                  # 10 min measured on the shared 2-core CPU (load 2-4)
+    python recipes/dapo_arithmetic.py --rounds 2       # +7 min
+    python recipes/dapo_arithmetic.py --eval-split val  # tuning: evaluate on the SFT validation split
 """
 
 from __future__ import annotations
@@ -50,14 +52,20 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--critic-epochs", type=int, default=4)
     p.add_argument("--critic-lr", type=float, default=5e-4)
-    p.add_argument("--beta", type=float, default=0.01)
+    # beta, actor and RFT learning rates: chosen on the validation split (--eval-split val), see the README
+    p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--min-gap", type=float, default=0.1)
-    p.add_argument("--actor-lr", type=float, default=1e-4)
+    p.add_argument("--q-estimator", default="critic", choices=("critic", "monte_carlo"),
+                   help="Q of a non-terminal step: the critic (DAPO) or, as an ablation, the rollouts' Monte-Carlo "
+                        "estimate (on an existing --out add --redo advantages_round1)")
+    p.add_argument("--actor-lr", type=float, default=3e-5)
     p.add_argument("--actor-epochs", type=int, default=2)
     p.add_argument("--actor-batch-states", type=int, default=8)
-    p.add_argument("--rft-lr", type=float, default=1e-4)
+    p.add_argument("--rft-lr", type=float, default=1e-5)
     p.add_argument("--rft-epochs", type=int, default=2)
     p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--eval-split", default="test", choices=("test", "val"),
+                   help="evaluate every policy on the SFT test split (report) or its validation split (tuning)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     p.add_argument("--redo", default="", help="comma-separated stage names to rerun (with their dependants)")
     p.add_argument("--only-dapo", action="store_true", help="skip the RFT baseline")
@@ -77,8 +85,14 @@ class Recipe:
     def done_marker(self, name: str) -> Path:
         return self.out / "stages" / f"{name}.json"
 
-    def stage(self, name: str, command: list[str], depends: tuple[str, ...] = ()) -> dict:
-        """Run one CLI command unless its marker exists (and neither it nor a dependency is redone)."""
+    def stage(self, name: str, command: list[str], depends: tuple[str, ...] = (), outputs: tuple[Path, ...] = (),
+              resumable: bool = False) -> dict:
+        """Run one CLI command unless its marker exists (and neither it nor a dependency is redone).
+
+        ``outputs`` (files or folders) are deleted before a run, so a rerun does not pick up what an earlier
+        run left (Lightning would version a second ``last.ckpt``); for a ``resumable`` stage (the predict
+        stages, which skip rows already written) only when the stage is redone, so an interrupted one
+        continues."""
         marker = self.done_marker(name)
         if any(d in self.redo for d in depends):
             self.redo.add(name)
@@ -87,6 +101,11 @@ class Recipe:
             print(f"[skip] {name}: done earlier ({record['seconds']:.0f} s)", flush=True)
             self.timings[name] = record
             return record
+        for output in outputs if not resumable or name in self.redo else ():
+            if output.is_dir():
+                shutil.rmtree(output)
+            elif output.exists():
+                output.unlink()
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         load_before = os.getloadavg()[0]
@@ -106,22 +125,30 @@ class Recipe:
         print(f"[done] {name}: {seconds:.0f} s", flush=True)
         return record
 
-    def cli(self, subcommand: str, config: str, log_name: str, *overrides: str, checkpoint: bool = False) -> list[str]:
+    def cli(self, subcommand: str, config: str, log_name: str, *overrides: str, checkpoint: bool = False,
+            export: Path | None = None) -> list[str]:
+        """A ``cli.py`` command writing under ``--out`` only. A fit exports its best (else last) checkpoint to
+        ``export``, or nothing (never to the config's default folder, which another run may own)."""
         command = [self.python, "cli.py", subcommand, "--config", config,
                    f"--trainer.logger.init_args.save_dir={self.out / 'logs'}",
                    f"--trainer.logger.init_args.name={log_name}", "--trainer.logger.init_args.version=0",
                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
         if checkpoint:
             command.append(f"--checkpoint.dirpath={self.out / log_name / 'checkpoints'}")
+        if subcommand == "fit":
+            command.append(f"--export.dirpath={export if export is not None else 'null'}")
         if subcommand == "predict":
             command += ["--return_predictions", "false"]
         return command + list(overrides)
 
     def export(self, name: str, checkpoint: Path, target: Path, depends: tuple[str, ...]) -> Path:
-        if not checkpoint.exists():  # no validation data ranked a best checkpoint (tiny runs): take the last
-            checkpoint = checkpoint.with_name("last.ckpt")
-        self.stage(name, [self.python, "cli.py", "export", str(checkpoint), str(target)], depends)
+        self.stage(name, [self.python, "cli.py", "export", str(checkpoint), str(target)], depends, (target,))
         return target
+
+    @staticmethod
+    def dataset_files(output: Path) -> tuple[Path, ...]:
+        """A predict stage's merged file, shards and report."""
+        return (output, output.with_name(output.stem + ".shards"), output.with_name(output.stem + ".report.json"))
 
     @staticmethod
     def closest_checkpoint(folder: Path, target: float) -> tuple[Path, float]:
@@ -143,10 +170,14 @@ class Recipe:
         return self.summary(log_name).get("stages", {}).get(stage, {}).get("metrics", {})
 
     def evaluate(self, name: str, policy: Path | str, depends: tuple[str, ...]) -> float:
+        if self.args.eval_split != "test":  # its own stage: a test evaluation already done is not reused
+            name = f"{name}_{self.args.eval_split}"
         log_name = f"eval/{name}"
         self.stage(f"eval_{name}", self.cli("test", "configs/dapo/evaluate.yaml", log_name,
                                             f"--model.init_args.model={policy}",
-                                            f"--data.init_args.test_size={self.args.test_size}"), depends)
+                                            f"--data.init_args.test_size={self.args.test_size}",
+                                            f"--data.init_args.eval_split={self.args.eval_split}"), depends)
+        self.eval_problems = sum(self.summary(log_name)["stages"]["test"]["data"]["rows"].values())
         return self.metrics(log_name, "test")["test/accuracy"]
 
     # -- the method ----------------------------------------------------------------------------------
@@ -168,8 +199,14 @@ class Recipe:
                                        f"--trainer.val_check_interval={args.sft_val_every}",
                                        "--checkpoint.save_top_k=-1", "--checkpoint.auto_insert_metric_name=false",
                                        "--checkpoint.filename=sft-{step}-{val/accuracy:.4f}",
+                                       # stop at the first validation at or above the target: later steps
+                                       # could only give checkpoints farther from it
+                                       "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                                       "--trainer.callbacks.monitor=val/accuracy", "--trainer.callbacks.mode=max",
+                                       f"--trainer.callbacks.stopping_threshold={args.sft_target_accuracy}",
+                                       "--trainer.callbacks.patience=1000000",
                                        "--test_after_fit=false", f"--data.init_args.test_size={args.test_size}",
-                                       checkpoint=True))
+                                       checkpoint=True), outputs=(self.out / "sft/checkpoints",))
             checkpoint, accuracy = self.closest_checkpoint(self.out / "sft/checkpoints", args.sft_target_accuracy)
             results["sft_checkpoint"] = {"path": str(checkpoint), "val_accuracy": accuracy}
             policy = str(self.export("sft_export", checkpoint, self.out / "sft/export", ("sft",)))
@@ -194,7 +231,7 @@ class Recipe:
         results["wall_seconds"] = time.perf_counter() - started
         results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
         results["stages"] = self.timings
-        results["test_problems"] = self.args.test_size
+        results["eval_split"], results["eval_problems"] = self.args.eval_split, self.eval_problems
         self.write(results)
         return results
 
@@ -208,37 +245,40 @@ class Recipe:
             f"--trainer.callbacks.init_args.output={rollouts}", f"--model.init_args.model={policy}",
             f"--model.init_args.n1={args.n1}", f"--model.init_args.n={args.n}", f"--model.init_args.m={args.m}",
             f"--model.init_args.temperature={args.temperature}", f"--data.init_args.rollout_size={args.problems}",
-            f"--data.init_args.rollout_offset={(r - 1) * args.problems}"), policy_deps)
+            f"--data.init_args.rollout_offset={(r - 1) * args.problems}"), policy_deps,
+            self.dataset_files(rollouts), resumable=True)
         # 2. critic
         self.stage(f"critic_{tag}", self.cli(
             "fit", "configs/dapo/critic.yaml", f"{tag}/critic", f"--model.init_args.model={critic_init}",
             f"--data.init_args.data_file={rollouts}", f"--trainer.max_epochs={args.critic_epochs}",
-            f"--model.init_args.optimizer.init_args.lr={args.critic_lr}", checkpoint=True),
-            critic_deps + (f"rollouts_{tag}",))
-        critic = self.export(f"critic_export_{tag}", base / "critic/checkpoints/best.ckpt", base / "critic/export",
-                             (f"critic_{tag}",))
+            f"--model.init_args.optimizer.init_args.lr={args.critic_lr}", checkpoint=True,
+            export=base / "critic/export"), critic_deps + (f"rollouts_{tag}",),
+            (base / "critic/checkpoints", base / "critic/export"))
+        critic = base / "critic/export"  # the best checkpoint by validation BCE (the last without validation)
         # 3. advantages (+ cached pi_ref log-probs)
         self.stage(f"advantages_{tag}", self.cli(
             "predict", "configs/dapo/advantages.yaml", f"{tag}/advantages",
             f"--trainer.callbacks.init_args.output={advantages}", f"--model.init_args.critic={critic}",
             f"--model.init_args.reference={policy}", f"--model.init_args.min_gap={args.min_gap}",
-            f"--data.init_args.data_file={rollouts}"), (f"critic_export_{tag}",))
+            f"--model.init_args.q_estimator={args.q_estimator}",
+            f"--data.init_args.data_file={rollouts}"), (f"critic_{tag}",), self.dataset_files(advantages),
+            resumable=True)
         # 4. actor, initialised from pi_ref
         self.stage(f"actor_{tag}", self.cli(
             "fit", "configs/dapo/actor.yaml", f"{tag}/actor", f"--model.init_args.model={policy}",
             f"--model.init_args.beta={args.beta}", f"--model.init_args.optimizer.init_args.lr={args.actor_lr}",
             f"--data.init_args.data_file={advantages}", f"--data.init_args.min_gap={args.min_gap}",
             f"--data.init_args.batch_size={args.actor_batch_states}", f"--trainer.max_epochs={args.actor_epochs}",
-            checkpoint=True), (f"advantages_{tag}",))
-        actor = self.export(f"actor_export_{tag}", base / "actor/checkpoints/last.ckpt", base / "actor/export",
-                            (f"actor_{tag}",))
+            checkpoint=True, export=base / "actor/export"), (f"advantages_{tag}",),
+            (base / "actor/checkpoints", base / "actor/export"))
+        actor = base / "actor/export"  # the last checkpoint (no monitored metric)
         results[tag] = {
             "rollouts": json.loads((base / "rollouts.report.json").read_text()),
             "advantages": json.loads((base / "advantages.report.json").read_text()),
             "critic": {k: v for k, v in self.metrics(f"{tag}/critic", "fit").items() if k.startswith("val/")},
             "actor": {k: v for k, v in self.metrics(f"{tag}/actor", "fit").items() if k.startswith(("train/", "val/"))},
         }
-        return str(actor), (f"actor_export_{tag}",), str(critic), (f"critic_export_{tag}",)
+        return str(actor), (f"actor_{tag}",), str(critic), (f"critic_{tag}",)
 
     def rft(self, policy: str, policy_deps) -> float:
         from datamodules.dapo_data import read_rollouts, rejection_sampling_rows
@@ -254,17 +294,18 @@ class Recipe:
             return self.evaluate("sft", policy, policy_deps)
         self.stage("rft", self.cli("fit", "configs/dapo/rft.yaml", "rft", f"--model.init_args.model={policy}",
                                    f"--data.init_args.train_file={data}", f"--trainer.max_epochs={args.rft_epochs}",
-                                   f"--model.init_args.optimizer.init_args.lr={args.rft_lr}", checkpoint=True),
-                   policy_deps + ("rollouts_round1",))
-        rft_policy = self.export("rft_export", base / "checkpoints/last.ckpt", base / "export", ("rft",))
-        return self.evaluate("rft", rft_policy, ("rft_export",))
+                                   f"--model.init_args.optimizer.init_args.lr={args.rft_lr}", checkpoint=True,
+                                   export=base / "export"),
+                   policy_deps + ("rollouts_round1",), (base / "checkpoints", base / "export"))
+        return self.evaluate("rft", base / "export", ("rft",))
 
     # -- reporting -----------------------------------------------------------------------------------
     def write(self, results: dict) -> None:
-        n = results["test_problems"]
+        n = results["eval_problems"]
         base = results["policies"]["SFT policy (stage 0)"]
         lines = ["# DAPO on the embedded arithmetic task", "",
-                 f"Greedy pass@1 on {n} held-out problems (the SFT test split); 95% Wilson intervals.", "",
+                 f"Greedy pass@1 on {n} held-out problems (the SFT {results['eval_split']} split); 95% Wilson "
+                 "intervals.", "",
                  "| policy | accuracy | 95% interval | vs SFT |", "|---|---|---|---|"]
         rank = {"SFT": 0, "DAPO": 1, "RFT": 2}
         order = sorted(results["policies"], key=lambda name: (rank.get(name.split()[0], 3), name))

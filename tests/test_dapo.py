@@ -227,6 +227,16 @@ def test_actor_labels_mark_exactly_the_action_tokens():
 # Data files: errors name the file, row and field
 
 
+def test_readme_lists_every_dataset_column():
+    from pathlib import Path
+
+    from datamodules.dapo_data import columns_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    # regenerate the README's tables with print(columns_markdown()) after changing the column dicts
+    assert columns_markdown() in readme
+
+
 def test_bad_rollout_row_names_file_row_and_field(tmp_path):
     good = {"problem_id": "a", "prompt_text": "Q", "states": [
         {"prefix": "", "mc_value": 0.5, "num_completions": 2, "num_correct": 1,
@@ -245,6 +255,10 @@ def test_bad_rollout_row_names_file_row_and_field(tmp_path):
     path.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         read_rollouts(path)
+    text_file = tmp_path / "rollouts.txt"  # not taken for the name of a hub dataset
+    text_file.write_text(json.dumps(good) + "\n")
+    with pytest.raises(DataError, match=r"rollouts.txt: a DAPO dataset file must end in \.json, \.jsonl, \.parquet"):
+        read_rollouts(text_file)
 
 
 def test_actor_data_rejects_a_missing_reference_logprob(tmp_path):
@@ -287,6 +301,19 @@ def test_problems_hold_out_exactly_the_sft_test_split():
     problems.tokenizer = load_tokenizer("tiny")
     item = problems.encode(problems.embedded_rows("test")[0], "test", "embedded", 0)
     assert item["prompt_text"].startswith("<|user|>Compute ") and item["prompt_text"].endswith("<|assistant|>")
+
+
+def test_eval_split_val_evaluates_the_sft_validation_problems():
+    from datamodules.sft_data import SFTData
+
+    problems = DAPOProblems(eval_split="val", tokenizer="tiny")
+    problems.setup("test")
+    batch = next(iter(problems.test_dataloader()))
+    val_prompts = {row["prompt"] for row in SFTData(train_size=6000).embedded_rows("val")}
+    assert len(problems.datasets["val"]) == 256 and "test" not in problems.datasets
+    assert set(batch["prompt"]) <= val_prompts
+    with pytest.raises(ValueError, match="eval_split must be 'test' or 'val'"):
+        DAPOProblems(eval_split="train")
 
 
 # ----------------------------------------------------------------------------------------------------

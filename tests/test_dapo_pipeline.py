@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from datamodules.dapo_data import read_jsonl, read_rollouts, split_steps, state_action_tokens
+from datamodules.dapo_data import (
+    ADVANTAGE_COLUMNS,
+    ROLLOUT_COLUMNS,
+    read_jsonl,
+    read_rollouts,
+    split_steps,
+    state_action_tokens,
+)
 
 M = 3
 ROLLOUTS = ["--model.init_args.model=tiny", "--model.init_args.n1=3", "--model.init_args.n=2", f"--model.init_args.m={M}",
@@ -36,6 +43,26 @@ def check_rollout_rows(rows: list[dict]) -> None:
             assert state["mc_value"] == state["num_correct"] / M
 
 
+def column_paths(rows: list[dict]) -> set[str]:
+    """Every column a row holds, nested ones written as in the column dicts: "states[].candidates[].action"."""
+    paths: set[str] = set()
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{prefix}.{key}" if prefix else key
+                paths.add(path)
+                if path != "reference":  # a HumanEval reference is a mapping, but one column
+                    walk(item, path)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, prefix + "[]")
+
+    for row in rows:
+        walk(row, "")
+    return paths
+
+
 def give_outcomes(path) -> None:
     """A random tiny policy never answers correctly. Mark the first candidate of each state as a correct
     terminal step and the second as a wrong one, so the critic sees both classes and the advantages have
@@ -61,6 +88,7 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
             name="rollouts")
     rows = read_rollouts(rollouts)
     check_rollout_rows(rows)
+    assert column_paths(rows) == set(ROLLOUT_COLUMNS)  # the documented columns, no more, no fewer
     report = json.loads((tmp_path / "rollouts.report.json").read_text())
     assert report["problems"] == 3 and report["states"] == sum(len(r["states"]) for r in rows)
 
@@ -94,6 +122,7 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
     states = read_jsonl(advantages)
     rollout_states = {f"{row['problem_id']}/{i}": s for row in read_rollouts(rollouts) for i, s in enumerate(row["states"])}
     assert {s["state_id"] for s in states} == set(rollout_states)
+    assert column_paths(states) == set(ADVANTAGE_COLUMNS)
     for state in states:
         candidates = state["candidates"]
         advantages_of = [c["advantage"] for c in candidates]
@@ -120,6 +149,17 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     expected = sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
     assert candidate["ref_logprob"] == pytest.approx(expected, abs=1e-3)
+
+    # the Monte-Carlo ablation takes Q of a non-terminal step from the rollout completions that started with it
+    mc_advantages = tmp_path / "advantages_mc.jsonl"
+    run_cli("predict", "configs/dapo/advantages.yaml", f"--trainer.callbacks.init_args.output={mc_advantages}",
+            f"--model.init_args.critic={tmp_path / 'critic_export'}", "--model.init_args.reference=tiny",
+            "--model.init_args.q_estimator=monte_carlo", f"--data.init_args.data_file={rollouts}",
+            "--return_predictions=false", name="advantages_mc")
+    for state in read_jsonl(mc_advantages):
+        for candidate, source in zip(state["candidates"], rollout_states[state["state_id"]]["candidates"]):
+            assert candidate["q"] == source["num_correct"] / source["count"]
+            assert candidate["q_source"] == ("reward" if source["terminal"] else "monte_carlo")
 
     # 4. actor: before training pi == pi_ref, so the log-ratio on the cached data is 0
     actor = ["--model.init_args.model=tiny", f"--data.init_args.data_file={advantages}", "--data.init_args.batch_size=2"]
