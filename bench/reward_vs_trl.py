@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "non_embedding_parameters": n_params, "flops_per_token": flops_per_token,
         "trl_version": trl.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
-        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}}
+        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
+        # on a shared CPU the thread count changes the result more than either trainer does: record it
+        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     for side, results in runs.items():
         summary[side] = {
             "pairs_per_s": statistics.median(r["pairs_per_s"] for r in results),
@@ -356,6 +358,7 @@ def print_table(summary: dict[str, Any], gpu: bool) -> None:
           f"{settings['max_length']} tokens/side max, {settings['steps']} steps ({settings['warmup']} untimed), "
           f"{settings['repeats']} alternating run(s) each, one process (machine load hits both alike); "
           f"load average {summary['load_average']['start']} -> {summary['load_average']['end']}; "
+          f"{summary['torch_threads']} torch thread(s) (OMP_NUM_THREADS={summary['OMP_NUM_THREADS']}); "
           f"TRL {summary['trl_version']}, torch {summary['torch']}")
     header = ("| trainer | pairs/s, median [each run] | best pairs/s | pairs per CPU-second | tokens/s (median) | "
               "final loss | mean loss, last 10 steps |")

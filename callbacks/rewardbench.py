@@ -1,7 +1,7 @@
 """RewardBench category scores at the end of ``test``: to TensorBoard, the run summary and a JSON file.
 
-``RewardModel`` logs strict per-subset accuracy as ``test/accuracy/<subset>``; this callback reads those
-(``test/accuracy`` when the data has a single subset), weighs them as ``datamodules.rewardbench`` says
+``RewardModel`` logs strict per-subset accuracy as ``test/accuracy/<subset>`` (also for a single subset);
+this callback reads those, weighs them as ``datamodules.rewardbench`` says
 (RewardBench's fixed counts for its own subsets, math-prm counted equal to the six code subsets; the
 number of rows for any other subset), and logs ``test/rewardbench/<category>`` and
 ``test/rewardbench/overall`` (plain mean of the categories). The JSON (``<log_dir>/rewardbench.json`` by
@@ -60,14 +60,11 @@ class RewardBenchScores(pl.Callback):
         if not sizes:
             raise ValueError("empty evaluation set: the test split has no pairs")
         metrics = trainer.callback_metrics
-        if len(sizes) == 1:
-            accuracy = {name: float(metrics["test/accuracy"]) for name in sizes}
-        else:
-            absent = [name for name in sizes if f"test/accuracy/{name}" not in metrics]
-            if absent:
-                raise RuntimeError(f"no test/accuracy/<subset> metric for {absent}; RewardBenchScores needs a "
-                                   f"module that logs per-subset accuracy (RewardModel does)")
-            accuracy = {name: float(metrics[f"test/accuracy/{name}"]) for name in sizes}
+        absent = [name for name in sizes if f"test/accuracy/{name}" not in metrics]
+        if absent:
+            raise RuntimeError(f"no test/accuracy/<subset> metric for {absent}; RewardBenchScores needs a "
+                               f"module that logs per-subset accuracy (RewardModel does)")
+        accuracy = {name: float(metrics[f"test/accuracy/{name}"]) for name in sizes}
         result = category_scores(accuracy, subset_weights(sizes), self._categories(datamodule))
         for subset, entry in result["subsets"].items():
             entry["pairs"] = sizes[subset]

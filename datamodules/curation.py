@@ -7,7 +7,7 @@ to its 378K pool:
 
 | stage | keeps |
 |---|---|
-| ``DropInvalid`` | pairs that pass the reward datamodule's rules (no missing/empty side, known roles, chosen != rejected) |
+| ``DropInvalid`` | pairs that pass the reward datamodule's rules (``preference.validate_pair``: no missing/empty side, known roles, chosen != rejected) |
 | ``Deduplicate`` | the first of identical pairs (exactly, or after collapsing whitespace) |
 | ``Decontaminate`` | pairs whose prompt shares no run of ``ngram`` words (default 8: "more than 7") with an evaluation prompt |
 | ``ConsistencyFilter`` | pairs of the named sources that a given reward model ranks correctly (strict) |
@@ -30,6 +30,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,11 +40,8 @@ from typing import Any
 if __name__ == "__main__":  # ``python datamodules/curation.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 from datamodules.common import DataError, read_rows, row_error  # noqa: E402
-from datamodules.preference import PreferenceData  # noqa: E402
-from datamodules.text import validate_messages, validate_text  # noqa: E402
+from datamodules.preference import PreferenceData, validate_pair  # noqa: E402
 
 DEFAULT_FRACTIONS = {"math": 0.3, "code": 0.3, "other": 0.1}
 UNKNOWN_SOURCE = "unknown"
@@ -73,41 +71,10 @@ class PairText:
 
 
 def pair_problem(row: dict[str, Any], index: int, origin: str, fields: PairFields = PairFields()) -> DataError | None:
-    """The first rule of the reward datamodule that ``row`` breaks, as a ``DataError`` (None if valid).
-
-    The rules of ``PreferenceData.encode`` that need no tokenizer: both sides present; strings non-empty;
-    message lists of known roles with non-empty content; a conversation ends with an assistant turn;
-    chosen different from rejected; ``margin`` a finite number; ``subset`` a string.
-    """
+    """The first rule of the reward datamodule that ``row`` breaks (``preference.validate_pair``), as a
+    ``DataError``; None if the pair is valid."""
     try:
-        prompt = row.get(fields.prompt)
-        if prompt is not None:
-            if isinstance(prompt, list):
-                validate_messages(prompt, origin, index, fields.prompt)
-            else:
-                validate_text(prompt, origin, index, fields.prompt)
-        for name in (fields.chosen, fields.rejected):
-            value = row.get(name)
-            if value is None:
-                raise row_error(origin, index, name, "missing")
-            if isinstance(value, list):
-                validate_messages(value, origin, index, name)
-                if value[-1]["role"] != "assistant":
-                    raise row_error(origin, index, name, "the conversation must end with an assistant turn")
-            elif isinstance(value, str):
-                validate_text(value, origin, index, name)
-            else:
-                raise row_error(origin, index, name,
-                                f"expected a string or a list of messages, got {type(value).__name__}")
-        if row[fields.chosen] == row[fields.rejected]:
-            raise row_error(origin, index, fields.rejected, "identical to chosen")
-        margin = row.get("margin")
-        if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)
-                                   or not math.isfinite(margin)):
-            raise row_error(origin, index, "margin", f"expected a finite number, got {margin!r}")
-        subset = row.get("subset")
-        if subset is not None and not isinstance(subset, str):
-            raise row_error(origin, index, "subset", f"expected a string, got {type(subset).__name__}")
+        validate_pair(row, origin, index, fields.prompt, fields.chosen, fields.rejected)
     except DataError as error:
         return error
     return None
@@ -415,13 +382,28 @@ class ConsistencyFilter(CurationStep):
     chosen response is strictly above that of the rejected one (a tie is wrong). Pairs of other sources
     pass untouched; ``sources=None`` checks every source. Scores are the ``<score_prefix>_chosen`` /
     ``<score_prefix>_rejected`` columns of a scoring run with that model (in the paper, a model trained on
-    the other sources)."""
+    the other sources).
+
+    ``category_field`` + ``categories`` restrict the check to pairs whose category is listed: where the
+    model ranks no better than chance (or worse) on validation data, removing the pairs it ranks wrong
+    removes correct labels as often as flipped ones (or more often), so those categories pass untouched.
+    """
 
     name = "consistency"
 
-    def __init__(self, sources: list[str] | None = None, score_prefix: str = "score"):
+    def __init__(self, sources: list[str] | None = None, score_prefix: str = "score",
+                 category_field: str | None = None, categories: list[str] | None = None):
+        if (category_field is None) != (categories is None):
+            raise ValueError("set category_field and categories together (or neither)")
         self.sources = None if sources is None else list(sources)
         self.score_prefix = score_prefix
+        self.category_field = category_field
+        self.categories = None if categories is None else list(categories)
+
+    def _checked(self, row: dict[str, Any], fields: PairFields) -> bool:
+        if self.sources is not None and row_source(row, fields) not in self.sources:
+            return False
+        return self.categories is None or row.get(self.category_field) in self.categories
 
     def apply(self, rows, fields, origin):
         chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
@@ -429,10 +411,10 @@ class ConsistencyFilter(CurationStep):
         checked: Counter = Counter()
         correct: Counter = Counter()
         for index, row in enumerate(rows):
-            source = row_source(row, fields)
-            if self.sources is not None and source not in self.sources:
+            if not self._checked(row, fields):
                 kept.append(index)
                 continue
+            source = row_source(row, fields)
             right = _score(row, chosen_column, index, origin) > _score(row, rejected_column, index, origin)
             checked[source] += 1
             correct[source] += right
@@ -441,35 +423,56 @@ class ConsistencyFilter(CurationStep):
             else:
                 removed[index] = f"ranked wrong by the reward model '{self.score_prefix}' (chosen <= rejected)"
         accuracy = {source: correct[source] / checked[source] for source in sorted(checked)}
-        return StepResult(kept, removed, {"model_accuracy_per_source": accuracy})
+        return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items()))})
 
 
 class SelectByScore(CurationStep):
     """Keeps the prompts whose responses score highest within their category.
 
-    A prompt's score is the mean, over all its pairs and both responses of each, of
-    ``score + source_offsets[source]`` (a negative offset makes a weaker source's prompts lose ties
-    against stronger ones). Prompts (compared after whitespace normalisation) are ranked within their
-    category, from the ``category_field`` column or else ``classify_prompt`` (math/code/other), and the top
+    A prompt's score is the mean, over all its pairs, of ``score + source_offsets[source]`` (a negative
+    offset makes a weaker source's prompts lose ties against stronger ones), where ``score`` is, with
+    ``prompt_score``:
+
+    - ``mean`` (the paper's rule): the mean of both responses of the pair;
+    - ``chosen``: the chosen response alone. With one pair per prompt the mean ranks a prompt by its
+      rejected response as much as by its chosen one, so the easy pairs (a clearly bad rejected response)
+      rank last; the chosen score ranks by the quality of the answer the pair teaches to prefer, so pairs
+      whose "chosen" response is itself poor (flipped labels, both responses wrong) rank last.
+
+    Prompts (compared after whitespace normalisation) are ranked within their category, from the
+    ``category_field`` column or else ``classify_prompt`` (math/code/other), and the top
     ``fractions[category]`` of them are kept, ``ceil(fraction x count)``, with all their pairs. Equal
-    scores keep the prompt seen first.
+    scores keep the prompt seen first. Categories must group prompts whose scores share a scale: the
+    report counts what was kept per ``report_field`` value (default ``subset``, if the rows have one) and
+    lists the values that lost every pair, the sign that one category mixes several scales.
     """
 
     name = "select_by_score"
+    PROMPT_SCORES = ("mean", "chosen")
 
     def __init__(self, fractions: dict[str, float] | None = None, category_field: str | None = None,
-                 source_offsets: dict[str, float] | None = None, score_prefix: str = "score"):
+                 source_offsets: dict[str, float] | None = None, score_prefix: str = "score",
+                 prompt_score: str = "mean", report_field: str | None = "subset"):
         self.fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
         for category, fraction in self.fractions.items():
             if not 0 < fraction <= 1:
                 raise ValueError(f"fractions['{category}'] must be in (0, 1], got {fraction}")
+        if prompt_score not in self.PROMPT_SCORES:
+            raise ValueError(f"prompt_score must be one of {self.PROMPT_SCORES}, got {prompt_score!r}")
         self.category_field = category_field
         self.source_offsets = dict(source_offsets or {})
         self.score_prefix = score_prefix
+        self.prompt_score = prompt_score
+        self.report_field = report_field
+
+    def _pair_score(self, row: dict[str, Any], index: int, origin: str) -> float:
+        chosen = _score(row, f"{self.score_prefix}_chosen", index, origin)
+        if self.prompt_score == "chosen":
+            return chosen
+        return (chosen + _score(row, f"{self.score_prefix}_rejected", index, origin)) / 2
 
     def apply(self, rows, fields, origin):
         texts = self._texts(rows, fields, origin)
-        chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
         groups: dict[str, list[int]] = {}
         for index, text in enumerate(texts):
             groups.setdefault(normalize_whitespace(text.prompt), []).append(index)
@@ -487,22 +490,20 @@ class SelectByScore(CurationStep):
                 raise row_error(origin, members[0], self.category_field or "prompt",
                                 f"category {category!r} has no fraction; set fractions.{category} "
                                 f"(known: {sorted(self.fractions)})")
-            total = 0.0
-            for index in members:
-                offset = self.source_offsets.get(row_source(rows[index], fields), 0.0)
-                total += (_score(rows[index], chosen_column, index, origin)
-                          + _score(rows[index], rejected_column, index, origin)) / 2 + offset
+            total = sum(self._pair_score(rows[index], index, origin)
+                        + self.source_offsets.get(row_source(rows[index], fields), 0.0) for index in members)
             by_category[category].append((total / len(members), order, prompt))
             category_of[prompt] = category
         kept_prompts: set[str] = set()
-        details: dict[str, Any] = {}
+        details: dict[str, Any] = {"prompt_score": self.prompt_score, "categories": {}}
         for category, ranked in sorted(by_category.items()):
             ranked.sort(key=lambda item: (-item[0], item[1]))
             keep = top_count(len(ranked), self.fractions[category])
             kept_prompts.update(prompt for _, _, prompt in ranked[:keep])
-            details[category] = {"prompts": len(ranked), "kept_prompts": keep, "fraction": self.fractions[category],
-                                 "lowest_kept_score": ranked[keep - 1][0] if keep else None,
-                                 "highest_removed_score": ranked[keep][0] if keep < len(ranked) else None}
+            details["categories"][category] = {
+                "prompts": len(ranked), "kept_prompts": keep, "fraction": self.fractions[category],
+                "lowest_kept_score": ranked[keep - 1][0] if keep else None,
+                "highest_removed_score": ranked[keep][0] if keep < len(ranked) else None}
         kept, removed = [], {}
         for prompt, members in groups.items():
             for index in members:
@@ -511,9 +512,24 @@ class SelectByScore(CurationStep):
                 else:
                     category = category_of[prompt]
                     removed[index] = (f"prompt below the top {self.fractions[category]:.0%} of category "
-                                      f"'{category}' by mean score")
+                                      f"'{category}' by {self.prompt_score} score")
         kept.sort()
-        return StepResult(kept, removed, {"categories": details})
+        if self.report_field and any(self.report_field in row for row in rows):
+            details.update(self._retention(rows, kept))
+        return StepResult(kept, removed, details)
+
+    def _retention(self, rows: list[dict[str, Any]], kept: list[int]) -> dict[str, Any]:
+        """Pairs in and kept per value of ``report_field``, and the values that lost every pair."""
+        counts: dict[str, dict[str, int]] = {}
+        for row in rows:
+            counts.setdefault(str(row.get(self.report_field)), {"input": 0, "kept": 0})["input"] += 1
+        for index in kept:
+            counts[str(rows[index].get(self.report_field))]["kept"] += 1
+        emptied = sorted(value for value, entry in counts.items() if entry["kept"] == 0)
+        if emptied:
+            warnings.warn(f"select_by_score removed every pair of {self.report_field} {emptied}: their prompts "
+                          f"score on another scale than the rest of their category (set category_field)", stacklevel=2)
+        return {f"per_{self.report_field}": dict(sorted(counts.items())), f"{self.report_field}_emptied": emptied}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -678,12 +694,18 @@ def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep]
 
 
 def report_table(summary: dict[str, Any]) -> str:
-    """A markdown table of a pipeline report: rows in and out of each stage and why rows left."""
+    """Markdown tables of a pipeline report: rows in and out of each stage and why rows left, overall and
+    per source."""
     lines = ["| stage | in | kept | removed | reasons (count) |", "|---|---|---|---|---|"]
     for report in summary["steps"]:
         reasons = "; ".join(f"{reason} ({count})" for reason, count in report["removed_by_reason"].items()) or "-"
         lines.append(f"| {report['step']} | {report['input_rows']} | {report['kept_rows']} | "
                      f"{report['removed_rows']} | {reasons} |")
+    lines += ["", "| stage | source | in | kept | removed: reason (count) |", "|---|---|---|---|---|"]
+    for report in summary["steps"]:
+        for source, counts in report["by_source"].items():
+            removed = "; ".join(f"{reason} ({count})" for reason, count in counts["removed"].items()) or "-"
+            lines.append(f"| {report['step']} | {source} | {counts['input']} | {counts['kept']} | {removed} |")
     lines += ["", "| source | in | out |", "|---|---|---|"]
     for source, counts in summary["sources"].items():
         lines.append(f"| {source} | {counts['input']} | {counts['output']} |")
@@ -750,8 +772,8 @@ class CuratedPreferenceData(PreferenceData):
 
 
 class PreferenceScoringData(PreferenceData):
-    """The pairs of ``input_file`` for a scoring ``predict`` run: each batch carries ``row_id`` (the row's
-    index in the file) so per-rank outputs can be merged back onto the rows. Invalid rows are dropped and
+    """The pairs of ``input_file`` for a scoring ``predict`` run; the ``row_id`` of every batch (the rows'
+    indices in the file) lets per-rank outputs be merged back onto the rows. Invalid rows are dropped and
     counted by default (``invalid_rows: drop``) and reported as unscored. Pairs are sorted longest first:
     less padding per batch, and an out-of-memory error shows on the first batch rather than the last."""
 
@@ -763,22 +785,11 @@ class PreferenceScoringData(PreferenceData):
         self.input_file = input_file
         self.sort_by_length = sort_by_length
 
-    def encode(self, row, split, source, index):
-        item = super().encode(row, split, source, index)
-        if item is not None:
-            item["row_id"] = index
-        return item
-
     def load_split(self, split):
         items = super().load_split(split)
         if items and self.sort_by_length:
             items.sort(key=lambda item: -max(len(item["chosen"]), len(item["rejected"])))
         return items
-
-    def collate(self, items):
-        batch = super().collate(items)
-        batch["row_id"] = torch.tensor([item["row_id"] for item in items], dtype=torch.long)
-        return batch
 
 
 # ----------------------------------------------------------------------------------------------------

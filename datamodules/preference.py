@@ -13,7 +13,7 @@ identical to rejected) stop the run with file, row and field, or are dropped and
 (``invalid_rows: drop``). Truncated pairs are counted, never silently dropped.
 
 Batches hold chosen rows first, then rejected: ``input_ids`` (2B, T), ``attention_mask``, ``margin`` (B),
-``subset`` (B) as indices into ``subset_names``.
+``subset`` (B) as indices into ``subset_names``, ``row_id`` (B) the rows' indices in their file.
 """
 
 from __future__ import annotations
@@ -26,6 +26,42 @@ import torch
 from datamodules import arithmetic
 from datamodules.common import pad_sequences, row_error, truncate
 from datamodules.text import TextDataModule, encode_text, render_chat, validate_messages, validate_text
+
+
+def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: str = "prompt",
+                  chosen_field: str = "chosen", rejected_field: str = "rejected") -> None:
+    """Raise a ``DataError`` naming source, row and field for the first rule a preference row breaks.
+
+    The one set of rules for a valid pair, used by ``PreferenceData`` before it tokenizes and by the
+    curation step ``DropInvalid``: both sides present; a string non-empty; a message list of known roles
+    with non-empty content, ending with an assistant turn; chosen different from rejected; ``prompt`` (if
+    present) a non-empty string or message list; ``margin`` a finite number; ``subset`` a string.
+    """
+    prompt = row.get(prompt_field)
+    if prompt is not None:
+        if isinstance(prompt, list):
+            validate_messages(prompt, source, index, prompt_field)
+        else:
+            validate_text(prompt, source, index, prompt_field)
+    for name in (chosen_field, rejected_field):
+        value = row.get(name)
+        if value is None:
+            raise row_error(source, index, name, "missing")
+        if isinstance(value, list):
+            validate_messages(value, source, index, name)
+            if value[-1]["role"] != "assistant":
+                raise row_error(source, index, name, "the conversation must end with an assistant turn")
+        else:
+            validate_text(value, source, index, name)
+    if row[chosen_field] == row[rejected_field]:
+        raise row_error(source, index, rejected_field, "identical to chosen")
+    margin = row.get("margin")
+    if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)
+                               or not math.isfinite(margin)):
+        raise row_error(source, index, "margin", f"expected a finite number, got {margin!r}")
+    subset = row.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise row_error(source, index, "subset", f"expected a string, got {type(subset).__name__}")
 
 
 class PreferenceData(TextDataModule):
@@ -54,45 +90,31 @@ class PreferenceData(TextDataModule):
                                           weights=self.train_subset_weights if split == "train" else None)
 
     # -- one side of a pair as token ids -------------------------------------------------------------
-    def _side_ids(self, row: dict[str, Any], field: str, source: str, index: int) -> list[int]:
-        value, prompt = row.get(field), row.get(self.prompt_field)
+    def _side_ids(self, row: dict[str, Any], field: str) -> list[int]:
+        """Token ids of one side of a pair that ``validate_pair`` accepted."""
+        value, prompt = row[field], row.get(self.prompt_field)
         tokenizer = self.tokenizer
         if isinstance(value, list) or isinstance(prompt, list):
             messages: list[dict[str, str]] = []
             if prompt is not None:
-                messages += (validate_messages(prompt, source, index, self.prompt_field) if isinstance(prompt, list)
-                             else [{"role": "user", "content": validate_text(prompt, source, index, self.prompt_field)}])
-            messages += (validate_messages(value, source, index, field) if isinstance(value, list)
-                         else [{"role": "assistant", "content": validate_text(value, source, index, field)}])
-            if messages[-1]["role"] != "assistant":
-                raise row_error(source, index, field, "the conversation must end with an assistant turn")
+                messages += prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            messages += value if isinstance(value, list) else [{"role": "assistant", "content": value}]
             text = render_chat(tokenizer, messages)
-        else:
-            response = validate_text(value, source, index, field)
-            if prompt is not None:
-                prompt = validate_text(prompt, source, index, self.prompt_field)
-                if tokenizer.chat_template:
-                    text = render_chat(tokenizer, [{"role": "user", "content": prompt},
-                                                   {"role": "assistant", "content": response}])
-                else:
-                    text = prompt + response + (tokenizer.eos_token or "")
+        elif prompt is not None:
+            if tokenizer.chat_template:
+                text = render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}])
             else:
-                text = response + (tokenizer.eos_token or "")
+                text = prompt + value + (tokenizer.eos_token or "")
+        else:
+            text = value + (tokenizer.eos_token or "")
         return encode_text(tokenizer, text)
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> Optional[dict[str, Any]]:
-        for field in (self.chosen_field, self.rejected_field):
-            if field not in row or row[field] is None:
-                raise row_error(source, index, field, "missing")
-        chosen = self._side_ids(row, self.chosen_field, source, index)
-        rejected = self._side_ids(row, self.rejected_field, source, index)
-        if chosen == rejected:
-            raise row_error(source, index, self.rejected_field, "identical to chosen")
-        margin = row.get("margin", 0.0)
-        if margin is None:
-            margin = 0.0
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
-            raise row_error(source, index, "margin", f"expected a finite number, got {margin!r}")
+        validate_pair(row, source, index, self.prompt_field, self.chosen_field, self.rejected_field)
+        chosen = self._side_ids(row, self.chosen_field)
+        rejected = self._side_ids(row, self.rejected_field)
+        if chosen == rejected:  # different rows that format to the same text (e.g. a string and a message)
+            raise row_error(source, index, self.rejected_field, "identical to chosen once formatted")
         side = self.truncation_side if split == "train" else self.eval_truncation_side
         chosen, cut_chosen = truncate(chosen, self.max_length, side)
         rejected, cut_rejected = truncate(rejected, self.max_length, side)
@@ -101,14 +123,12 @@ class PreferenceData(TextDataModule):
             if chosen == rejected:
                 self.report.drop(split, "chosen and rejected identical after truncation to max_length")
                 return None
-        subset = row.get("subset")
-        if subset is not None and not isinstance(subset, str):
-            raise row_error(source, index, "subset", f"expected a string, got {type(subset).__name__}")
-        subset = subset or "all"
+        subset = row.get("subset") or "all"
         if subset not in self.subset_names:
             self.subset_names.append(subset)
-        return {"chosen": chosen, "rejected": rejected, "margin": float(margin),
-                "subset": self.subset_names.index(subset)}
+        # row_id: the row's index in its file, so predictions can be joined back onto the rows
+        return {"chosen": chosen, "rejected": rejected, "margin": float(row.get("margin") or 0.0),
+                "subset": self.subset_names.index(subset), "row_id": index}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
@@ -117,4 +137,5 @@ class PreferenceData(TextDataModule):
             "attention_mask": pad_sequences([[1] * len(sequence) for sequence in sequences], 0),
             "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
             "subset": torch.tensor([item["subset"] for item in items], dtype=torch.long),
+            "row_id": torch.tensor([item["row_id"] for item in items], dtype=torch.long),
         }

@@ -76,6 +76,7 @@ class RewardModel(HFModule):
                                 hinge_margin=hinge_margin, center_coef=center_coef)
         self._subset_correct: Optional[torch.Tensor] = None
         self._subset_total: Optional[torch.Tensor] = None
+        self.subset_counts: dict[str, dict[str, int]] = {}
 
     def prepare_tokenizer(self, tokenizer) -> None:
         lm.ensure_distinct_pad_token(tokenizer)
@@ -119,10 +120,12 @@ class RewardModel(HFModule):
         correct = self.trainer.strategy.reduce(self._subset_correct, reduce_op="sum")
         total = self.trainer.strategy.reduce(self._subset_total, reduce_op="sum")
         names = self._subset_names()
-        per_subset = {name: (correct[i] / total[i]).item() for i, name in enumerate(names) if total[i] > 0}
-        if len(per_subset) > 1:
-            for name, value in per_subset.items():
-                self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)  # equal on all ranks already
+        # kept on the module (pairs and correct per subset) for callbacks and callers of validate/test
+        self.subset_counts = {name: {"pairs": int(total[i]), "correct": int(correct[i])}
+                              for i, name in enumerate(names) if total[i] > 0}
+        per_subset = {name: counts["correct"] / counts["pairs"] for name, counts in self.subset_counts.items()}
+        for name, value in per_subset.items():  # also with one subset, so every run logs the same keys
+            self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)  # equal on all ranks already
         return per_subset
 
     def on_validation_epoch_start(self) -> None:
@@ -143,6 +146,14 @@ class RewardModel(HFModule):
     def on_test_epoch_end(self) -> None:
         self._end_eval("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Rewards of each pair, with the rows' ``row_id`` (index in their file) and ``subset`` name where the
+        data has them."""
         chosen, rejected = self.pair_rewards(batch)
-        return {"reward_chosen": chosen.cpu(), "reward_rejected": rejected.cpu()}
+        out: dict[str, Any] = {"reward_chosen": chosen.cpu(), "reward_rejected": rejected.cpu()}
+        if "row_id" in batch:
+            out["row_id"] = batch["row_id"].cpu()
+        names = self._subset_names() if self._trainer is not None else ["all"]
+        if "subset" in batch and names != ["all"]:
+            out["subset"] = [names[index] for index in batch["subset"].tolist()]
+        return out

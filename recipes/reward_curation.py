@@ -6,19 +6,25 @@
      duplicates, and a few invalid rows (chosen == rejected, an empty response);
    - ``synthetic``: low-value pairs, both responses wrong (the label says nothing about correctness);
    - ``forum``: pairs whose prompts are the evaluation prompts, verbatim or wrapped in longer text.
-   The held-out evaluation set is RewardBench-shaped (``datamodules/rewardbench.generated_rows``:
-   5 subsets in 4 categories), on problems disjoint from the pool.
-2. Train a judge reward model on the trusted source, score the pool with it (``predict``,
-   ``RewardScorer``), and curate: drop invalid -> deduplicate -> decontaminate against the evaluation
-   prompts -> consistency filter on crowd and synthetic -> top fraction by mean judge score per category
-   (paper defaults: 30% math/code, 10% other) with per-source offsets.
+   Every row carries a ``task`` column, the kind of prompt (plain arithmetic, divide by zero, divide by
+   one), as real pools carry a domain per source. Two RewardBench-shaped sets on problems disjoint from
+   the pool (``datamodules/rewardbench.generated_rows``: 5 subsets in 4 categories): a validation set,
+   which chooses the score-based selection, and the held-out evaluation set, which only reports.
+2. Train a judge reward model on the trusted source (from the same backbone, as Skywork used a strong
+   reward model), score the pool with it (``predict``, ``RewardScorer``), and curate: drop invalid ->
+   deduplicate -> decontaminate against the evaluation and validation prompts -> consistency filter on
+   crowd and synthetic, on the tasks where the judge's validation accuracy reaches ``--judge-trust`` ->
+   score-based selection, in each of the variants of ``--selections``:
+   ``paper`` (mean response score, categories from ``classify_prompt``: every prompt here is 'math', top
+   30%), ``task_mean`` / ``task_chosen`` (ranked within each ``task`` by the mean / the chosen response's
+   score, top 30%), ``none`` (no selection).
 3. Train the same model for the same number of steps (same batch size, learning rate, seed) on the raw
-   pool and on the curated subset, and test both on the evaluation set: strict accuracy, per-subset and
-   RewardBench category scores.
+   pool and on each curated variant; the variant with the best validation score (RewardBench overall) is
+   "curated". Test all on the evaluation set: strict accuracy, per-subset and RewardBench category scores.
 
 Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
 
-    python recipes/reward_curation.py                 # about 3 minutes on an idle 2-core CPU, 15+ when shared
+    python recipes/reward_curation.py                 # 15 minutes of one CPU core (tiny-sft built once first)
     python recipes/reward_curation.py --steps 20 --judge-steps 10 --pool-scale 0.2 --out /tmp/curation_quick
 """
 
@@ -28,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 BASE_CONFIG = str(ROOT / "configs/reward/bt.yaml")
 SCORE_CONFIG = str(ROOT / "configs/curation/score.yaml")
+EMBEDDED_DRAWS = 8000 + 300 + 600  # PreferenceData's train/val/test (tiny-sft's 6,000 SFT problems come first)
+TASK_FRACTION = 0.3  # the paper's fraction for math prompts; every task here is arithmetic
+SELECTIONS = ("paper", "task_mean", "task_chosen", "none")
 WRAPPERS = ("Here is a question from an evaluation set. {prompt} Please show every step.",
             "{prompt} I found this one online and want the worked solution.")
 
@@ -57,15 +67,27 @@ def respace(text: str) -> str:
     return text.replace("\n", " \n").replace(". ", ".  ") + " "
 
 
+def task_of(prompt: str) -> str:
+    """The kind of prompt, read from its text (the pool's domain column)."""
+    if "divide the result by 0" in prompt:
+        return "divide-by-zero"
+    if "divide the result by 1" in prompt:
+        return "divide-by-one"
+    return "arithmetic"
+
+
 def build_data(scale: float, flip_fraction: float, seed: int) -> dict[str, Any]:
     from datamodules import arithmetic
     from datamodules.rewardbench import GENERATED_SUBSETS, generated_pair, generated_rows
 
     sizes = {name: max(5, int(count * scale)) for name, count in
-             {"trusted": 400, "crowd": 2000, "synthetic": 500, "eval": 500}.items()}
-    problems = arithmetic.generate_splits(sizes, seed=seed)
+             {"trusted": 400, "crowd": 2000, "synthetic": 500, "eval": 500, "val": 250}.items()}
+    # the first EMBEDDED_DRAWS distinct problems of a seed are the embedded defaults' (tiny-sft's SFT data,
+    # bt.yaml's pairs): skip them, so no backbone or existing judge has seen the pool or evaluation problems
+    problems = arithmetic.generate_splits({"embedded_defaults": EMBEDDED_DRAWS, **sizes}, seed=seed)
     rng = random.Random(seed)
     eval_rows = generated_rows(problems["eval"], seed=seed + 1)
+    val_rows = generated_rows(problems["val"], seed=seed + 3)
 
     def clean_pairs(name: str, source: str) -> list[dict[str, Any]]:
         rows = []
@@ -108,14 +130,57 @@ def build_data(scale: float, flip_fraction: float, seed: int) -> dict[str, Any]:
             copy["rejected"][1]["content"] = " "
         invalid.append(copy)
     pool = trusted + crowd + synthetic + exact_copies + spaced_copies + leaked + invalid
+    for row in pool:
+        row["task"] = task_of(row["chosen"][0]["content"])
     random.Random(seed + 2).shuffle(pool)
     composition = {"trusted (clean)": len(trusted), "crowd": len(crowd), "crowd labels flipped": len(flipped),
                    "synthetic (both responses wrong)": len(synthetic), "exact duplicates": len(exact_copies),
                    "whitespace-variant duplicates": len(spaced_copies),
                    "forum (evaluation prompts, half wrapped in text)": len(leaked),
                    "invalid (chosen == rejected or empty)": len(invalid), "pool total": len(pool),
+                   "validation pairs (choose the selection)": len(val_rows),
                    "evaluation pairs (held out)": len(eval_rows)}
-    return {"pool": pool, "trusted": trusted, "eval": eval_rows, "composition": composition}
+    return {"pool": pool, "trusted": trusted, "eval": eval_rows, "val": val_rows, "composition": composition}
+
+
+def wrong_label(row: dict[str, Any]) -> bool | None:
+    """Whether a pool pair prefers the wrong response, checked against the generator's own answer (None for
+    a pair with both responses wrong, where no label is right)."""
+    from datamodules import arithmetic
+    from datamodules.curation import normalize_whitespace
+    from datamodules.rewardbench import REFUSAL
+
+    # whitespace-variant duplicates carry the same label: compare with whitespace collapsed
+    prompt, chosen = row["chosen"][0]["content"], normalize_whitespace(row["chosen"][-1]["content"])
+    if row["subset"] == "both-wrong":
+        return None
+    if row["subset"] == "refuse-undefined":
+        return chosen != REFUSAL
+    if row["subset"] == "respond-benign":
+        return chosen.startswith("I can't")
+    numbers = re.findall(r"[+-]?\d+", re.search(r"Compute ([0-9+-]+)", prompt).group(1))
+    problem = arithmetic.Problem(question="", start=int(numbers[0]), ops=tuple((n[0], int(n[1:])) for n in numbers[1:]))
+    return chosen != normalize_whitespace(problem.solution())
+
+
+def label_quality(path: Path) -> dict[str, Any]:
+    """Share of wrong labels (overall and per subset) and the number of both-wrong pairs in a pool file."""
+    from datamodules.common import read_rows
+
+    wrong: dict[str, list[int]] = {}
+    both_wrong = 0
+    for row in read_rows(str(path)):
+        verdict = wrong_label(row)
+        if verdict is None:
+            both_wrong += 1
+            continue
+        counts = wrong.setdefault(row["subset"], [0, 0])
+        counts[0] += verdict
+        counts[1] += 1
+    labelled = sum(total for _, total in wrong.values())
+    return {"wrong_label_share": sum(bad for bad, _ in wrong.values()) / labelled if labelled else None,
+            "per_subset": {subset: bad / total for subset, (bad, total) in sorted(wrong.items())},
+            "both_wrong_pairs": both_wrong}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,9 +193,22 @@ def run_args(out: Path, name: str) -> list[str]:
             "--trainer.enable_model_summary=false"]
 
 
-def fit_and_test(out: Path, name: str, train_file: Path, eval_file: Path, args) -> dict[str, Any]:
-    """Fit for ``args.steps`` (or ``judge_steps``) on ``train_file``, then test the final weights on the
-    evaluation set with RewardBench category scores."""
+def validation_scores(metrics: dict[str, Any], val_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """RewardBench categories and overall of the validation set, from the per-subset accuracies a fit logs."""
+    from collections import Counter
+
+    from datamodules.rewardbench import category_scores, subset_weights
+
+    sizes = dict(Counter(row["subset"] for row in val_rows))
+    accuracy = {subset: metrics[f"val/accuracy/{subset}"] for subset in sorted(sizes)}
+    scores = category_scores(accuracy, subset_weights(sizes))
+    return {"accuracy": metrics["val/accuracy"], "per_subset": accuracy, "categories": scores["categories"],
+            "overall": scores["overall"]}
+
+
+def fit_and_test(out: Path, name: str, train_file: Path, data: dict[str, Any], args) -> dict[str, Any]:
+    """Fit for ``args.steps`` (or ``judge_steps``) on ``train_file``, validate once at the end, then test the
+    final weights on the evaluation set with RewardBench category scores."""
     import cli
 
     steps = args.judge_steps if name == "judge" else args.steps
@@ -138,26 +216,47 @@ def fit_and_test(out: Path, name: str, train_file: Path, eval_file: Path, args) 
     result = cli.main([
         "fit", "--config", BASE_CONFIG, *run_args(out, name),
         f"--model.init_args.model={args.model}", f"--data.init_args.train_file={train_file}",
-        f"--data.init_args.test_file={eval_file}", "--data.init_args.invalid_rows=drop",
-        f"--data.init_args.batch_size={args.batch_size}", f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=null", "--checkpoint.monitor=null", "--checkpoint.filename=final",
-        f"--checkpoint.every_n_train_steps={steps}",
+        f"--data.init_args.val_file={data['val_file']}", f"--data.init_args.test_file={data['eval_file']}",
+        "--data.init_args.invalid_rows=drop", f"--data.init_args.batch_size={args.batch_size}",
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--checkpoint.monitor=null",
+        "--checkpoint.filename=final", f"--checkpoint.every_n_train_steps={steps}",
         "--export.dirpath=null", "--test_after_fit=true", f"--seed_everything={args.seed}",
         "--trainer.callbacks+=callbacks.rewardbench.RewardBenchScores",
     ])
     log_dir = Path(result.trainer.log_dir)
     summary = json.loads((log_dir / "summary.json").read_text())
     rewardbench = json.loads((log_dir / "rewardbench.json").read_text())
-    test = summary["stages"]["test"]["metrics"]
+    fit, test = summary["stages"]["fit"], summary["stages"]["test"]["metrics"]
     return {
-        "train_file": str(train_file), "train_pairs": summary["stages"]["fit"]["data"]["rows"]["train"],
-        "dropped_when_loading": summary["stages"]["fit"]["data"].get("dropped", {}),
-        "steps": summary["stages"]["fit"]["global_step"], "seconds": round(time.time() - started, 1),
-        "accuracy": test["test/accuracy"], "final_train_loss": summary["stages"]["fit"]["metrics"].get("train/loss"),
+        "train_file": str(train_file), "train_pairs": fit["data"]["rows"]["train"],
+        "dropped_when_loading": fit["data"].get("dropped", {}), "steps": fit["global_step"],
+        "epochs": round(fit["global_step"] * args.batch_size / fit["data"]["rows"]["train"], 2),
+        "seconds": round(time.time() - started, 1), "final_train_loss": fit["metrics"].get("train/loss"),
+        "validation": validation_scores(fit["metrics"], data["val"]),
+        "accuracy": test["test/accuracy"],
         "per_subset": {subset: entry["accuracy"] for subset, entry in rewardbench["subsets"].items()},
         "categories": rewardbench["categories"], "overall": rewardbench["overall"],
         "checkpoint": summary["stages"]["test"]["checkpoint"],
     }
+
+
+def test_checkpoint(out: Path, name: str, checkpoint: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An existing reward model (a RewardModel checkpoint) as the judge: its validation and held-out scores."""
+    import cli
+
+    scores = {}
+    for stage, split_file in (("validate", data["val_file"]), ("test", data["eval_file"])):
+        result = cli.main([stage, "--config", BASE_CONFIG, *run_args(out, f"{name}_{stage}"), f"--ckpt_path={checkpoint}",
+                           f"--data.init_args.val_file={data['val_file']}", f"--data.init_args.test_file={split_file}",
+                           "--trainer.callbacks+=callbacks.rewardbench.RewardBenchScores"])
+        log_dir = Path(result.trainer.log_dir)
+        scores[stage] = json.loads((log_dir / "summary.json").read_text())["stages"][stage]["metrics"]
+        if stage == "test":
+            rewardbench = json.loads((log_dir / "rewardbench.json").read_text())
+    return {"checkpoint": checkpoint, "train_pairs": None, "steps": None, "epochs": None,
+            "validation": validation_scores(scores["validate"], data["val"]), "accuracy": scores["test"]["test/accuracy"],
+            "per_subset": {subset: entry["accuracy"] for subset, entry in rewardbench["subsets"].items()},
+            "categories": rewardbench["categories"], "overall": rewardbench["overall"]}
 
 
 def score_pool(out: Path, pool_file: Path, checkpoint: str, args) -> dict[str, Any]:
@@ -171,96 +270,197 @@ def score_pool(out: Path, pool_file: Path, checkpoint: str, args) -> dict[str, A
     return json.loads(Path(f"{scored}.report.json").read_text())
 
 
-def curation_steps(eval_file: Path, args) -> list:
-    from datamodules.curation import ConsistencyFilter, Decontaminate, Deduplicate, DropInvalid, SelectByScore
+def judge_accuracy_per_task(judge: dict[str, Any], val_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The judge's validation accuracy per task (pairs-weighted over the validation subsets of each task)."""
+    pairs: dict[str, int] = {}
+    correct: dict[str, float] = {}
+    for row in val_rows:
+        task = task_of(row["prompt"])
+        pairs[task] = pairs.get(task, 0) + 1
+        correct[task] = correct.get(task, 0.0) + judge["validation"]["per_subset"][row["subset"]]
+    return {task: correct[task] / pairs[task] for task in sorted(pairs)}
 
-    return [DropInvalid(), Deduplicate(normalize_whitespace=True), Decontaminate(eval_files=[str(eval_file)], ngram=8),
-            ConsistencyFilter(sources=["crowd", "synthetic"], score_prefix="judge"),
-            SelectByScore(fractions={"math": args.math_fraction, "code": 0.3, "other": 0.1}, score_prefix="judge",
-                          source_offsets={"crowd": -0.05, "synthetic": -0.1})]
+
+def filter_steps(eval_files: list[Path], checked_tasks: list[str] | None) -> list:
+    """The stages before score-based selection; the consistency filter checks only ``checked_tasks``."""
+    from datamodules.curation import ConsistencyFilter, Decontaminate, Deduplicate, DropInvalid
+
+    gate = {} if checked_tasks is None else {"category_field": "task", "categories": checked_tasks}
+    return [DropInvalid(), Deduplicate(normalize_whitespace=True),
+            Decontaminate(eval_files=[str(path) for path in eval_files], ngram=8),
+            ConsistencyFilter(sources=["crowd", "synthetic"], score_prefix="judge", **gate)]
+
+
+def selection_step(name: str):
+    """Score-based selection of a variant (None for ``none``); per-source offsets as in the paper."""
+    from datamodules.curation import SelectByScore
+
+    offsets = {"crowd": -0.05, "synthetic": -0.1}
+    if name == "paper":
+        return SelectByScore(fractions={"math": TASK_FRACTION, "code": 0.3, "other": 0.1}, score_prefix="judge",
+                             source_offsets=offsets)
+    if name in ("task_mean", "task_chosen"):
+        fractions = {task: TASK_FRACTION for task in ("arithmetic", "divide-by-zero", "divide-by-one")}
+        return SelectByScore(fractions=fractions, category_field="task", score_prefix="judge", source_offsets=offsets,
+                             prompt_score=name.removeprefix("task_"))
+    if name == "none":
+        return None
+    raise SystemExit(f"unknown selection {name!r}; choose from {SELECTIONS}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Report
 
 
+def subset_table(runs: list[tuple[str, dict[str, Any]]], key: str | None = None) -> list[str]:
+    """One row per run: pairs, epochs, accuracy, per-subset accuracy, categories, overall."""
+    first = runs[0][1] if key is None else runs[0][1][key]
+    subsets, categories = list(first["per_subset"]), list(first["categories"])
+    lines = ["| training data | pairs | epochs | accuracy | " + " | ".join(subsets) + " | "
+             + " | ".join(categories) + " | overall |", "|---" * (5 + len(subsets) + len(categories)) + "|"]
+    for name, run in runs:
+        scores = run if key is None else run[key]
+        lines.append(f"| {name} | {run['train_pairs']} | {run['epochs']} | {scores['accuracy']:.3f} | "
+                     + " | ".join(f"{scores['per_subset'][s]:.3f}" for s in subsets) + " | "
+                     + " | ".join(f"{scores['categories'].get(c, float('nan')):.3f}" for c in categories)
+                     + f" | {scores['overall']:.3f} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     from datamodules.curation import report_table
 
-    raw, curated = results["runs"]["raw"], results["runs"]["curated"]
-    categories = list(raw["categories"])
+    runs, settings, chosen = results["runs"], results["settings"], results["chosen_selection"]
+    arms = [("raw pool", runs["raw"])] + [(f"curated, selection {name}" + (" (chosen)" if name == chosen else ""),
+                                           runs[f"curated_{name}"]) for name in settings["selections"]]
+    judge = runs["judge"]
     lines = [f"# Reward-data curation on the embedded arithmetic task ({results['date']})", "",
-             f"Model `{results['settings']['model']}`, {results['settings']['steps']} steps of batch "
-             f"{results['settings']['batch_size']} for both runs, seed {results['settings']['seed']}; CPU load "
-             f"average at start/end: {results['load_average']['start']} / {results['load_average']['end']}; "
-             f"total {results['seconds']:.0f} s.", "", "## Held-out evaluation (RewardBench-shaped, strict accuracy)", "",
-             "| training data | pairs | accuracy | " + " | ".join(categories) + " | overall (mean of categories) |",
-             "|---|---|---|" + "---|" * len(categories) + "---|"]
-    arms = [("raw pool", raw), ("curated", curated)]
-    if "curated_without_selection" in results["runs"]:
-        arms.append(("curated without score selection (ablation)", results["runs"]["curated_without_selection"]))
-    for name, run in arms:
-        lines.append(f"| {name} | {run['train_pairs']} | {run['accuracy']:.3f} | "
-                     + " | ".join(f"{run['categories'].get(c, float('nan')):.3f}" for c in categories)
-                     + f" | {run['overall']:.3f} |")
-    judge = results["runs"]["judge"]
-    lines += ["", f"Judge (trained on the trusted source, {judge['train_pairs']} pairs, {judge['steps']} steps): "
-              f"accuracy {judge['accuracy']:.3f}, overall {judge['overall']:.3f}.", "",
-              "Per subset: " + "; ".join(f"{subset} {raw['per_subset'][subset]:.3f} -> {curated['per_subset'][subset]:.3f}"
-                                         for subset in raw["per_subset"]), "",
-              "## Pool", "", "| part | rows |", "|---|---|"]
+             f"Model `{settings['model']}`, {settings['steps']} steps of batch {settings['batch_size']} for every "
+             f"run, seed {settings['seed']}; CPU load average at start/end: {results['load_average']['start']} / "
+             f"{results['load_average']['end']}; total {results['seconds']:.0f} s of wall time, "
+             f"{results['cpu_seconds']:.0f} s of CPU time (one process, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}).", "",
+             f"## Held-out evaluation: raw pool vs curated (selection `{chosen}`, chosen on validation)", "",
+             *subset_table([("raw pool", runs["raw"]), (f"curated ({chosen})", runs[f"curated_{chosen}"])]), "",
+             "## Every arm: held-out evaluation", "", *subset_table(arms), "",
+             "## Every arm: validation (chooses the selection)", "", *subset_table(arms, "validation"), "",
+             (f"Judge: the existing reward model `{settings['judge_checkpoint']}`" if settings["judge_checkpoint"] else
+              f"Judge: `{settings['model']}` trained on the trusted source, {judge['train_pairs']} pairs, {judge['steps']} "
+              f"steps") + f"; held-out accuracy {judge['accuracy']:.3f}, overall {judge['overall']:.3f}; per subset "
+             + ", ".join(f"{k} {v:.3f}" for k, v in judge["per_subset"].items()) + ". Validation accuracy per task: "
+             + ", ".join(f"{k} {v:.3f}" for k, v in results["judge_validation_accuracy_per_task"].items())
+             + f"; the consistency filter checks {results['consistency_checked_tasks'] or 'every task'} "
+             f"(trust threshold {settings['judge_trust']}).", "",
+             "## Pool", "", "| part | rows |", "|---|---|"]
     lines += [f"| {part} | {count} |" for part, count in results["composition"].items()]
-    lines += ["", "## What each curation step removed", "", report_table(results["curation"]), "",
+    lines += ["", "## What each curation step removed (filters, then the chosen selection)", "",
+              report_table(results["curation"][chosen]), "",
               f"Scoring: {results['scoring']['scored_rows']} of {results['scoring']['input_rows']} pairs scored "
               f"(unscored: {results['scoring']['unscored_by_reason'] or 'none'}); the judge ranks "
-              f"{results['scoring']['accuracy_on_labels']:.3f} of the pool's labels correct."]
+              f"{results['scoring']['accuracy_on_labels']:.3f} of the pool's labels correct.", "",
+              "## Wrong labels (checked against the generator's answers)", "",
+              "| data | wrong labels | " + " | ".join(results["selection_input_per_subset"]) + " |",
+              "|---" * (2 + len(results["selection_input_per_subset"])) + "|"]
+    for name, quality in results["label_quality"].items():
+        lines.append(f"| {name} | {quality['wrong_label_share']:.3f} | " + " | ".join(
+            f"{quality['both_wrong_pairs']} pairs" if subset == "both-wrong" else f"{quality['per_subset'].get(subset, float('nan')):.2f}"
+            for subset in results["selection_input_per_subset"]) + " |")
+    lines += ["", "## What each selection variant kept, per subset (pairs in -> kept)", "",
+              "| selection | " + " | ".join(results["selection_input_per_subset"]) + " |",
+              "|---" * (1 + len(results["selection_input_per_subset"])) + "|"]
+    for name, kept in results["selection_kept_per_subset"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{count} -> {kept.get(subset, 0)}" for subset, count
+                                                 in results["selection_input_per_subset"].items()) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "runs" / "curation"))
-    parser.add_argument("--model", default="tiny",
-                        help="backbone of all three reward models; tiny-sft is bt.yaml's (built once, on first use, "
-                             "by an 800-step SFT run that this recipe's time budget does not include)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the raw and the curated run")
-    parser.add_argument("--judge-steps", type=int, default=60, help="optimizer steps of the judge")
+    parser.add_argument("--model", default="tiny-sft",
+                        help="backbone of every reward model (judge and arms), bt.yaml's; built once, on first use, "
+                             "by an 800-step SFT run that the recipe's time budget does not include")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the raw and every curated run")
+    parser.add_argument("--judge-steps", type=int, default=100, help="optimizer steps of the judge")
+    parser.add_argument("--judge-checkpoint", default=None,
+                        help="an existing reward model (RewardModel checkpoint, e.g. bt.yaml's best.ckpt) as the judge, "
+                             "as Skywork scored its pool with strong reward models; default: train one on the trusted source")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pool-scale", type=float, default=1.0, help="multiplies every part of the pool")
     parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped")
-    parser.add_argument("--math-fraction", type=float, default=0.3, help="top fraction of math prompts kept")
+    parser.add_argument("--selections", default=",".join(SELECTIONS),
+                        help=f"comma-separated selection variants to train and compare on validation: {SELECTIONS}")
+    parser.add_argument("--judge-trust", type=float, default=0.8,
+                        help="the consistency filter checks only the tasks where the judge's validation accuracy "
+                             "reaches this (a judge near or below chance removes correct labels as often as flipped "
+                             "ones); a negative value checks every task")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ablation-no-selection", action="store_true",
-                        help="also train on the pool curated without the score-based selection step")
     args = parser.parse_args(argv)
+    if args.judge_trust is not None and args.judge_trust < 0:
+        args.judge_trust = None
+    args.selections = [name.strip() for name in args.selections.split(",") if name.strip()]
+    for name in args.selections:
+        selection_step(name)  # unknown names fail before any work
 
-    from datamodules.curation import report_table, run_pipeline, write_json, write_rows
+    from collections import Counter
 
-    started, load_start = time.time(), os.getloadavg()[0]
+    from datamodules.common import read_rows
+    from datamodules.curation import run_pipeline, run_step, write_json, write_rows
+
+    started, cpu_started, load_start = time.time(), time.process_time(), os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args.pool_scale, args.flip_fraction, args.seed)
-    pool_file, eval_file, trusted_file = out / "pool.jsonl", out / "eval.jsonl", out / "trusted.jsonl"
+    pool_file, trusted_file = out / "pool.jsonl", out / "trusted.jsonl"
+    data["eval_file"], data["val_file"] = out / "eval.jsonl", out / "val.jsonl"
     write_rows(pool_file, data["pool"])
-    write_rows(eval_file, data["eval"])
+    write_rows(data["eval_file"], data["eval"])
+    write_rows(data["val_file"], data["val"])
     write_rows(trusted_file, data["trusted"])
 
-    runs: dict[str, Any] = {"judge": fit_and_test(out, "judge", trusted_file, eval_file, args)}
+    if args.judge_checkpoint:
+        runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
+    else:
+        runs = {"judge": fit_and_test(out, "judge", trusted_file, data, args)}
     scoring = score_pool(out, pool_file, runs["judge"]["checkpoint"], args)
-    curation = run_pipeline(str(out / "pool.scored.jsonl"), str(out / "curated"), curation_steps(eval_file, args))
-    print(report_table(curation))
-    runs["raw"] = fit_and_test(out, "raw", pool_file, eval_file, args)
-    runs["curated"] = fit_and_test(out, "curated", Path(curation["output_file"]), eval_file, args)
-    if args.ablation_no_selection:
-        before_selection = Path(curation["steps"][-2]["output_file"])
-        runs["curated_without_selection"] = fit_and_test(out, "curated_without_selection", before_selection,
-                                                         eval_file, args)
+    judge_per_task = judge_accuracy_per_task(runs["judge"], data["val"])
+    checked_tasks = (None if args.judge_trust is None else
+                     [task for task, accuracy in judge_per_task.items() if accuracy >= args.judge_trust])
+    filtered = run_pipeline(str(out / "pool.scored.jsonl"), str(out / "curated"),
+                            filter_steps([data["eval_file"], data["val_file"]], checked_tasks))
+    filtered_file = Path(filtered["output_file"])
+    selection_input = dict(sorted(Counter(row["subset"] for row in read_rows(str(filtered_file))).items()))
+    curation, kept_per_subset, train_files = {}, {}, {}
+    for name in args.selections:
+        step = selection_step(name)
+        if step is None:
+            curation[name], train_files[name] = filtered, filtered_file
+            kept_per_subset[name] = selection_input
+            continue
+        selected = out / "curated" / f"select_{name}.jsonl"
+        report = run_step(step, str(filtered_file), str(selected))
+        curation[name] = {**filtered, "steps": filtered["steps"] + [report], "output_file": str(selected),
+                          "output_rows": report["kept_rows"],
+                          "sources": {source: {"input": counts["input"], "output": report["by_source"].get(
+                              source, {"kept": 0})["kept"]} for source, counts in filtered["sources"].items()}}
+        kept_per_subset[name] = {subset: entry["kept"] for subset, entry in report["details"]["per_subset"].items()}
+        train_files[name] = selected
+
+    quality = {"raw pool": label_quality(pool_file), "after the filters": label_quality(filtered_file),
+               **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
+    runs["raw"] = fit_and_test(out, "raw", pool_file, data, args)
+    for name in args.selections:
+        runs[f"curated_{name}"] = fit_and_test(out, f"curated_{name}", train_files[name], data, args)
+    chosen = max(args.selections, key=lambda name: (runs[f"curated_{name}"]["validation"]["overall"],
+                                                    runs[f"curated_{name}"]["validation"]["accuracy"]))
 
     results = {
         "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "composition": data["composition"],
         "scoring": {key: scoring[key] for key in ("input_rows", "scored_rows", "unscored_by_reason",
                                                   "accuracy_on_labels", "by_source")},
-        "curation": curation, "runs": runs, "seconds": time.time() - started,
+        "judge_validation_accuracy_per_task": judge_per_task, "consistency_checked_tasks": checked_tasks,
+        "curation": curation, "chosen_selection": chosen, "selection_input_per_subset": selection_input,
+        "selection_kept_per_subset": kept_per_subset, "label_quality": quality, "runs": runs, "seconds": time.time() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
     }
     write_json(out / "results.json", results)

@@ -92,6 +92,21 @@ def test_invalid_pair_rules_agree_with_the_reward_datamodule(pool):
         assert accepted == (pair_problem(row, index, "pool.jsonl") is None), row["id"]
 
 
+def test_one_validation_function_serves_the_datamodule_and_the_curation_step(pool):
+    """DropInvalid and the reward datamodule reject the same rows with the same message, from one function."""
+    from datamodules import curation, preference
+    from modules.lm import load_tokenizer
+
+    assert curation.validate_pair is preference.validate_pair
+    data = preference.PreferenceData(tokenizer="tiny", max_length=512)
+    data.tokenizer = load_tokenizer("tiny")
+    for index, row in enumerate(pool):
+        if row["id"] in INVALID_IDS:
+            with pytest.raises(DataError) as raised:
+                data.encode(row, "train", "pool.jsonl", index)
+            assert str(raised.value) == str(pair_problem(row, index, "pool.jsonl")), row["id"]
+
+
 def test_drop_invalid_reports_per_source_and_reason(pool):
     kept, report = apply_step(DropInvalid(), pool, origin="pool.jsonl")
     assert ids(kept) == [row["id"] for row in pool if row["id"] not in INVALID_IDS]
@@ -250,6 +265,29 @@ def test_select_by_score_source_offsets_break_ties_and_prompts_group_their_pairs
     assert report["details"]["categories"]["math"]["highest_removed_score"] == 3.75
 
 
+def test_select_by_score_on_the_chosen_score_and_subsets_it_empties():
+    # one pair per prompt: an easy pair (bad rejected), a hard pair (rejected almost right), a pair whose
+    # "chosen" is itself poor (a flipped label), and a second easy pair
+    rows = [scored("Compute 1+1.", 3.0, -3.0, "crowd", subset="easy"), scored("Compute 2+2.", 2.8, 2.6, "crowd", subset="hard"),
+            scored("Compute 3+3.", 0.5, 2.9, "crowd", subset="hard"), scored("Compute 4+4.", 2.5, -2.0, "crowd", subset="easy")]
+    half = {"math": 0.5}
+    # means 0.0, 2.7, 1.7, 0.25: the two hard prompts survive and the easy subset is emptied, with a warning
+    with pytest.warns(UserWarning, match=r"removed every pair of subset \['easy'\]"):
+        kept, report = apply_step(SelectByScore(fractions=half), rows)
+    assert [row["prompt"] for row in kept] == ["Compute 2+2.", "Compute 3+3."]
+    assert report["details"]["per_subset"] == {"easy": {"input": 2, "kept": 0}, "hard": {"input": 2, "kept": 2}}
+    assert report["details"]["subset_emptied"] == ["easy"]
+    # chosen scores 3.0, 2.8, 0.5, 2.5: the flipped pair ranks last, both subsets keep pairs
+    kept, report = apply_step(SelectByScore(fractions=half, prompt_score="chosen"), rows)
+    assert [row["prompt"] for row in kept] == ["Compute 1+1.", "Compute 2+2."]
+    assert report["details"]["subset_emptied"] == []
+    kept, report = apply_step(SelectByScore(fractions={"math": 0.75}, prompt_score="chosen"), rows)
+    assert [row["prompt"] for row in kept] == ["Compute 1+1.", "Compute 2+2.", "Compute 4+4."]
+    assert report["removed_by_reason"] == {"prompt below the top 75% of category 'math' by chosen score": 1}
+    with pytest.raises(ValueError, match="prompt_score must be one of"):
+        SelectByScore(prompt_score="median")
+
+
 def test_select_by_score_category_column_and_bad_categories():
     rows = [scored("p1", 1.0, 0.0, "crowd", category="chat"), scored("p2", 3.0, 0.0, "crowd", category="chat")]
     kept, _ = apply_step(SelectByScore(fractions={"chat": 0.5}, category_field="category"), rows)
@@ -368,3 +406,46 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
     assert summary["output_rows"] == 6 and [step["step"] for step in summary["steps"]] == [
         "drop_invalid", "deduplicate", "decontaminate"]
     assert (tmp_path / "clean" / "curated.jsonl").exists()
+
+
+# -- the recipe's data ---------------------------------------------------------------------------------
+
+def test_recipe_pool_is_disjoint_from_the_embedded_defaults_and_the_evaluation_sets():
+    """No backbone (tiny-sft's SFT problems) or existing judge (bt.yaml's pairs) saw the recipe's problems,
+    and the pool never shares a problem with the validation or evaluation set except the planted leaks."""
+    from datamodules import arithmetic
+    from recipes import reward_curation
+
+    data = reward_curation.build_data(scale=0.1, flip_fraction=0.3, seed=0)
+    embedded = {problem.question for split in arithmetic.generate_splits(
+        {"train": 8000, "val": 300, "test": 600}, seed=0).values() for problem in split}
+
+    def base_question(prompt):  # "Compute 3+4, then divide the result by 0." -> "Compute 3+4."
+        return prompt.split(",")[0].removesuffix(".") + "."
+
+    pool_questions = {base_question(row["chosen"][0]["content"]) for row in data["pool"] if row["source"] != "forum"}
+    eval_questions = {base_question(row["prompt"]) for row in data["eval"]}
+    val_questions = {base_question(row["prompt"]) for row in data["val"]}
+    assert not (pool_questions | eval_questions | val_questions) & embedded
+    assert not pool_questions & eval_questions and not pool_questions & val_questions and not eval_questions & val_questions
+    tasks = {reward_curation.task_of(row["chosen"][0]["content"]): row["task"] for row in data["pool"]}
+    assert set(tasks) == {"arithmetic", "divide-by-zero", "divide-by-one"} and all(k == v for k, v in tasks.items())
+    assert data["composition"]["pool total"] == len(data["pool"])
+    # the label check knows every planted flip: none among the trusted pairs, each flipped crowd pair found
+    assert not any(reward_curation.wrong_label(row) for row in data["trusted"])
+    unique_crowd = {json.dumps(row, sort_keys=True) for row in data["pool"] if row["source"] == "crowd"
+                    and row["rejected"][1]["content"].strip() and row["chosen"] != row["rejected"]
+                    and row["chosen"][1]["content"] == row["chosen"][1]["content"].strip()}  # no respaced copies
+    flagged = sum(reward_curation.wrong_label(json.loads(row)) for row in unique_crowd)
+    assert flagged == data["composition"]["crowd labels flipped"] > 0
+    assert {reward_curation.wrong_label(row) for row in data["pool"] if row["source"] == "synthetic"} == {None}
+
+
+def test_consistency_filter_checks_only_the_listed_categories():
+    rows = [scored("a", 0.0, 3.0, "crowd", task="arithmetic"), scored("b", 0.0, 3.0, "crowd", task="divide-by-one"),
+            scored("c", 2.0, 1.0, "crowd", task="arithmetic"), scored("d", 0.0, 3.0, "crowd")]
+    kept, report = apply_step(ConsistencyFilter(sources=["crowd"], category_field="task", categories=["arithmetic"]), rows)
+    assert [row["prompt"] for row in kept] == ["b", "c", "d"]  # b: an unchecked task; d: no task at all
+    assert report["details"]["checked_per_source"] == {"crowd": 2}
+    with pytest.raises(ValueError, match="together"):
+        ConsistencyFilter(category_field="task")

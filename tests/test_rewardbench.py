@@ -197,3 +197,57 @@ def test_callback_refuses_unmapped_subsets_before_evaluating():
         RewardBenchScores().on_test_start(SimpleNamespace(datamodule=data), None)
     mapped = RewardBenchScores(categories={"Chat": ["format"], "Chat Hard": ["consistency"], "Reasoning": ["arithmetic"]})
     mapped.on_test_start(SimpleNamespace(datamodule=data), None)  # accepted once mapped
+
+
+# -- the reward module's evaluation and prediction hooks -----------------------------------------------
+
+def _rows_with_subsets():
+    return [{"prompt": f"Compute {a}+{b}.", "chosen": f"{a + b}", "rejected": f"{a + b + 1}", "subset": subset}
+            for a, b, subset in ((1, 2, "easy"), (3, 4, "hard"), (5, 1, "easy"), (2, 2, "easy"), (6, 3, "hard"))]
+
+
+def test_predict_returns_row_ids_and_subset_names_and_test_counts_per_subset(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+
+    from datamodules.curation import write_rows
+    from datamodules.preference import PreferenceData
+    from modules.reward import RewardModel
+
+    path = write_rows(tmp_path / "pairs.jsonl", _rows_with_subsets())
+    torch.manual_seed(0)
+    model = RewardModel(model="tiny")
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data = PreferenceData(test_file=str(path), eval_batch_size=2)
+    batches = trainer.predict(model, datamodule=data)
+    assert torch.cat([batch["row_id"] for batch in batches]).tolist() == [0, 1, 2, 3, 4]
+    assert sum((batch["subset"] for batch in batches), []) == ["easy", "hard", "easy", "easy", "hard"]
+    chosen = torch.cat([batch["reward_chosen"] for batch in batches])
+    rejected = torch.cat([batch["reward_rejected"] for batch in batches])
+
+    data = PreferenceData(test_file=str(path), eval_batch_size=2)
+    [metrics] = trainer.test(model, datamodule=data, verbose=False)
+    right = (chosen > rejected).tolist()  # strict: a tie is wrong
+    expected = {"easy": {"pairs": 3, "correct": sum(right[i] for i in (0, 2, 3))},
+                "hard": {"pairs": 2, "correct": sum(right[i] for i in (1, 4))}}
+    assert model.subset_counts == expected
+    for name, counts in expected.items():
+        assert metrics[f"test/accuracy/{name}"] == pytest.approx(counts["correct"] / counts["pairs"])
+
+
+def test_one_subset_still_logs_its_accuracy_and_predict_leaves_out_the_placeholder_name(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules.curation import write_rows
+    from datamodules.preference import PreferenceData
+    from modules.reward import RewardModel
+
+    rows = [{key: value for key, value in row.items() if key != "subset"} for row in _rows_with_subsets()]
+    path = write_rows(tmp_path / "pairs.jsonl", rows)
+    model = RewardModel(model="tiny")
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    [metrics] = trainer.test(model, datamodule=PreferenceData(test_file=str(path)), verbose=False)
+    assert metrics["test/accuracy/all"] == pytest.approx(metrics["test/accuracy"])
+    assert model.subset_counts["all"]["pairs"] == 5
+    [batch] = trainer.predict(model, datamodule=PreferenceData(test_file=str(path)))
+    assert "subset" not in batch and batch["row_id"].tolist() == [0, 1, 2, 3, 4]
