@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the collection in one go (about 5 minutes on one H100/H200): reward-model throughput
 # and MFU on the Qwen2-0.5B shape (bf16 autocast, 8-bit AdamW, bf16 weights + compile), and the FSDP and
-# bf16-true config paths through cli.py with an export from the FSDP checkpoint. Results go to $OUT (or
-# runs/gpu_suite).
+# bf16-true config paths through cli.py with an export from the FSDP checkpoint, and our trainer against
+# TRL's RewardTrainer in the same run (default settings, then compile + bf16 weights; needs the `bench`
+# extra, i.e. trl). Results go to $OUT (or runs/gpu_suite).
 set -uo pipefail
 OUT=${OUT:-runs/gpu_suite}
 mkdir -p "$OUT"
@@ -25,3 +26,13 @@ for strategy in fsdp bf16_true; do
   echo "$strategy: exit $? $(grep -o 'test/accuracy[^│]*│[^│]*' "$OUT/$strategy.log" | head -1 | tr -s ' ')"
   python3 -c "from transformers import AutoModelForSequenceClassification as A; m = A.from_pretrained('$OUT/runs/$strategy/export'); print('$strategy export loads:', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 done
+
+if python3 -c "import trl" 2>/dev/null; then
+  for flags in "" "--compile --bf16-weights"; do
+    name=trl${flags:+_compile_bf16}
+    python3 bench/reward_vs_trl.py --gpu-qwen2-0.5b $flags --json "$OUT/$name.json" 2>&1 \
+      | grep -vE "Warning|warn" | tail -15 | tee "$OUT/$name.log"
+  done
+else
+  echo "trl not installed: skipping the TRL comparison (pip install -e '.[bench]')"
+fi

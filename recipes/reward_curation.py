@@ -24,7 +24,7 @@
 
 Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
 
-    python recipes/reward_curation.py                 # 15 minutes of one CPU core (tiny-sft built once first)
+    python recipes/reward_curation.py                 # two runs at a time, one torch thread each (--workers)
     python recipes/reward_curation.py --steps 20 --judge-steps 10 --pool-scale 0.2 --out /tmp/curation_quick
 """
 
@@ -240,6 +240,21 @@ def fit_and_test(out: Path, name: str, train_file: Path, data: dict[str, Any], a
     }
 
 
+def one_thread_per_worker() -> None:
+    """Runs share the cores: one torch thread per process, as more threads than free cores make OpenMP spin."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def test_checkpoint(out: Path, name: str, checkpoint: str, data: dict[str, Any]) -> dict[str, Any]:
     """An existing reward model (a RewardModel checkpoint) as the judge: its validation and held-out scores."""
     import cli
@@ -338,7 +353,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Model `{settings['model']}`, {settings['steps']} steps of batch {settings['batch_size']} for every "
              f"run, seed {settings['seed']}; CPU load average at start/end: {results['load_average']['start']} / "
              f"{results['load_average']['end']}; total {results['seconds']:.0f} s of wall time, "
-             f"{results['cpu_seconds']:.0f} s of CPU time (one process, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}).", "",
+             f"{results['cpu_seconds']:.0f} s of CPU time ({results.get('workers', 1)} runs at a time, one torch thread "
+             "each).", "",
              f"## Held-out evaluation: raw pool vs curated (selection `{chosen}`, chosen on validation)", "",
              *subset_table([("raw pool", runs["raw"]), (f"curated ({chosen})", runs[f"curated_{chosen}"])]), "",
              "## Every arm: held-out evaluation", "", *subset_table(arms), "",
@@ -394,19 +410,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "reaches this (a judge near or below chance removes correct labels as often as flipped "
                              "ones); a negative value checks every task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="reward-model runs trained at the same time, in separate processes with one torch thread "
+                             "each (the raw run beside the judge, then the curated variants); 1 runs them in turn")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.judge_trust is not None and args.judge_trust < 0:
         args.judge_trust = None
     args.selections = [name.strip() for name in args.selections.split(",") if name.strip()]
     for name in args.selections:
         selection_step(name)  # unknown names fail before any work
 
+    import multiprocessing
     from collections import Counter
+    from concurrent.futures import ProcessPoolExecutor
 
     from datamodules.common import read_rows
     from datamodules.curation import run_pipeline, run_step, write_json, write_rows
 
-    started, cpu_started, load_start = time.time(), time.process_time(), os.getloadavg()[0]
+    started, cpu_started, load_start = time.time(), cpu_seconds(), os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args.pool_scale, args.flip_fraction, args.seed)
@@ -417,6 +440,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_rows(data["val_file"], data["val"])
     write_rows(trusted_file, data["trusted"])
 
+    # Every run is seeded on its own, so running them side by side changes their timing, not their results.
+    one_thread_per_worker()
+    pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=one_thread_per_worker)
+    raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args)  # needs no judge: starts at once
     if args.judge_checkpoint:
         runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
     else:
@@ -447,9 +475,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     quality = {"raw pool": label_quality(pool_file), "after the filters": label_quality(filtered_file),
                **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
-    runs["raw"] = fit_and_test(out, "raw", pool_file, data, args)
-    for name in args.selections:
-        runs[f"curated_{name}"] = fit_and_test(out, f"curated_{name}", train_files[name], data, args)
+    curated_runs = {name: pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
+                    for name in args.selections}
+    runs["raw"] = raw_run.result()
+    for name, run in curated_runs.items():
+        runs[f"curated_{name}"] = run.result()
+    pool.shutdown()
     chosen = max(args.selections, key=lambda name: (runs[f"curated_{name}"]["validation"]["overall"],
                                                     runs[f"curated_{name}"]["validation"]["accuracy"]))
 
@@ -460,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "judge_validation_accuracy_per_task": judge_per_task, "consistency_checked_tasks": checked_tasks,
         "curation": curation, "chosen_selection": chosen, "selection_input_per_subset": selection_input,
         "selection_kept_per_subset": kept_per_subset, "label_quality": quality, "runs": runs, "seconds": time.time() - started,
-        "cpu_seconds": time.process_time() - cpu_started,
+        "cpu_seconds": cpu_seconds() - cpu_started, "workers": args.workers,
         "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
     }
     write_json(out / "results.json", results)
