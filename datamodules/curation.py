@@ -400,18 +400,19 @@ class ConsistencyFilter(CurationStep):
         self.category_field = category_field
         self.categories = None if categories is None else list(categories)
 
-    def _checked(self, row: dict[str, Any], fields: PairFields) -> bool:
-        if self.sources is not None and row_source(row, fields) not in self.sources:
-            return False
-        return self.categories is None or row.get(self.category_field) in self.categories
-
     def apply(self, rows, fields, origin):
         chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
         kept, removed = [], {}
         checked: Counter = Counter()
         correct: Counter = Counter()
+        in_sources = without_category = 0
         for index, row in enumerate(rows):
-            if not self._checked(row, fields):
+            if self.sources is not None and row_source(row, fields) not in self.sources:
+                kept.append(index)
+                continue
+            in_sources += 1
+            if self.categories is not None and row.get(self.category_field) not in self.categories:
+                without_category += self.category_field not in row
                 kept.append(index)
                 continue
             source = row_source(row, fields)
@@ -422,8 +423,12 @@ class ConsistencyFilter(CurationStep):
                 kept.append(index)
             else:
                 removed[index] = f"ranked wrong by the reward model '{self.score_prefix}' (chosen <= rejected)"
+        if in_sources and without_category == in_sources:  # a misspelt column would silently check nothing
+            raise DataError(f"{origin}: no row of the checked sources has the category column "
+                            f"{self.category_field!r} of the consistency filter")
         accuracy = {source: correct[source] / checked[source] for source in sorted(checked)}
-        return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items()))})
+        return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items())),
+                                          "rows_without_category_column": without_category})
 
 
 class SelectByScore(CurationStep):

@@ -105,8 +105,9 @@ class EcoPromptData(TofuQAData):
         """Seeded per-class split of ``labelled_rows`` into train and val."""
         rng = random.Random(f"eco-prompts:{self.seed}")
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+        rows = self.labelled_rows()
         for label in (0, 1):
-            group = [row for row in self.labelled_rows() if row["label"] == label]
+            group = [row for row in rows if row["label"] == label]
             rng.shuffle(group)
             n_val = max(1, round(self.val_fraction * len(group))) if len(group) > 1 else 0
             splits["val"] += group[:n_val]

@@ -28,6 +28,11 @@ from datamodules.common import pad_sequences, row_error, truncate
 from datamodules.text import TextDataModule, encode_text, render_chat, validate_messages, validate_text
 
 
+def _turns(side: str | list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A response side as (role, content) turns: a plain string is one assistant turn."""
+    return [("assistant", side)] if isinstance(side, str) else [(turn["role"], turn["content"]) for turn in side]
+
+
 def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: str = "prompt",
                   chosen_field: str = "chosen", rejected_field: str = "rejected") -> None:
     """Raise a ``DataError`` naming source, row and field for the first rule a preference row breaks.
@@ -55,6 +60,8 @@ def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: st
             validate_text(value, source, index, name)
     if row[chosen_field] == row[rejected_field]:
         raise row_error(source, index, rejected_field, "identical to chosen")
+    if _turns(row[chosen_field]) == _turns(row[rejected_field]):  # e.g. "4" and [{"role": "assistant", "content": "4"}]
+        raise row_error(source, index, rejected_field, "identical to chosen once formatted")
     margin = row.get("margin")
     if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)
                                or not math.isfinite(margin)):
@@ -113,7 +120,7 @@ class PreferenceData(TextDataModule):
         validate_pair(row, source, index, self.prompt_field, self.chosen_field, self.rejected_field)
         chosen = self._side_ids(row, self.chosen_field)
         rejected = self._side_ids(row, self.rejected_field)
-        if chosen == rejected:  # different rows that format to the same text (e.g. a string and a message)
+        if chosen == rejected:  # a backstop for other sides that render alike (validate_pair catches string vs message)
             raise row_error(source, index, self.rejected_field, "identical to chosen once formatted")
         side = self.truncation_side if split == "train" else self.eval_truncation_side
         chosen, cut_chosen = truncate(chosen, self.max_length, side)

@@ -3,7 +3,8 @@ language model changes; what is learned is a prompt classifier and the corruptio
 
 1. Pure functions first: the corruptions of selected token embeddings (``CORRUPTIONS``), token selection,
    the class weights of the classifier's loss, threshold choice and calibration, and the zeroth-order
-   gradient estimates (central finite difference for a scalar, random directions for a vector).
+   gradient estimates (central finite difference for a scalar, random directions for a vector) and the
+   coarse search over log-spaced strengths that can pick the learner's starting point.
 2. ``EmbeddingCorruptionHook``: a forward hook on a model's input embeddings that corrupts selected
    positions of selected rows during one armed forward call (the prefill), never the decode steps.
 3. ``EcoLM``: the inference wrapper around any Hugging Face causal LM. A prompt classifier gates each
@@ -337,6 +338,18 @@ def random_direction_gradient(objective: Callable[[torch.Tensor], float], streng
         g += (j_plus - j_minus) / (2 * epsilon) * u
         probed += [j_plus, j_minus]
     return g * (s.numel() / directions), float(np.mean(probed))
+
+
+def coarse_search(objective: Callable[[float], float], strengths: Sequence[float]) -> tuple[float, list[float]]:
+    """J at every strength, in the order given; returns (the strength with the lowest J, the J values).
+    Ties keep the earlier strength. Meant for objectives that are flat over wide ranges of s (a KS
+    statistic over a few dozen values moves in steps), where a finite difference reads a zero gradient and
+    a descent started in the wrong place never moves: the search picks the start, descent refines it."""
+    if len(strengths) == 0:
+        raise ValueError("coarse_search needs at least one strength")
+    values = [float(objective(float(s))) for s in strengths]
+    best = min(range(len(values)), key=lambda i: (values[i], i))
+    return float(strengths[best]), values
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -812,9 +825,14 @@ class EcoCorruptionLearner(pl.LightningModule):
     s +- epsilon (scalar) or along ``directions`` random unit directions (``vector: true``, one strength per
     corrupted dimension), puts the estimate in ``strength.grad`` and takes one SGD step (lr = ``lr``),
     s <- max(s_min, s - lr * g): a real optimizer step, so ``trainer.max_steps`` counts learner steps.
-    Every forget prompt is corrupted (the gate is the classifier's job). Logs ``train/strength``,
-    ``train/objective``, ``train/metric``; at the end of fit writes the best strength evaluated (lowest J,
-    finite-difference probes included) into ``settings_dir`` as ECO settings without a gate."""
+    With ``init_scan`` (a list of strengths), the first step first evaluates J at each of them and starts
+    the descent from the best (``coarse_search``); the scan takes no optimizer step, so ``max_steps`` still
+    counts the refinement steps. Every forget prompt is corrupted (the gate is the classifier's job). Logs
+    ``train/strength``, ``train/objective``, ``train/metric``, ``train/forward_passes`` (objective
+    evaluations so far, scan included) and, per scanned strength, ``scan/strength``, ``scan/objective``,
+    ``scan/metric`` (x-axis: the scan index), then ``scan/forward_passes`` and ``scan/best_strength``; at the
+    end of fit writes the best strength evaluated (lowest J, scan and finite-difference probes included)
+    into ``settings_dir`` as ECO settings without a gate."""
 
     def __init__(self, model: str = "tiny", corruption: str = "rand_noise_first_n", dims: int = 1,
                  strength: float = 0.1, epsilon: Optional[float] = None, lr: float = 100.0,
@@ -822,12 +840,15 @@ class EcoCorruptionLearner(pl.LightningModule):
                  metric: str = "answer_prob", target: Optional[float] = None, retain_eval: Optional[str] = None,
                  token_selection: str = "all_but_last", entity_names: Optional[list[str]] = None,
                  tolerance: float = 0.0, seed: int = 0, settings_dir: Optional[str] = None,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, init_scan: Optional[list[float]] = None):
         """``epsilon``: finite-difference step (default 0.999 * strength, the released WMDP script's
         choice). ``target``: the metric's target; default chance for ``mc_accuracy`` (1 / options) and the
         retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
         distance to the retain model's forget truth ratios, read from ``retain_eval``). ``tolerance``: stop
-        once J <= tolerance."""
+        once J <= tolerance. ``init_scan``: strengths (e.g. log-spaced, [0.1, 1, ..., 10000]) to evaluate
+        before the first step; the descent starts from the best of them instead of ``strength``. With
+        ``vector: true`` each value is a common scale for every dimension. ``epsilon`` keeps its value (by
+        default 0.999 * ``strength``), so the refinement probes the same width around the scan's pick."""
         super().__init__()
         self.save_hyperparameters()
         if metric not in METRICS:
@@ -838,6 +859,10 @@ class EcoCorruptionLearner(pl.LightningModule):
             raise ValueError("vector strengths need corruption 'rand_noise_first_n'")
         if metric != "mc_accuracy" and target is None and retain_eval is None:
             raise ValueError(f"metric {metric!r} needs target or retain_eval (the retain model's evaluation)")
+        if init_scan is not None:
+            if len(init_scan) == 0 or any(not math.isfinite(float(v)) or float(v) < min_strength for v in init_scan):
+                raise ValueError(f"init_scan must be a non-empty list of finite strengths >= min_strength "
+                                 f"({min_strength}), got {init_scan!r}")
         self.automatic_optimization = False
         self.model_name_or_path, self.metric = model, metric
         self.epsilon = 0.999 * strength if epsilon is None else epsilon
@@ -860,6 +885,8 @@ class EcoCorruptionLearner(pl.LightningModule):
         self.tokenizer = lm.load_tokenizer(model)
         self._lm: Optional[EcoLM] = None  # held outside the module tree: never checkpointed nor trained
         self.history: list[dict[str, Any]] = []
+        self.forward_passes = 0  # objective evaluations (one pass over the forget set each), scan included
+        self.scan_forward_passes = 0
 
     def configure_model(self) -> None:
         if self._lm is not None:
@@ -906,20 +933,48 @@ class EcoCorruptionLearner(pl.LightningModule):
         logp = self._lm.score_tokens(part, flags=flags, strength=value)
         return forget_metric(self.metric, batch, logp, self.reference_ratios)
 
-    def _visit(self, batch: Mapping[str, Any], strength, step: int, probe: bool = False) -> tuple[float, float]:
+    def _visit(self, batch: Mapping[str, Any], strength, step: int, probe: bool = False,
+               scan: bool = False) -> tuple[float, float]:
         """Score one strength, keep it if it is the best so far, record it; returns (metric, J)."""
         s = torch.as_tensor(strength, dtype=torch.float64).detach().cpu().clone()
         metric = self.metric_value(batch, s)
+        self.forward_passes += 1
         j = abs(metric - self.target)
         if j < float(self.best_objective):
             self.best_objective.fill_(j)
             self.best_strength.copy_(s)
-        self.history.append({"step": step, "strength": s.tolist(), "objective": j, "metric": metric, "probe": probe})
+        self.history.append({"step": step, "strength": s.tolist(), "objective": j, "metric": metric, "probe": probe,
+                             "scan": scan})
         return metric, j
+
+    def _log(self, scalars: Mapping[str, float], step: int) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(dict(scalars), step=step)
+
+    def _initial_scan(self, batch: Mapping[str, Any]) -> None:
+        """Evaluate J at every ``init_scan`` strength and move the strength to the best one."""
+        scale = torch.ones_like(self.strength.detach().cpu())  # a vector strength scans a common scale
+
+        def scanned(value: float) -> float:
+            index = self.scan_forward_passes
+            metric, j = self._visit(batch, scale * value, self.global_step, scan=True)
+            self.scan_forward_passes += 1
+            self._log({"scan/strength": value, "scan/objective": j, "scan/metric": metric}, step=index)
+            return j
+
+        best, values = coarse_search(scanned, [float(v) for v in self.hparams.init_scan])
+        with torch.no_grad():
+            self.strength.copy_(scale * best)
+        self._log({"scan/forward_passes": self.scan_forward_passes, "scan/best_strength": best},
+                  step=self.global_step)
+        rank_zero_info("[EcoCorruptionLearner] scan: " + ", ".join(
+            f"s={v:g}: J={j:.4f}" for v, j in zip(self.hparams.init_scan, values)) + f" -> start at s={best:g}")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
         step = self.global_step
+        if hp.init_scan and step == 0 and self.scan_forward_passes == 0:
+            self._initial_scan(batch)
         s = self.strength.detach().cpu().clone()
         metric_now, j_now = self._visit(batch, s, step)
 
@@ -938,10 +993,9 @@ class EcoCorruptionLearner(pl.LightningModule):
         optimizer.zero_grad()
         with torch.no_grad():
             self.strength.clamp_(min=hp.min_strength)
-        scalars = {"train/objective": j_now, "train/metric": metric_now,
-                   "train/strength": float(s.mean()), "train/gradient": float(torch.as_tensor(grad).norm())}
-        for logger in self.trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+        self._log({"train/objective": j_now, "train/metric": metric_now, "train/strength": float(s.mean()),
+                   "train/gradient": float(torch.as_tensor(grad).norm()), "train/forward_passes": self.forward_passes},
+                  step=step)
         if j_now <= hp.tolerance:
             self.trainer.should_stop = True
 
@@ -962,4 +1016,5 @@ class EcoCorruptionLearner(pl.LightningModule):
                 folder = save_settings(self.hparams.settings_dir, self.learned_settings())
                 (folder / "learning.json").write_text(json.dumps(
                     {"metric": self.metric, "target": self.target, "best_objective": float(self.best_objective),
-                     "steps": self.global_step, "history": self.history}, indent=1))
+                     "steps": self.global_step, "forward_passes": self.forward_passes,
+                     "scan_forward_passes": self.scan_forward_passes, "history": self.history}, indent=1))

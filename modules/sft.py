@@ -81,6 +81,10 @@ class SFT(HFModule):
         self._evaluate(batch, "test", True)
 
 
+# distinct arithmetic problems the tiny-sft preset is fine-tuned on (the first ones a seed draws)
+PRESET_SFT_PROBLEMS = 6000
+
+
 def build_arithmetic_preset(base: str, path: str | Path, steps: int = 800, seed: int = 0) -> Path:
     """Fine-tune ``base`` briefly on the embedded arithmetic task and save it at ``path`` (the
     ``tiny-sft`` preset). Deterministic in ``seed``; the caller's random state is left untouched."""
@@ -95,7 +99,7 @@ def build_arithmetic_preset(base: str, path: str | Path, steps: int = 800, seed:
     module = SFT(model=base, generate_on_validation=False,
                  optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98)),
                  lr_scheduler=functools.partial(WarmupSchedule, warmup_steps=40, min_lr_ratio=0.1))
-    data = SFTData(tokenizer=base, train_size=6000, val_size=0, test_size=0, batch_size=32, max_length=128, seed=seed)
+    data = SFTData(tokenizer=base, train_size=PRESET_SFT_PROBLEMS, val_size=0, test_size=0, batch_size=32, max_length=128, seed=seed)
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, devices=1, num_sanity_val_steps=0)
     with torch.random.fork_rng():

@@ -4,6 +4,8 @@ strength, and the wrapped target model evaluated next to the FLAT recipe's model
     python recipes/eco_tofu.py                      # reuses runs/tofu (builds it with the FLAT recipe's stages if absent)
     python recipes/eco_tofu.py --metric answer_prob --learn-steps 15
     python recipes/eco_tofu.py --compare-metrics ""   # only the --metric objective
+    python recipes/eco_tofu.py --reuse --relearn      # keep the classifier, learn the strengths again
+    python recipes/eco_tofu.py --init-scan ""         # the learner starts at --strength, no initial scan
 
 Stages (each an ordinary cli.py run, printed with its command line; the two run side by side):
 
@@ -69,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=1.0, help="initial strength s0")
     p.add_argument("--lr", type=float, default=1000.0)
     p.add_argument("--learn-steps", type=int, default=10, help="learner steps (trainer.max_steps)")
+    p.add_argument("--init-scan", default=None,
+                   help="comma-separated strengths the learner scans before its steps, starting from the best "
+                        "(default: the config's init_scan; '' for no scan)")
     p.add_argument("--reuse", action="store_true", help="skip ECO stages whose outputs exist")
+    p.add_argument("--relearn", action="store_true", help="with --reuse, run the learner stages again anyway")
     p.add_argument("--scan-only", action="store_true", help="only scan the objectives over --scan-strengths")
     p.add_argument("--scan-strengths", default="0.0001,1,2,3,5,10,21,30,50,79,100,300,1000,3000,10000")
     return p.parse_args(argv)
@@ -142,11 +148,15 @@ def run(args: argparse.Namespace) -> dict:
     def learner_stage(metric: str):
         folder = learn_dirs[metric]
         stage = folder.name
-        if args.reuse and (folder / "settings" / "eco.json").exists():
+        if args.reuse and not args.relearn and (folder / "settings" / "eco.json").exists():
             print(f"=== {stage}: reusing {folder / 'settings'}")
             reused.append(stage)
             return
-        runner.cli(stage, "fit", "configs/eco/learn.yaml", *runner.logger(stage),
+        scan_override = []
+        if args.init_scan is not None:
+            values = [float(v) for v in args.init_scan.split(",") if v]
+            scan_override = [f"--model.init_args.init_scan={json.dumps(values) if values else 'null'}"]
+        runner.cli(stage, "fit", "configs/eco/learn.yaml", *runner.logger(stage), *scan_override,
                    f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--model.init_args.model={target}",
                    f"--model.init_args.retain_eval={retain_eval}", f"--model.init_args.metric={metric}",
                    f"--model.init_args.corruption={args.corruption}", f"--model.init_args.dims={args.dims}",
@@ -242,7 +252,9 @@ def evaluate(args, out: Path, target: Path, retain: Path, retain_eval: Path, tar
         learned[metric] = {"strength": settings_learned.strength, "corruption": settings_learned.corruption,
                            "dims": settings_learned.dims, "metric": learning["metric"], "target": learning["target"],
                            "best_objective": learning["best_objective"], "best_metric": best["metric"],
-                           "steps": learning["steps"], "history": learning["history"]}
+                           "steps": learning["steps"], "history": learning["history"],
+                           "forward_passes": learning.get("forward_passes"),
+                           "scan_forward_passes": learning.get("scan_forward_passes", 0)}
     return {"rows": rows, "classifier": classifier, "primary_metric": args.metric, "learned": learned}
 
 
@@ -300,9 +312,17 @@ def learned_line(metric: str, learned: dict, rows: list[dict], primary: bool) ->
     evaluated = next(r for r in rows if r["model"] == name)
     evaluator_value = {"truth_ratio": evaluated["forget_truth_ratio"], "truth_ratio_ks": evaluated["forget_ks_statistic"]}.get(metric)
     check = "" if evaluator_value is None else f"; the evaluator's value at that strength {evaluator_value:.4f}"
+    scanned = [h for h in learned["history"] if h.get("scan")]
+    scan = ""
+    if scanned:
+        # a vector strength scans a common scale: every entry holds the scanned value
+        points = ", ".join(f"{(h['strength'][0] if isinstance(h['strength'], list) else h['strength']):g}: "
+                           f"{h['objective']:.4f}" for h in scanned)
+        scan = (f" Initial scan ({learned['scan_forward_passes']} forward passes of the "
+                f"{learned['forward_passes']} in all), J at s = {points}.")
     return (f"Learned ({name}): {learned['corruption']} on {learned['dims']} dims, strength {strength} after "
             f"{learned['steps']} steps (metric {metric}, target {learned['target']:.4f}, best |metric - target| "
-            f"{learned['best_objective']:.4f}, the learner's metric {learned['best_metric']:.4f}{check}).")
+            f"{learned['best_objective']:.4f}, the learner's metric {learned['best_metric']:.4f}{check}).{scan}")
 
 
 def scan(args: argparse.Namespace) -> dict:

@@ -441,46 +441,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_rows(trusted_file, data["trusted"])
 
     # Every run is seeded on its own, so running them side by side changes their timing, not their results.
+    import torch
+
+    threads = torch.get_num_threads()
     one_thread_per_worker()
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=one_thread_per_worker)
-    raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args)  # needs no judge: starts at once
-    if args.judge_checkpoint:
-        runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
-    else:
-        runs = {"judge": fit_and_test(out, "judge", trusted_file, data, args)}
-    scoring = score_pool(out, pool_file, runs["judge"]["checkpoint"], args)
-    judge_per_task = judge_accuracy_per_task(runs["judge"], data["val"])
-    checked_tasks = (None if args.judge_trust is None else
-                     [task for task, accuracy in judge_per_task.items() if accuracy >= args.judge_trust])
-    filtered = run_pipeline(str(out / "pool.scored.jsonl"), str(out / "curated"),
-                            filter_steps([data["eval_file"], data["val_file"]], checked_tasks))
-    filtered_file = Path(filtered["output_file"])
-    selection_input = dict(sorted(Counter(row["subset"] for row in read_rows(str(filtered_file))).items()))
-    curation, kept_per_subset, train_files = {}, {}, {}
-    for name in args.selections:
-        step = selection_step(name)
-        if step is None:
-            curation[name], train_files[name] = filtered, filtered_file
-            kept_per_subset[name] = selection_input
-            continue
-        selected = out / "curated" / f"select_{name}.jsonl"
-        report = run_step(step, str(filtered_file), str(selected))
-        curation[name] = {**filtered, "steps": filtered["steps"] + [report], "output_file": str(selected),
-                          "output_rows": report["kept_rows"],
-                          "sources": {source: {"input": counts["input"], "output": report["by_source"].get(
-                              source, {"kept": 0})["kept"]} for source, counts in filtered["sources"].items()}}
-        kept_per_subset[name] = {subset: entry["kept"] for subset, entry in report["details"]["per_subset"].items()}
-        train_files[name] = selected
+    try:
+        # the raw run needs no judge: with a second worker it trains beside the judge
+        raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args) if args.workers > 1 else None
+        if args.judge_checkpoint:
+            runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
+        else:
+            runs = {"judge": fit_and_test(out, "judge", trusted_file, data, args)}
+        scoring = score_pool(out, pool_file, runs["judge"]["checkpoint"], args)
+        judge_per_task = judge_accuracy_per_task(runs["judge"], data["val"])
+        checked_tasks = (None if args.judge_trust is None else
+                         [task for task, accuracy in judge_per_task.items() if accuracy >= args.judge_trust])
+        filtered = run_pipeline(str(out / "pool.scored.jsonl"), str(out / "curated"),
+                                filter_steps([data["eval_file"], data["val_file"]], checked_tasks))
+        filtered_file = Path(filtered["output_file"])
+        selection_input = dict(sorted(Counter(row["subset"] for row in read_rows(str(filtered_file))).items()))
+        curation, kept_per_subset, train_files = {}, {}, {}
+        for name in args.selections:
+            step = selection_step(name)
+            if step is None:
+                curation[name], train_files[name] = filtered, filtered_file
+                kept_per_subset[name] = selection_input
+                continue
+            selected = out / "curated" / f"select_{name}.jsonl"
+            report = run_step(step, str(filtered_file), str(selected))
+            curation[name] = {**filtered, "steps": filtered["steps"] + [report], "output_file": str(selected),
+                              "output_rows": report["kept_rows"],
+                              "sources": {source: {"input": counts["input"], "output": report["by_source"].get(
+                                  source, {"kept": 0})["kept"]} for source, counts in filtered["sources"].items()}}
+            kept_per_subset[name] = {subset: entry["kept"] for subset, entry in report["details"]["per_subset"].items()}
+            train_files[name] = selected
 
-    quality = {"raw pool": label_quality(pool_file), "after the filters": label_quality(filtered_file),
-               **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
-    curated_runs = {name: pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
-                    for name in args.selections}
-    runs["raw"] = raw_run.result()
-    for name, run in curated_runs.items():
-        runs[f"curated_{name}"] = run.result()
-    pool.shutdown()
+        quality = {"raw pool": label_quality(pool_file), "after the filters": label_quality(filtered_file),
+                   **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
+        if raw_run is None:
+            raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args)
+        curated_runs = {name: pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
+                        for name in args.selections}
+        runs["raw"] = raw_run.result()
+        for name, run in curated_runs.items():
+            runs[f"curated_{name}"] = run.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
     chosen = max(args.selections, key=lambda name: (runs[f"curated_{name}"]["validation"]["overall"],
                                                     runs[f"curated_{name}"]["validation"]["accuracy"]))
 

@@ -92,19 +92,19 @@ def test_invalid_pair_rules_agree_with_the_reward_datamodule(pool):
         assert accepted == (pair_problem(row, index, "pool.jsonl") is None), row["id"]
 
 
-def test_one_validation_function_serves_the_datamodule_and_the_curation_step(pool):
-    """DropInvalid and the reward datamodule reject the same rows with the same message, from one function."""
-    from datamodules import curation, preference
+def test_sides_identical_once_formatted_are_rejected_by_both_paths():
+    """A plain-string side and a message side that render to the same text are the same response: the
+    reward datamodule and DropInvalid both refuse the pair, with the same message."""
+    from datamodules import preference
     from modules.lm import load_tokenizer
 
-    assert curation.validate_pair is preference.validate_pair
+    row = {"prompt": "Compute 2+2.", "chosen": "4", "rejected": [{"role": "assistant", "content": "4"}]}
     data = preference.PreferenceData(tokenizer="tiny", max_length=512)
     data.tokenizer = load_tokenizer("tiny")
-    for index, row in enumerate(pool):
-        if row["id"] in INVALID_IDS:
-            with pytest.raises(DataError) as raised:
-                data.encode(row, "train", "pool.jsonl", index)
-            assert str(raised.value) == str(pair_problem(row, index, "pool.jsonl")), row["id"]
+    with pytest.raises(DataError) as raised:
+        data.encode(row, "train", "pool.jsonl", 0)
+    assert "identical" in str(raised.value)
+    assert str(raised.value) == str(pair_problem(row, 0, "pool.jsonl"))
 
 
 def test_drop_invalid_reports_per_source_and_reason(pool):
@@ -413,12 +413,18 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
 def test_recipe_pool_is_disjoint_from_the_embedded_defaults_and_the_evaluation_sets():
     """No backbone (tiny-sft's SFT problems) or existing judge (bt.yaml's pairs) saw the recipe's problems,
     and the pool never shares a problem with the validation or evaluation set except the planted leaks."""
+    import yaml
+
     from datamodules import arithmetic
+    from modules.sft import PRESET_SFT_PROBLEMS
     from recipes import reward_curation
 
+    bt = yaml.safe_load((Path(__file__).parents[1] / "configs/reward/bt.yaml").read_text())["data"]["init_args"]
+    bt_sizes = {split: bt[f"{split}_size"] for split in ("train", "val", "test")}
+    # the recipe skips the problems the defaults draw first: bt.yaml's pairs (which include tiny-sft's SFT problems)
+    assert reward_curation.EMBEDDED_DRAWS == sum(bt_sizes.values()) >= PRESET_SFT_PROBLEMS
     data = reward_curation.build_data(scale=0.1, flip_fraction=0.3, seed=0)
-    embedded = {problem.question for split in arithmetic.generate_splits(
-        {"train": 8000, "val": 300, "test": 600}, seed=0).values() for problem in split}
+    embedded = {problem.question for split in arithmetic.generate_splits(bt_sizes, seed=0).values() for problem in split}
 
     def base_question(prompt):  # "Compute 3+4, then divide the result by 0." -> "Compute 3+4."
         return prompt.split(",")[0].removesuffix(".") + "."
@@ -449,3 +455,6 @@ def test_consistency_filter_checks_only_the_listed_categories():
     assert report["details"]["checked_per_source"] == {"crowd": 2}
     with pytest.raises(ValueError, match="together"):
         ConsistencyFilter(category_field="task")
+    assert report["details"]["rows_without_category_column"] == 1
+    with pytest.raises(DataError, match="no row of the checked sources has the category column 'tasks'"):
+        apply_step(ConsistencyFilter(sources=["crowd"], category_field="tasks", categories=["arithmetic"]), rows)

@@ -5,10 +5,14 @@ LightningModules run briefly through cli.py."""
 from __future__ import annotations
 
 import json
+import math
+import types
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 from modules import eco
 
@@ -236,6 +240,104 @@ def test_random_direction_gradient_on_a_quadratic():
     assert ((estimates.mean(0) - 2 * a * (s - c)).abs() < 4 * standard_error).all()
     units = eco.random_directions(4, 3, torch.Generator().manual_seed(1))
     assert torch.allclose(units @ units.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def basin_objective(s: float) -> float:
+    """Flat (J = 0.5) except in a basin 300 < s < 3000, where J = 0.2 |log10(s / 700)|: the shape of the KS
+    objective on TOFU (plateaus where central differences read 0), with its minimum inside the basin."""
+    return 0.2 * abs(math.log10(s / 700.0)) if 300.0 < s < 3000.0 else 0.5
+
+
+def test_coarse_search_picks_the_best_strength_and_keeps_the_first_of_ties():
+    grid = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+    best, values = eco.coarse_search(basin_objective, grid)
+    assert best == 1000.0 and values == [basin_objective(s) for s in grid]
+    assert eco.coarse_search(lambda s: 1.0, [5.0, 1.0, 7.0])[0] == 5.0  # all tied: the first listed
+    with pytest.raises(ValueError, match="at least one strength"):
+        eco.coarse_search(basin_objective, [])
+
+
+class SyntheticObjectiveLearner(eco.EcoCorruptionLearner):
+    """The learner's own loop (scan, central differences, SGD steps, logging) on ``basin_objective`` instead
+    of a language model: metric = J(s) and target 0, so the objective |metric - target| is J itself."""
+
+    def configure_model(self) -> None:
+        self._lm = types.SimpleNamespace(model=torch.nn.Identity())
+
+    def metric_value(self, batch, strength) -> float:
+        return basin_objective(float(torch.as_tensor(strength).mean()))
+
+
+class RecordingLogger(Logger):
+    """Keeps every logged scalar as (name, step, value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[str, int, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records += [(key, step, float(value)) for key, value in metrics.items()]
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def values(self, key: str) -> list[tuple[int, float]]:
+        return [(step, value) for name, step, value in self.records if name == key]
+
+
+class OneBatchData(pl.LightningDataModule):
+    def train_dataloader(self):  # one placeholder batch per step: the synthetic objective reads nothing from it
+        return torch.utils.data.DataLoader([torch.zeros(1)], batch_size=1)
+
+
+def _learn_on_the_basin(init_scan, steps: int = 5):
+    learner = SyntheticObjectiveLearner(model="tiny", metric="answer_prob", target=0.0, strength=1.0,
+                                        epsilon=0.999, lr=1e5, init_scan=init_scan)
+    logger = RecordingLogger()
+    trainer = pl.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", log_every_n_steps=1)
+    trainer.fit(learner, datamodule=OneBatchData())
+    return learner, logger
+
+
+def test_initial_scan_then_descent_ends_in_the_basin_where_descent_alone_stalls(one_torch_thread):
+    grid = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+    alone, _ = _learn_on_the_basin(None)
+    # from s0 = 1 both probes read J = 0.5: zero gradient, the strength never moves
+    assert alone.global_step == 5 and float(alone.strength) == 1.0 and float(alone.best_objective) == 0.5
+
+    learner, logger = _learn_on_the_basin(grid)
+    scanned = [h for h in learner.history if h["scan"]]
+    assert [h["strength"] for h in scanned] == grid
+    steps = [h for h in learner.history if not h["scan"] and not h["probe"]]
+    # trainer.max_steps counts refinement steps only: 5 steps from the scan's best, then the final strength
+    assert learner.global_step == 5 and len(steps) == 6 and steps[0]["strength"] == 1000.0
+    # the descent refines inside the basin: each step lowers J, towards the minimum at s = 700
+    strengths = [h["strength"] for h in steps]
+    assert all(300.0 < s < 1000.0 for s in strengths[1:]) and strengths == sorted(strengths, reverse=True)
+    assert float(learner.best_objective) < basin_objective(1000.0) < 0.5
+    assert 300.0 < float(learner.best_strength) < 1000.0
+    # forward passes: 6 scanned, 3 per step (s, s + eps, s - eps), 1 for the final strength
+    assert learner.scan_forward_passes == 6 and learner.forward_passes == 6 + 3 * 5 + 1
+    assert logger.values("scan/strength") == list(enumerate(grid))
+    assert logger.values("scan/objective") == [(i, basin_objective(s)) for i, s in enumerate(grid)]
+    assert logger.values("scan/forward_passes") == [(0, 6.0)] and logger.values("scan/best_strength") == [(0, 1000.0)]
+    assert [value for _, value in logger.values("train/forward_passes")] == [6.0 + 3 * k for k in range(1, 6)]
+
+
+def test_initial_scan_refuses_strengths_below_the_minimum():
+    with pytest.raises(ValueError, match="init_scan must be a non-empty list of finite strengths >= min_strength"):
+        eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0, min_strength=1e-4, init_scan=[0.0, 1.0])
+    with pytest.raises(ValueError, match="init_scan must be a non-empty list"):
+        eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0, init_scan=[])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -517,9 +619,11 @@ def test_learner_moves_the_strength_and_writes_settings(run_cli, tmp_path, vecto
             "--model.init_args.metric=answer_prob", "--model.init_args.target=0.0", "--model.init_args.dims=16",
             "--model.init_args.strength=0.1", "--model.init_args.lr=1.0", "--model.init_args.tolerance=0.0",
             f"--model.init_args.settings_dir={settings_dir}", "--data.init_args.n_authors=6",
-            "--data.init_args.qa_per_author=3", "--trainer.max_steps=2", name="learn")
+            "--data.init_args.qa_per_author=3", "--trainer.max_steps=2", "--model.init_args.init_scan=null",
+            name="learn")
     learning = json.loads((settings_dir / "learning.json").read_text())
     history = learning["history"]
+    assert not any(h["scan"] for h in history) and learning["scan_forward_passes"] == 0
     steps = [h for h in history if not h["probe"]]
     # trainer.max_steps counts learner steps: two steps, then the final strength is scored
     assert learning["steps"] == 2 and [h["step"] for h in steps] == [0, 1, 2]
@@ -529,6 +633,23 @@ def test_learner_moves_the_strength_and_writes_settings(run_cli, tmp_path, vecto
     settings, gate = eco.load_settings(settings_dir)
     assert gate is None and settings.gate == "all" and settings.dims == 16
     assert isinstance(settings.strength, list) == vector and (not vector or len(settings.strength) == 16)
+
+
+def test_learner_scans_a_common_scale_for_a_vector_strength_then_steps_from_the_best(run_cli, tmp_path):
+    settings_dir = tmp_path / "settings"
+    run_cli("fit", "configs/eco/learn.yaml", "--model.init_args.model=tiny", "--model.init_args.retain_eval=null",
+            "--model.init_args.vector=true", "--model.init_args.directions=2", "--model.init_args.dims=4",
+            "--model.init_args.metric=answer_prob", "--model.init_args.target=0.0", "--model.init_args.strength=0.1",
+            "--model.init_args.init_scan=[0.01, 1.0, 100.0]", f"--model.init_args.settings_dir={settings_dir}",
+            "--data.init_args.n_authors=6", "--data.init_args.qa_per_author=3", "--trainer.max_steps=1", name="scan")
+    learning = json.loads((settings_dir / "learning.json").read_text())
+    scanned = [h for h in learning["history"] if h["scan"]]
+    assert [h["strength"] for h in scanned] == [[0.01] * 4, [1.0] * 4, [100.0] * 4]
+    best = min(scanned, key=lambda h: h["objective"])  # the random tiny model gives no ties
+    first_step = next(h for h in learning["history"] if not h["scan"] and not h["probe"])
+    assert first_step["strength"] == best["strength"] and first_step["objective"] == best["objective"]
+    # one step: 3 scanned, the start, 2 probes per direction, then the final strength; max_steps = 1 step
+    assert learning["steps"] == 1 and learning["scan_forward_passes"] == 3 and learning["forward_passes"] == 3 + 1 + 4 + 1
 
 
 def _retain_eval(path, forget_split, ratios):
