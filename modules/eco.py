@@ -687,6 +687,13 @@ class PromptClassifier(HFModule):
         scores = torch.cat([p for p, _, _ in parts]).numpy() if parts else np.zeros(0)
         labels = torch.cat([y for _, y, _ in parts]).numpy() if parts else np.zeros(0)
         kinds = [k for _, _, ks in parts for k in ks]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            # every rank holds a share of the prompts: the threshold and the rates need all of them
+            shares: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, (scores, labels, kinds))
+            scores = np.concatenate([share[0] for share in shares])
+            labels = np.concatenate([share[1] for share in shares])
+            kinds = [kind for share in shares for kind in share[2]]
         return scores, labels, kinds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
