@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -465,6 +466,8 @@ class EcoLM:
     ``prompt_lengths`` and ``questions``; generation batches left-padded ``prompt_input_ids``/
     ``prompt_attention_mask`` and ``questions``. ``last_flags`` holds the gate's decisions of the last call."""
 
+    GATE_CACHE_SIZE = 4096  # prompts whose classifier probability is kept (evaluators score each prompt many times)
+
     def __init__(self, model: torch.nn.Module, tokenizer, settings: EcoSettings, gate: Optional[PromptGate] = None):
         if settings.gate == "classifier" and gate is None:
             raise ValueError("gate 'classifier' needs a PromptGate (or use gate 'all' / 'none')")
@@ -473,7 +476,8 @@ class EcoLM:
         self.corrupt_fn = corruption_function(settings.corruption)
         self.last_flags: Optional[torch.Tensor] = None
         self.last_probabilities: Optional[torch.Tensor] = None
-        self._gate_cache: dict[str, float] = {}
+        # recent prompts' classifier probabilities, least recently used first (bounded: a server sees endless prompts)
+        self._gate_cache: OrderedDict[str, float] = OrderedDict()
 
     def close(self) -> None:
         """Remove the hook: the model is the bare model again."""
@@ -491,9 +495,15 @@ class EcoLM:
         else:
             # the TOFU and multiple-choice evaluators score several answers per prompt: classify each once
             missing = list(dict.fromkeys(q for q in questions if q not in self._gate_cache))
+            known = {q: self._gate_cache[q] for q in questions if q in self._gate_cache}
             if missing:
-                self._gate_cache.update(zip(missing, self.gate.probabilities(missing).tolist()))
-            probs = torch.tensor([self._gate_cache[q] for q in questions])
+                known.update(zip(missing, self.gate.probabilities(missing).tolist()))
+            for question, probability in known.items():
+                self._gate_cache[question] = probability
+                self._gate_cache.move_to_end(question)
+            while len(self._gate_cache) > self.GATE_CACHE_SIZE:
+                self._gate_cache.popitem(last=False)
+            probs = torch.tensor([known[q] for q in questions])
             flags = probs > self.settings.threshold
         self.last_flags, self.last_probabilities = flags, probs
         return flags

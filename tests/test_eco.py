@@ -529,6 +529,23 @@ def test_settings_and_classifier_round_trip(tiny, tmp_path):
     loaded.close()
 
 
+def test_gate_cache_is_bounded_and_keeps_the_gate_decisions(tiny, monkeypatch):
+    from modules.lm import load_model, load_tokenizer
+
+    model, tokenizer = tiny
+    classifier_tokenizer = load_tokenizer("tiny")
+    classifier = load_model("tiny", kind="sequence_classification", num_labels=2, tokenizer=classifier_tokenizer)
+    gate = eco.PromptGate(classifier, classifier_tokenizer)
+    wrapper = eco.EcoLM(model, tokenizer, eco.EcoSettings(threshold=0.5), gate)
+    monkeypatch.setattr(eco.EcoLM, "GATE_CACHE_SIZE", 2)
+    expected = gate.probabilities(QUESTIONS) > 0.5
+    assert torch.equal(wrapper.flags(QUESTIONS), expected)
+    assert list(wrapper._gate_cache) == QUESTIONS[1:]  # the least recently used prompt was evicted
+    assert torch.equal(wrapper.flags(QUESTIONS[:1] * 2), expected[:1].repeat(2))  # classified again, same decision
+    assert list(wrapper._gate_cache) == [QUESTIONS[2], QUESTIONS[0]]
+    wrapper.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Multiple choice
 
@@ -606,7 +623,11 @@ def test_classifier_fit_chooses_a_threshold_and_exports_it(run_cli, tmp_path):
             "--model.init_args.target_fpr=0.1", name="cls")
     export = tmp_path / "cls" / "export"
     threshold = eco.classifier_threshold(export)
-    assert 0.0 <= threshold <= 1.0
+    summary = json.loads(next((tmp_path / "cls").glob("version_*/summary.json")).read_text())
+    validation = summary["stages"]["fit"]["metrics"]
+    # the exported threshold is the one calibrated on the validation prompts, and it meets the target FPR there
+    assert threshold == pytest.approx(validation["val/threshold"])
+    assert validation["val/fpr"] <= 0.1
     gate = eco.PromptGate.load(export)
     assert gate.probabilities(QUESTIONS).shape == (3,)
 
