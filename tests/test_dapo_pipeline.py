@@ -76,7 +76,9 @@ def give_outcomes(path) -> None:
             if len(candidates) >= 2:
                 candidates[0].update(terminal=True, num_correct=candidates[0]["count"])
                 candidates[1].update(terminal=True)
-            state["num_correct"] = candidates[0]["num_correct"]
+            if len(candidates) >= 3 and not candidates[2]["terminal"]:  # a step that succeeded 1 time in 2
+                candidates[2].update(count=2, num_correct=1)
+            state["num_correct"] = sum(candidate["num_correct"] for candidate in candidates)
             state["mc_value"] = state["num_correct"] / state["num_completions"]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -156,10 +158,13 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
             f"--model.init_args.critic={tmp_path / 'critic_export'}", "--model.init_args.reference=tiny",
             "--model.init_args.q_estimator=monte_carlo", f"--data.init_args.data_file={rollouts}",
             "--return_predictions=false", name="advantages_mc")
+    partial_steps = 0
     for state in read_jsonl(mc_advantages):
         for candidate, source in zip(state["candidates"], rollout_states[state["state_id"]]["candidates"]):
             assert candidate["q"] == source["num_correct"] / source["count"]
             assert candidate["q_source"] == ("reward" if source["terminal"] else "monte_carlo")
+            partial_steps += candidate["q_source"] == "monte_carlo" and candidate["q"] == 0.5
+    assert partial_steps > 0  # the ratio itself was exercised, not only 0 / count
 
     # 4. actor: before training pi == pi_ref, so the log-ratio on the cached data is 0
     actor = ["--model.init_args.model=tiny", f"--data.init_args.data_file={advantages}", "--data.init_args.batch_size=2"]
