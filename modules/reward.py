@@ -120,7 +120,7 @@ class RewardModel(HFModule):
         correct = self.trainer.strategy.reduce(self._subset_correct, reduce_op="sum")
         total = self.trainer.strategy.reduce(self._subset_total, reduce_op="sum")
         names = self._subset_names()
-        # kept on the module (pairs and correct per subset) for callbacks and callers of validate/test
+        # the exact counts behind the logged accuracies, summed over ranks (logged metrics are floats)
         self.subset_counts = {name: {"pairs": int(total[i]), "correct": int(correct[i])}
                               for i, name in enumerate(names) if total[i] > 0}
         per_subset = {name: counts["correct"] / counts["pairs"] for name, counts in self.subset_counts.items()}

@@ -63,8 +63,8 @@ class RewardScorer(RewardModel):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """(pairs, 3): row id, reward of chosen, reward of rejected (float64, so row ids stay exact)."""
-        out = super().predict_step(batch, batch_idx)
-        scores = torch.stack([out["row_id"].double(), out["reward_chosen"].double(), out["reward_rejected"].double()], 1)
+        chosen, rejected = self.pair_rewards(batch)  # not predict_step: the subset names would be thrown away
+        scores = torch.stack([batch["row_id"].double(), chosen.double(), rejected.double()], 1).cpu()
         self._scores.append(scores)
         return scores
 
