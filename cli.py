@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
 
 import datamodules  # noqa: E402,F401  (registers the data modules)
 import modules  # noqa: E402,F401  (registers the methods)
@@ -37,7 +39,16 @@ class TrainerCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         ckpt = "best" if callback is not None and callback.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        model = self.model
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # fit sharded this module's layers in place, and Lightning cannot shard a sharded module again
+            # to load a checkpoint into it: test a fresh instance, built and sharded as a new process would
+            ckpt = ckpt or ("last" if callback is not None and callback.last_model_path else None)
+            if ckpt is None:
+                rank_zero_warn("test_after_fit skipped: under FSDP it tests a checkpoint, and this fit saved none")
+                return
+            model = self._get(self.parser.instantiate_classes(self.config), "model")
+        self.trainer.test(model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
 def trainer_defaults() -> dict:

@@ -508,7 +508,7 @@ class DAPOCritic(HFModule):
         lm.ensure_distinct_pad_token(tokenizer)
 
     def value_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = critic_loss(self.value_logits(batch["input_ids"], batch["attention_mask"]), batch["target"])
@@ -710,7 +710,7 @@ class DAPOActor(DAPOPolicy):
         self.beta = beta
 
     def actor_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         policy_logps = lm.sequence_logprob(logits, batch["labels"], "sum")
         return dapo_actor_loss(policy_logps, batch["ref_logprob"], batch["advantage"], batch["state_index"], self.beta)
 

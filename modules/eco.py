@@ -677,7 +677,7 @@ class PromptClassifier(HFModule):
             rank_zero_info(f"[PromptClassifier] class counts {list(counts)} -> weights {self.weights.tolist()}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])

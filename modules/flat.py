@@ -266,7 +266,7 @@ class FlatUnlearner(HFModule):
         input_ids = torch.cat([widen(batch[f"{p}_input_ids"], pad_id) for p in parts])
         attention = torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in parts])
         labels = torch.cat([widen(batch[f"{p}_labels"], -100) for p in parts])
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
         logp = token_logprobs(logits, labels)
         mask = labels[:, 1:] != -100
         sizes = [batch[f"{p}_input_ids"].shape[0] for p in parts]
@@ -380,7 +380,7 @@ class FlatUnlearner(HFModule):
     # -- test: teacher-forced answer probabilities of the evaluation splits (the full TOFU report comes from
     # the TofuEvaluation callback) ---------------------------------------------------------------------
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         stats = _answer_stats(token_logprobs(logits, batch["labels"]), batch["labels"][:, 1:] != -100)
         kinds = batch.get("kind")
         from datamodules.tofu_data import EVAL_KINDS

@@ -18,9 +18,9 @@ EPOCHS = ["--model.init_args.model=tiny", "--data.init_args.train_size=48", "--d
           "--trainer.check_val_every_n_epoch=1", "--test_after_fit=false"]
 
 
-def cli(tmp_path, name, *extra, timeout=400):
+def cli(tmp_path, name, *extra, timeout=400, config="configs/reward/bt.yaml"):
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs/reward/bt.yaml"),
+    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / config),
                *quiet_run_args(tmp_path, name), *extra]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

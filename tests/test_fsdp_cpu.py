@@ -1,0 +1,97 @@
+"""configs/trainer/fsdp.yaml on two CPU processes (gloo): Lightning's FSDPStrategy with the fragment's
+wrapping, activation checkpointing and full-state-dict checkpoints, run through cli.py on the reward
+model. Only the device differs from a GPU run (tests/cpu_fsdp.py supplies it)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_resume_ddp import cli
+
+CLIP = 1e-3  # far below the gradient norms of these steps, so every step is clipped
+FSDP_ON_CPU = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+               "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy", f"--trainer.gradient_clip_val={CLIP}",
+               "--model.init_args.model=tiny", "--data.init_args.train_size=64", "--data.init_args.val_size=16",
+               "--data.init_args.test_size=16", "--data.init_args.batch_size=8",  # 4 steps per epoch on 2 ranks
+               "--trainer.val_check_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """One epoch with a probe, test after fit and export; its resumption to step 6; a straight 6-step run."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    probe = tmp / "probe.json"
+    first = cli(tmp, "resumed", *FSDP_ON_CPU, "--trainer.max_steps=4", "--test_after_fit=true",
+                "--trainer.callbacks+=cpu_fsdp.FSDPProbe", f"--trainer.callbacks.path={probe}")
+    resumed = cli(tmp, "resumed", *FSDP_ON_CPU, "--trainer.max_steps=6", "--test_after_fit=false", "--ckpt_path=last")
+    straight = cli(tmp, "straight", *FSDP_ON_CPU, "--trainer.max_steps=6", "--test_after_fit=false")
+    return tmp, probe, first, resumed, straight
+
+
+def test_fsdp_fragment_shards_checkpoints_layers_and_clips_the_global_norm(fsdp_runs):
+    tmp, probe_path, first, _, _ = fsdp_runs
+    assert first.returncode == 0, first.stderr[-3000:]
+    probe = json.loads(probe_path.read_text())
+    layers = json.loads((ROOT / ".cache/presets/tiny/config.json").read_text())["num_hidden_layers"]
+    assert probe["world_size"] == 2
+    assert probe["fsdp_units"] == layers + 1  # one unit per decoder layer, plus the root
+    assert probe["checkpointed_layers"] == ["Qwen2DecoderLayer"] and probe["checkpointed_count"] == layers
+    assert len(probe["steps"]) == 4
+    for step in probe["steps"]:  # the norm over every rank's shard, before and after the trainer's clipping
+        assert step["before_clip"] > 100 * CLIP
+        assert math.isclose(step["after_clip"], CLIP, rel_tol=1e-3)
+
+
+def test_fsdp_test_after_fit_and_export_use_the_full_checkpoint(fsdp_runs):
+    from transformers import AutoModelForSequenceClassification
+
+    tmp, _, first, _, _ = fsdp_runs
+    assert first.returncode == 0, first.stderr[-3000:]
+    [summary_path] = list((tmp / "resumed").glob("version_0/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    assert summary["manifest"]["strategy"] == "CPUFSDPStrategy" and summary["manifest"]["world_size"] == 2
+    test = summary["stages"]["test"]
+    assert test["checkpoint"] == summary["stages"]["fit"]["best_checkpoint"]
+    assert 0.0 <= test["metrics"]["test/accuracy"] <= 1.0
+
+    # the checkpoint holds whole (gathered) tensors, and the export is exactly its weights
+    state = torch.load(test["checkpoint"], weights_only=False)["state_dict"]
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp / "resumed" / "export")
+    exported_state = exported.state_dict()
+    assert {f"model.{key}" for key in exported_state} <= set(state)
+    for key, value in exported_state.items():
+        torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
+
+
+def test_fsdp_resume_from_last_matches_an_uninterrupted_run(fsdp_runs):
+    tmp, _, _, resumed, straight = fsdp_runs
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = torch.load(tmp / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    actual = torch.load(tmp / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert expected["global_step"] == actual["global_step"] == 6
+    assert expected["state_dict"].keys() == actual["state_dict"].keys()
+    for key in expected["state_dict"]:
+        torch.testing.assert_close(actual["state_dict"][key], expected["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_fsdp_sft_trains_generates_in_test_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = cli(tmp_path, "sft", *FSDP_ON_CPU[:6], "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+              "--data.init_args.train_size=32", "--data.init_args.val_size=8", "--data.init_args.test_size=8",
+              "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=4", "--test_after_fit=true",
+              config="configs/sft/arithmetic.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [summary_path] = list((tmp_path / "sft").glob("version_0/summary.json"))
+    test = json.loads(summary_path.read_text())["stages"]["test"]
+    assert test["checkpoint"].endswith("best.ckpt") and 0.0 <= test["metrics"]["test/accuracy"] <= 1.0
+    state = torch.load(test["checkpoint"], weights_only=False)["state_dict"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "export").state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
