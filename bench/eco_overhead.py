@@ -72,8 +72,8 @@ def main(argv=None) -> dict:
         fn()
         return time.perf_counter() - tic
 
-    results = {}
-    for name, questions in sets.items():
+    def calls_for(name, questions):
+        """The four timed calls on one prompt set (a function, so each closure sees its own set)."""
         input_ids, attention_mask = prompts(questions)
         flags = torch.full((len(questions),), name == "flagged")
 
@@ -95,7 +95,11 @@ def main(argv=None) -> dict:
             else:
                 wrapper.generate(input_ids, attention_mask, questions, **kwargs)
 
-        calls = {"bare": bare, "wrapped": wrapped, "classifier": classifier, "wrapped+cls": wrapped_with_classifier}
+        return {"bare": bare, "wrapped": wrapped, "classifier": classifier, "wrapped+cls": wrapped_with_classifier}
+
+    results = {}
+    for name, questions in sets.items():
+        calls = calls_for(name, questions)
         for fn in calls.values():  # warm-up
             fn()
         times = {key: [] for key in calls}

@@ -3,14 +3,12 @@ next stage (reward model from SFT, actor from policy, unlearning from target) lo
 
 from __future__ import annotations
 
-from typing import Optional
-
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 
 class ExportPretrained(pl.Callback):
-    def __init__(self, dirpath: Optional[str] = None):
+    def __init__(self, dirpath: str | None = None):
         """``dirpath``: where to write the folder; None exports nothing."""
         self.dirpath = dirpath
 

@@ -17,7 +17,7 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,8 +29,8 @@ PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "datasets", "b
 SAMPLES_PER_TENSOR = 64
 
 
-def package_versions() -> dict[str, Optional[str]]:
-    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -74,7 +74,7 @@ class RunSummary(pl.Callback):
             index = torch.randint(0, flat.numel(), (min(SAMPLES_PER_TENSOR, flat.numel()),), generator=generator)
             self._param_samples[name] = (index, flat[index.to(flat.device)].float().cpu().clone())
 
-    def _untrained_report(self, pl_module: pl.LightningModule) -> Optional[str]:
+    def _untrained_report(self, pl_module: pl.LightningModule) -> str | None:
         if not self._param_samples:
             return "no trainable parameters: nothing was trained"
         params = dict(pl_module.named_parameters())
@@ -86,7 +86,7 @@ class RunSummary(pl.Callback):
         return None
 
     # -- writing ---------------------------------------------------------------------------------------
-    def _path(self, trainer: pl.Trainer) -> Optional[Path]:
+    def _path(self, trainer: pl.Trainer) -> Path | None:
         log_dir = trainer.log_dir or trainer.default_root_dir
         return Path(log_dir) / self.filename if log_dir else None
 

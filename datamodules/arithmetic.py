@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 ANSWER_PREFIX = "Answer: "
 _ANSWER_RE = re.compile(r"^Answer:\s*(-?\d+)\s*$")
@@ -40,7 +40,7 @@ class Problem:
     def answer(self) -> int:
         return self.values[-1]
 
-    def step_lines(self, values: Optional[list[int]] = None) -> list[str]:
+    def step_lines(self, values: list[int] | None = None) -> list[str]:
         values = self.values if values is None else values
         lines, left = [], self.start
         for (op, operand), result in zip(self.ops, values):
@@ -96,7 +96,7 @@ def generate_splits(sizes: dict[str, int], seed: int = 0, min_steps: int = 2, ma
     return splits
 
 
-def extract_answer(completion: str) -> Optional[int]:
+def extract_answer(completion: str) -> int | None:
     """The integer on the last non-empty line if it is an ``Answer: N`` line, else None."""
     lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
     if not lines:
@@ -152,7 +152,7 @@ def rejected_solution(problem: Problem, subset: str, rng: random.Random) -> str:
 
 
 def preference_rows(problems: list[Problem], subsets: tuple[str, ...] = PAIR_SUBSETS, seed: int = 0,
-                    pairs_per_problem: int = 1, weights: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+                    pairs_per_problem: int = 1, weights: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Conversational implicit-prompt pairs (the Skywork-Reward-Preference-80K shape) with a ``subset``,
     drawn uniformly over ``subsets`` or with the given relative ``weights``."""
     rng = random.Random(seed)

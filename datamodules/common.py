@@ -4,9 +4,10 @@ an epoch-seeded sampler (so a resumed run sees the same order), and padding."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -18,7 +19,7 @@ class DataError(ValueError):
     """Bad input data; the message names the source, row and field. ``reason`` is the row-independent
     part, used to count dropped rows by cause."""
 
-    def __init__(self, message: str, reason: Optional[str] = None):
+    def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = reason or message
 
@@ -27,7 +28,7 @@ def row_error(source: str, row: int, field_name: str, problem: str) -> DataError
     return DataError(f"{source}: row {row}, field '{field_name}': {problem}", reason=f"{field_name}: {problem}")
 
 
-def read_rows(source: str, split: str = "train", name: Optional[str] = None) -> list[dict[str, Any]]:
+def read_rows(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
     """Rows of a local JSON/JSONL/Parquet file or of a hub dataset (``name`` is its config)."""
     path = Path(source)
     if path.suffix in LOCAL_SUFFIXES:
@@ -88,7 +89,7 @@ class EpochSeededSampler(Sampler[int]):
     ``set_epoch``, which is one behind, and the resumed run would replay the previous epoch's order.
     """
 
-    def __init__(self, length: int, seed: int = 0, epoch_source: Optional[Callable[[], int]] = None):
+    def __init__(self, length: int, seed: int = 0, epoch_source: Callable[[], int] | None = None):
         self.length, self.seed, self.epoch, self.epoch_source = length, seed, 0, epoch_source
 
     def set_epoch(self, epoch: int) -> None:

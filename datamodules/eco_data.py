@@ -25,7 +25,7 @@ step, so ``trainer.max_epochs`` and ``trainer.max_steps`` count the same thing).
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -58,8 +58,8 @@ def validate_prompt_row(row: Any, source: str, index: int) -> dict[str, Any]:
 
 class EcoPromptData(TofuQAData):
     def __init__(self, val_fraction: float = 0.2, decoy_authors: int = 40, include_variants: bool = True,
-                 include_multiple_choice: bool = True, train_file: Optional[str] = None,
-                 val_file: Optional[str] = None, test_file: Optional[str] = None, **kwargs):
+                 include_multiple_choice: bool = True, train_file: str | None = None,
+                 val_file: str | None = None, test_file: str | None = None, **kwargs):
         """Classifier prompts (see the module docstring). ``decoy_authors``/``include_variants`` apply to
         the embedded data only. Other arguments: ``TofuQAData`` (``max_length`` caps a prompt's tokens)."""
         kwargs.setdefault("batch_size", 32)
@@ -69,7 +69,7 @@ class EcoPromptData(TofuQAData):
         self.val_fraction, self.decoy_authors = val_fraction, decoy_authors
         self.include_variants, self.include_multiple_choice = include_variants, include_multiple_choice
         self.prompt_files = {"train": train_file, "val": val_file, "test": test_file}
-        self.class_counts: Optional[list[int]] = None
+        self.class_counts: list[int] | None = None
 
     # -- rows ------------------------------------------------------------------------------------------
     def _with_mc(self, rows: list[dict[str, Any]], label: int, kind: str) -> list[dict[str, Any]]:
@@ -122,7 +122,7 @@ class EcoPromptData(TofuQAData):
         return out
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _file_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+    def _file_rows(self, split: str) -> list[dict[str, Any]] | None:
         path = self.prompt_files[split]
         if not path:
             return None
@@ -187,7 +187,7 @@ class EcoForgetData(TofuQAData):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.steps_per_epoch, self.n_options = steps_per_epoch, n_options
-        self.batch: Optional[dict[str, Any]] = None
+        self.batch: dict[str, Any] | None = None
 
     def forget_batch(self) -> dict[str, Any]:
         from callbacks.eco_eval import encode_multiple_choice, score_batch

@@ -19,7 +19,7 @@ Batches hold chosen rows first, then rejected: ``input_ids`` (2B, T), ``attentio
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -76,7 +76,7 @@ class PreferenceData(TextDataModule):
                  prompt_field: str = "prompt", eval_truncation_side: str = "left",
                  train_size: int = 6000, val_size: int = 300, test_size: int = 600,
                  subsets: tuple[str, ...] = arithmetic.PAIR_SUBSETS,
-                 train_subset_weights: Optional[dict[str, float]] = None, **kwargs):
+                 train_subset_weights: dict[str, float] | None = None, **kwargs):
         """Preference data. ``eval_truncation_side`` applies to val/test (RewardBench truncates on the
         left, keeping the responses). ``train_size``..``train_subset_weights`` shape the embedded
         arithmetic pairs: val/test draw the subsets uniformly, training may weight them (e.g. fewer of
@@ -89,7 +89,7 @@ class PreferenceData(TextDataModule):
         self.train_subset_weights = train_subset_weights
         self.subset_names: list[str] = []
 
-    def embedded_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+    def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
         split = "test" if split == "predict" else split
         problems = arithmetic.generate_splits(self.embedded_sizes, seed=self.seed)
         offset = {"train": 1, "val": 2, "test": 3}[split]
@@ -116,7 +116,7 @@ class PreferenceData(TextDataModule):
             text = value + (tokenizer.eos_token or "")
         return encode_text(tokenizer, text)
 
-    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> Optional[dict[str, Any]]:
+    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         validate_pair(row, source, index, self.prompt_field, self.chosen_field, self.rejected_field)
         chosen = self._side_ids(row, self.chosen_field)
         rejected = self._side_ids(row, self.rejected_field)

@@ -14,7 +14,9 @@ or the exact answer for the arithmetic task).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
+
+import torch
 
 from datamodules import arithmetic
 from datamodules.common import pad_sequences, row_error, truncate
@@ -33,14 +35,14 @@ class SFTData(TextDataModule):
         self.use_chat_template = use_chat_template
         self.arithmetic_sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.arithmetic_steps = (min_steps, max_steps)
-        self._arithmetic: Optional[dict[str, list[arithmetic.Problem]]] = None
+        self._arithmetic: dict[str, list[arithmetic.Problem]] | None = None
 
     # the embedded task is checkable exactly, so `test` reports accuracy, not just loss
     @property
     def is_embedded(self) -> bool:
         return not (self.files["train"] or self.dataset)
 
-    def embedded_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+    def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
         if self._arithmetic is None:
             self._arithmetic = arithmetic.generate_splits(
                 self.arithmetic_sizes, seed=self.seed, min_steps=self.arithmetic_steps[0],
@@ -49,7 +51,7 @@ class SFTData(TextDataModule):
             split = "test"
         return [problem.as_row() for problem in self._arithmetic.get(split, [])] or None
 
-    def is_correct(self, reference: str, completion: str) -> Optional[bool]:
+    def is_correct(self, reference: str, completion: str) -> bool | None:
         """Exact answer check for the embedded task; None where no checker applies."""
         if not self.is_embedded:
             return None
@@ -80,7 +82,7 @@ class SFTData(TextDataModule):
                             "the chat template renders the prompt differently inside the full conversation")
         return prompt, full[len(prompt):]
 
-    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> Optional[dict[str, Any]]:
+    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         prompt, response = self.split_row(row, source, index)
         prompt_ids, response_ids = encode_text(self.tokenizer, prompt), encode_text(self.tokenizer, response)
         ids, was_truncated = truncate(prompt_ids + response_ids, self.max_length, self.truncation_side)
@@ -92,8 +94,9 @@ class SFTData(TextDataModule):
             self.report.drop(split, "no response token left after truncation to max_length")
             return None
         reference = str(row["answer"]) if self.is_embedded else response
+        # row_id: the row's index in its split, so evaluation counts each row once under DDP
         return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids[-self.max_length:],
-                "reference": reference}
+                "reference": reference, "row_id": index}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
@@ -107,4 +110,5 @@ class SFTData(TextDataModule):
             "labels": pad_sequences([item["labels"] for item in items], -100),
             "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_attention,
             "reference": [item["reference"] for item in items],
+            "row_id": torch.tensor([item["row_id"] for item in items], dtype=torch.long),
         }

@@ -11,7 +11,7 @@ model it feeds; ``tokenizer`` names one explicitly for use without a trainer.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,12 +23,12 @@ SPLITS = ("train", "val", "test", "predict")
 
 
 class TextDataModule(pl.LightningDataModule):
-    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
-                 test_file: Optional[str] = None, dataset: Optional[str] = None,
-                 dataset_config: Optional[str] = None, train_split: str = "train",
-                 val_split: Optional[str] = "validation", test_split: Optional[str] = "test",
-                 tokenizer: Optional[str] = None, max_length: int = 512, truncation_side: str = "right",
-                 batch_size: int = 32, eval_batch_size: Optional[int] = None, invalid_rows: str = "error",
+    def __init__(self, train_file: str | None = None, val_file: str | None = None,
+                 test_file: str | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, train_split: str = "train",
+                 val_split: str | None = "validation", test_split: str | None = "test",
+                 tokenizer: str | None = None, max_length: int = 512, truncation_side: str = "right",
+                 batch_size: int = 32, eval_batch_size: int | None = None, invalid_rows: str = "error",
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
         if invalid_rows not in ("error", "drop"):
@@ -49,11 +49,11 @@ class TextDataModule(pl.LightningDataModule):
         self.datasets: dict[str, list[dict[str, Any]]] = {}
 
     # -- subclass interface ----------------------------------------------------------------------------
-    def embedded_rows(self, split: str) -> Optional[list[dict[str, Any]]]:
+    def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
         """Rows of the embedded default for a split, or None if it has no such split."""
         return None
 
-    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> Optional[dict[str, Any]]:
+    def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         """Validate and tokenize one row. Raise ``DataError`` for a bad row (dropped and counted when
         ``invalid_rows='drop'``); return None only after counting the reason in ``self.report``."""
         raise NotImplementedError
@@ -62,7 +62,7 @@ class TextDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     # -- sources ---------------------------------------------------------------------------------------
-    def source_rows(self, split: str) -> tuple[Optional[list[dict[str, Any]]], str]:
+    def source_rows(self, split: str) -> tuple[list[dict[str, Any]] | None, str]:
         if self.files.get(split):
             return read_rows(self.files[split]), self.files[split]
         if self.dataset and self.hub_splits.get(split):
@@ -84,7 +84,7 @@ class TextDataModule(pl.LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
         return self.tokenizer
 
-    def load_split(self, split: str) -> Optional[list[dict[str, Any]]]:
+    def load_split(self, split: str) -> list[dict[str, Any]] | None:
         rows, source = self.source_rows(split)
         if rows is None:
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +19,52 @@ from torch.optim.lr_scheduler import LambdaLR
 from modules import lm
 
 
+def gather_unique_rows(local: torch.Tensor, strategy) -> torch.Tensor:
+    """Every rank's rows of ``local`` (N_rank, C; column 0 a row id), each row id once, sorted by id.
+
+    Under DDP/FSDP the evaluation sampler pads every rank to the same length by repeating rows, so
+    counting every evaluated row would count some pairs twice. The ranks may hold different numbers of
+    rows, so each rank pads its block to the largest before the all-gather.
+    """
+    if strategy.world_size > 1:
+        sizes = strategy.all_gather(torch.tensor([local.shape[0]], device=local.device)).reshape(-1).tolist()
+        padded = torch.zeros(max(sizes), local.shape[1], dtype=local.dtype, device=local.device)
+        padded[:local.shape[0]] = local
+        gathered = strategy.all_gather(padded)
+        local = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+    order = torch.argsort(local[:, 0], stable=True)
+    rows = local[order]
+    first = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    first[1:] = rows[1:, 0] != rows[:-1, 0]
+    return rows[first]
+
+
+class EvalRows:
+    """One evaluation epoch's per-row records, gathered at its end from every rank with each row once.
+
+    Column 0 is the row id (the batch's ``row_id``). Batches without row ids get ids unique per rank:
+    nothing is merged then, and a row the sampler repeats counts as often as it was evaluated.
+    """
+
+    def __init__(self, columns: int):
+        self.columns = columns
+        self.blocks: list[torch.Tensor] = []
+        self.unnumbered = 0
+
+    def add(self, row_id: torch.Tensor | None, columns: list[torch.Tensor], rank: int) -> None:
+        rows, device = len(columns[0]), columns[0].device
+        if row_id is None:
+            row_id = torch.arange(rows, device=device) + self.unnumbered + rank * 2 ** 40
+            self.unnumbered += rows
+        self.blocks.append(torch.stack([row_id.to(device).double(), *(column.double() for column in columns)], 1))
+
+    def gather(self, strategy, device: torch.device) -> torch.Tensor:
+        local = (torch.cat(self.blocks) if self.blocks
+                 else torch.zeros(0, self.columns + 1, dtype=torch.float64, device=device))
+        self.blocks, self.unnumbered = [], 0
+        return gather_unique_rows(local, strategy)
+
+
 class WarmupSchedule(LambdaLR):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` or a constant rate. Stepped per optimizer step.
 
@@ -26,7 +72,7 @@ class WarmupSchedule(LambdaLR):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay: str = "cosine",
-                 total_steps: Optional[int] = None, min_lr_ratio: float = 0.0):
+                 total_steps: int | None = None, min_lr_ratio: float = 0.0):
         if decay not in ("cosine", "constant", "linear"):
             raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
         self.warmup_steps, self.decay, self.total_steps, self.min_lr_ratio = warmup_steps, decay, total_steps, min_lr_ratio
@@ -78,7 +124,7 @@ class TrainableModule(pl.LightningModule):
     """Base of every method: builds the configured optimizer and step-interval scheduler."""
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW,
-                 lr_scheduler: Optional[LRSchedulerCallable] = None):
+                 lr_scheduler: LRSchedulerCallable | None = None):
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -109,11 +155,11 @@ class HFModule(TrainableModule):
 
     model_kind = "causal_lm"
 
-    def __init__(self, model: str = "tiny", dtype: Optional[str] = None,
-                 attn_implementation: Optional[str] = "sdpa", gradient_checkpointing: bool = False,
+    def __init__(self, model: str = "tiny", dtype: str | None = None,
+                 attn_implementation: str | None = "sdpa", gradient_checkpointing: bool = False,
                  trust_remote_code: bool = False, compile: bool = False,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
-                 lr_scheduler: Optional[LRSchedulerCallable] = None):
+                 lr_scheduler: LRSchedulerCallable | None = None):
         super().__init__(optimizer, lr_scheduler)
         self.model_name_or_path = model
         self.load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation,
@@ -121,7 +167,7 @@ class HFModule(TrainableModule):
         self.compile = compile
         self.tokenizer = lm.load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.prepare_tokenizer(self.tokenizer)
-        self.model: Optional[torch.nn.Module] = None
+        self.model: torch.nn.Module | None = None
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """Hook for methods that need special tokens (e.g. a distinct pad token)."""

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -66,10 +66,10 @@ def _check_dims(dims: int, width: int) -> int:
     return int(dims)
 
 
-Generators = Optional[torch.Generator | Sequence[torch.Generator]]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _row_generators(generator: Generators, rows: int) -> Optional[list[torch.Generator]]:
+def _row_generators(generator: Generators, rows: int) -> list[torch.Generator] | None:
     """The per-row generators, checked; None when ``generator`` is None or a single generator."""
     if generator is None or isinstance(generator, torch.Generator):
         return None
@@ -316,7 +316,7 @@ def central_difference(objective: Callable[[float], float], strength: float, eps
     return (j_upper - j_lower) / (upper - lower), j_upper, j_lower
 
 
-def random_directions(dims: int, count: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_directions(dims: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` orthonormal random unit vectors in R^dims (rows), count <= dims."""
     if not 1 <= count <= dims:
         raise ValueError(f"directions must be in 1..{dims}, got {count}")
@@ -326,7 +326,7 @@ def random_directions(dims: int, count: int, generator: Optional[torch.Generator
 
 def random_direction_gradient(objective: Callable[[torch.Tensor], float], strength: torch.Tensor, epsilon: float,
                               directions: int = 1, min_strength: float = 0.0,
-                              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+                              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """g = (d / k) sum_u [J(s + eps u) - J(max(s - eps u, s_min))] / (2 eps) u over k orthonormal random
     directions u: exact for a quadratic when k = d (and unbiased for smooth J when k < d). Returns the
     estimate and the mean J over the probed points."""
@@ -365,7 +365,7 @@ class EmbeddingCorruptionHook:
 
     def __init__(self, embedding: torch.nn.Module):
         self.handle = embedding.register_forward_hook(self._hook)
-        self.armed: Optional[dict[str, Any]] = None
+        self.armed: dict[str, Any] | None = None
         self.corrupted_calls = 0
         self.seen_calls = 0
 
@@ -468,14 +468,14 @@ class EcoLM:
 
     GATE_CACHE_SIZE = 4096  # prompts whose classifier probability is kept (evaluators score each prompt many times)
 
-    def __init__(self, model: torch.nn.Module, tokenizer, settings: EcoSettings, gate: Optional[PromptGate] = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, settings: EcoSettings, gate: PromptGate | None = None):
         if settings.gate == "classifier" and gate is None:
             raise ValueError("gate 'classifier' needs a PromptGate (or use gate 'all' / 'none')")
         self.model, self.tokenizer, self.settings, self.gate = model, tokenizer, settings, gate
         self.hook = EmbeddingCorruptionHook(model.get_input_embeddings())
         self.corrupt_fn = corruption_function(settings.corruption)
-        self.last_flags: Optional[torch.Tensor] = None
-        self.last_probabilities: Optional[torch.Tensor] = None
+        self.last_flags: torch.Tensor | None = None
+        self.last_probabilities: torch.Tensor | None = None
         # recent prompts' classifier probabilities, least recently used first (bounded: a server sees endless prompts)
         self._gate_cache: OrderedDict[str, float] = OrderedDict()
 
@@ -558,7 +558,7 @@ class EcoLM:
     # -- forward passes --------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-               questions: Sequence[str], flags: Optional[torch.Tensor] = None, strength=None) -> torch.Tensor:
+               questions: Sequence[str], flags: torch.Tensor | None = None, strength=None) -> torch.Tensor:
         """Teacher-forced logits; prompt positions [0, prompt_lengths) of flagged rows are corrupted."""
         flags = self.flags(questions) if flags is None else flags.bool()
         prompt_mask = prompt_mask_right_padded(input_ids.shape[1], prompt_lengths)
@@ -570,14 +570,14 @@ class EcoLM:
         finally:
             self.hook.disarm()
 
-    def score_tokens(self, batch: Mapping[str, Any], flags: Optional[torch.Tensor] = None, strength=None) -> torch.Tensor:
+    def score_tokens(self, batch: Mapping[str, Any], flags: torch.Tensor | None = None, strength=None) -> torch.Tensor:
         logits = self.logits(batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], batch["questions"],
                              flags, strength)
         return lm.token_logprobs(logits, batch["labels"].to(logits.device)).float().cpu()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, questions: Sequence[str],
-                 flags: Optional[torch.Tensor] = None, **generate_kwargs) -> torch.Tensor:
+                 flags: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """``model.generate`` on left-padded prompts; flagged prompts are corrupted in the prefill only (the
         KV cache is required, so decode steps embed one new token each and pass through untouched)."""
         if generate_kwargs.get("use_cache") is False:
@@ -593,7 +593,7 @@ class EcoLM:
         finally:
             self.hook.disarm()
 
-    def generate_answers(self, batch: Mapping[str, Any], max_new_tokens: int, flags: Optional[torch.Tensor] = None) -> list[str]:
+    def generate_answers(self, batch: Mapping[str, Any], max_new_tokens: int, flags: torch.Tensor | None = None) -> list[str]:
         prompt = batch["prompt_input_ids"]
         output = self.generate(prompt, batch["prompt_attention_mask"], batch["questions"], flags, do_sample=False,
                                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
@@ -611,7 +611,7 @@ class EcoLM:
         return cls(model, tokenizer, settings, gate)
 
 
-def save_settings(folder: str | os.PathLike, settings: EcoSettings, gate: Optional[PromptGate] = None) -> Path:
+def save_settings(folder: str | os.PathLike, settings: EcoSettings, gate: PromptGate | None = None) -> Path:
     """Write the settings (and the gate's classifier) to ``folder``; written to a sibling and renamed, so a
     killed save never leaves a half-written folder."""
     folder = Path(folder)
@@ -628,7 +628,7 @@ def save_settings(folder: str | os.PathLike, settings: EcoSettings, gate: Option
     return folder
 
 
-def load_settings(folder: str | os.PathLike) -> tuple[EcoSettings, Optional[PromptGate]]:
+def load_settings(folder: str | os.PathLike) -> tuple[EcoSettings, PromptGate | None]:
     folder = Path(folder)
     path = folder / SETTINGS_FILE
     if not path.is_file():
@@ -654,7 +654,7 @@ class PromptClassifier(HFModule):
 
     model_kind = "sequence_classification"
 
-    def __init__(self, target_fpr: Optional[float] = None, threshold: Optional[float] = None,
+    def __init__(self, target_fpr: float | None = None, threshold: float | None = None,
                  class_weighting: bool = True, **kwargs):
         """``threshold``: fixed; else chosen on validation data after every validation (minimum FPR + FNR),
         or calibrated to ``target_fpr`` on the validation negatives. Other arguments: ``HFModule``."""
@@ -794,7 +794,7 @@ def forget_truth_ratios(batch: Mapping[str, Any], logp: torch.Tensor) -> np.ndar
 
 
 def forget_metric(metric: str, batch: Mapping[str, Any], logp: torch.Tensor,
-                  reference_ratios: Optional[np.ndarray] = None) -> float:
+                  reference_ratios: np.ndarray | None = None) -> float:
     """The forget-set metric from the token log-probs of a ``datamodules.eco_data.EcoForgetData`` batch
     (``batch["qa"]`` for the answer metrics, ``batch["mc"]`` for multiple choice).
 
@@ -852,12 +852,12 @@ class EcoCorruptionLearner(pl.LightningModule):
     into ``settings_dir`` as ECO settings without a gate."""
 
     def __init__(self, model: str = "tiny", corruption: str = "rand_noise_first_n", dims: int = 1,
-                 strength: float = 0.1, epsilon: Optional[float] = None, lr: float = 100.0,
+                 strength: float = 0.1, epsilon: float | None = None, lr: float = 100.0,
                  min_strength: float = 1e-4, vector: bool = False, directions: int = 1,
-                 metric: str = "answer_prob", target: Optional[float] = None, retain_eval: Optional[str] = None,
-                 token_selection: str = "all_but_last", entity_names: Optional[list[str]] = None,
-                 tolerance: float = 0.0, seed: int = 0, settings_dir: Optional[str] = None,
-                 dtype: Optional[str] = None, init_scan: Optional[list[float]] = None):
+                 metric: str = "answer_prob", target: float | None = None, retain_eval: str | None = None,
+                 token_selection: str = "all_but_last", entity_names: list[str] | None = None,
+                 tolerance: float = 0.0, seed: int = 0, settings_dir: str | None = None,
+                 dtype: str | None = None, init_scan: list[float] | None = None):
         """``epsilon``: finite-difference step (default 0.999 * strength, the released WMDP script's
         choice). ``target``: the metric's target; default chance for ``mc_accuracy`` (1 / options) and the
         retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
@@ -883,7 +883,7 @@ class EcoCorruptionLearner(pl.LightningModule):
         self.automatic_optimization = False
         self.model_name_or_path, self.metric = model, metric
         self.epsilon = 0.999 * strength if epsilon is None else epsilon
-        self.reference_ratios: Optional[np.ndarray] = None
+        self.reference_ratios: np.ndarray | None = None
         if metric == "truth_ratio_ks":
             from modules.tofu_eval import reference_truth_ratios
 
@@ -900,7 +900,7 @@ class EcoCorruptionLearner(pl.LightningModule):
         self.register_buffer("best_strength", initial.double().clone())
         self.register_buffer("best_objective", torch.tensor(float("inf"), dtype=torch.float64))
         self.tokenizer = lm.load_tokenizer(model)
-        self._lm: Optional[EcoLM] = None  # held outside the module tree: never checkpointed nor trained
+        self._lm: EcoLM | None = None  # held outside the module tree: never checkpointed nor trained
         self.history: list[dict[str, Any]] = []
         self.forward_passes = 0  # objective evaluations (one pass over the forget set each), scan included
         self.scan_forward_passes = 0

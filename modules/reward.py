@@ -8,18 +8,18 @@ Chosen and rejected rows go through the model in one forward pass (2B rows).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from modules import lm
-from modules.base import HFModule
+from modules.base import EvalRows, HFModule
 
 LOSSES = ("bt", "bt_temperature", "focal", "hinge")
 
 
-def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None,
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
                     kind: str = "bt", temperature: float = 1.0, gamma: float = 2.0, hinge_margin: float = 1.0,
                     center_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise reward loss on scalar rewards (B,) of the chosen and rejected responses.
@@ -74,8 +74,7 @@ class RewardModel(HFModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.loss_kwargs = dict(kind=loss, temperature=temperature, gamma=focal_gamma,
                                 hinge_margin=hinge_margin, center_coef=center_coef)
-        self._subset_correct: Optional[torch.Tensor] = None
-        self._subset_total: Optional[torch.Tensor] = None
+        self._eval_rows = EvalRows(columns=4)  # subset, chosen reward, rejected reward, margin
         self.subset_counts: dict[str, dict[str, int]] = {}
 
     def prepare_tokenizer(self, tokenizer) -> None:
@@ -103,29 +102,34 @@ class RewardModel(HFModule):
         return list(getattr(self.trainer.datamodule, "subset_names", None) or ["all"])
 
     def _start_eval(self) -> None:
-        count = len(self._subset_names())
-        self._subset_correct = torch.zeros(count, device=self.device)
-        self._subset_total = torch.zeros(count, device=self.device)
+        self._eval_rows = EvalRows(columns=4)
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        # keep each pair's rewards; the metrics are computed once per epoch over the distinct pairs of all
+        # ranks (the distributed sampler repeats some pairs to even out the ranks)
         chosen, rejected = self.pair_rewards(batch)
-        _, metrics = preference_loss(chosen, rejected, batch.get("margin"), **self.loss_kwargs)
-        self.log_dict({f"{stage}/{key}": value for key, value in metrics.items()},
-                      batch_size=len(chosen), sync_dist=True)
-        subset = batch["subset"].to(self.device)
-        self._subset_correct.index_add_(0, subset, (chosen > rejected).float())
-        self._subset_total.index_add_(0, subset, torch.ones_like(chosen))
+        margin = batch.get("margin")
+        self._eval_rows.add(batch.get("row_id"), [batch["subset"].to(self.device), chosen, rejected,
+                                                  margin.to(self.device) if margin is not None else torch.zeros_like(chosen)],
+                            self.global_rank)
 
     def _end_eval(self, stage: str) -> dict[str, float]:
-        correct = self.trainer.strategy.reduce(self._subset_correct, reduce_op="sum")
-        total = self.trainer.strategy.reduce(self._subset_total, reduce_op="sum")
+        rows = self._eval_rows.gather(self.trainer.strategy, self.device)
         names = self._subset_names()
-        # the exact counts behind the logged accuracies, summed over ranks (logged metrics are floats)
-        self.subset_counts = {name: {"pairs": int(total[i]), "correct": int(correct[i])}
-                              for i, name in enumerate(names) if total[i] > 0}
+        if len(rows):
+            chosen, rejected, margin = rows[:, 2].float(), rows[:, 3].float(), rows[:, 4].float()
+            _, metrics = preference_loss(chosen, rejected, margin, **self.loss_kwargs)
+            # equal on all ranks already (computed from every rank's pairs); sync_dist only keeps Lightning's
+            # epoch-level distributed check quiet, the mean of equal values being that value
+            self.log_dict({f"{stage}/{key}": value for key, value in metrics.items()}, sync_dist=True)
+        subset = rows[:, 1].long()
+        correct = rows[:, 2].float() > rows[:, 3].float()
+        # the exact counts behind the logged accuracies (logged metrics are floats)
+        self.subset_counts = {name: {"pairs": int((subset == i).sum()), "correct": int((correct & (subset == i)).sum())}
+                              for i, name in enumerate(names) if (subset == i).any()}
         per_subset = {name: counts["correct"] / counts["pairs"] for name, counts in self.subset_counts.items()}
         for name, value in per_subset.items():  # also with one subset, so every run logs the same keys
-            self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)  # equal on all ranks already
+            self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)
         return per_subset
 
     def on_validation_epoch_start(self) -> None:

@@ -10,24 +10,30 @@ import functools
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from modules.base import HFModule
+from modules.base import EvalRows, HFModule
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
-    """Token-averaged next-token cross-entropy over labelled (response) tokens.
+def response_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed next-token cross-entropy over labelled (response) tokens, and their count.
 
     ``logits`` (B, T, V) at position t predict ``labels`` at t+1.
     """
-    shifted_logits = logits[:, :-1].float()
     shifted_labels = labels[:, 1:]
-    count = (shifted_labels != ignore_index).sum()
-    loss = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-                           ignore_index=ignore_index, reduction="sum") / count.clamp(min=1)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=ignore_index,
+                          reduction="none")
+    return nll.sum(1), (shifted_labels != ignore_index).sum(1)
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+    """Token-averaged next-token cross-entropy over labelled (response) tokens of the batch."""
+    nll, tokens = response_nll(logits, labels, ignore_index)
+    count = tokens.sum()
+    loss = nll.sum() / count.clamp(min=1)
     return loss, {"loss": loss.detach(), "response_tokens": count.detach()}
 
 
@@ -53,7 +59,7 @@ class SFT(HFModule):
 
     @torch.no_grad()
     def generate(self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
-                 max_new_tokens: Optional[int] = None) -> list[str]:
+                 max_new_tokens: int | None = None) -> list[str]:
         """Greedy completions (decoded, special tokens removed) of left-padded prompts."""
         output = self.model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=False,
@@ -62,23 +68,49 @@ class SFT(HFModule):
         return self.tokenizer.batch_decode(output[:, prompt_input_ids.shape[1]:], skip_special_tokens=True)
 
     def _evaluate(self, batch: dict[str, Any], stage: str, with_generation: bool) -> None:
-        batch_size = len(batch["reference"])
-        loss, _ = self.forward_loss(batch)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        # per row: response-token NLL sum and count, and greedy correctness (-1: not generated); the metrics
+        # come at epoch end from the distinct rows of all ranks (the distributed sampler repeats some)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        nll, tokens = response_nll(logits, batch["labels"])
+        correct = torch.full((len(nll),), -1.0, device=self.device)
         checker = getattr(self.trainer.datamodule, "is_correct", None)
-        if not with_generation or checker is None:
+        if with_generation and checker is not None:
+            completions = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+            verdicts = [checker(reference, completion) for reference, completion in zip(batch["reference"], completions)]
+            if verdicts and verdicts[0] is not None:
+                correct = torch.tensor([float(v) for v in verdicts], device=self.device)
+        self._eval_rows.add(batch.get("row_id"), [nll, tokens, correct], self.global_rank)
+
+    def _start_eval(self) -> None:
+        self._eval_rows = EvalRows(columns=3)  # response NLL sum, response tokens, correct (-1: not judged)
+
+    def _end_eval(self, stage: str) -> None:
+        rows = self._eval_rows.gather(self.trainer.strategy, self.device)
+        if not len(rows):
             return
-        completions = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-        verdicts = [checker(reference, completion) for reference, completion in zip(batch["reference"], completions)]
-        if verdicts and verdicts[0] is not None:
-            accuracy = torch.tensor([float(v) for v in verdicts]).mean()
-            self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        # equal on all ranks already; sync_dist only keeps Lightning's epoch-level distributed check quiet
+        self.log(f"{stage}/loss", (rows[:, 1].sum() / rows[:, 2].sum().clamp(min=1)).float(), prog_bar=True, sync_dist=True)
+        judged = rows[:, 3] >= 0
+        if judged.any():
+            self.log(f"{stage}/accuracy", rows[judged, 3].mean().float(), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.generate_on_validation)
 
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", True)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
 
 
 # distinct arithmetic problems the tiny-sft preset is fine-tuned on (the first ones a seed draws)

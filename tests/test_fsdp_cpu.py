@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_resume_ddp import cli
 

@@ -1,5 +1,5 @@
-"""Process-level reliability: SIGKILL + `--ckpt_path last` resumes to the same weights, and 2-process
-DDP on the CPU (gloo) trains the reward model."""
+"""Process-level reliability: SIGKILL + `--ckpt_path last` resumes to the same weights, 2-process DDP
+on the CPU (gloo) trains the reward model, and evaluates each pair exactly once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import ROOT, quiet_run_args
 
 EPOCHS = ["--model.init_args.model=tiny", "--data.init_args.train_size=48", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
@@ -18,9 +17,9 @@ EPOCHS = ["--model.init_args.model=tiny", "--data.init_args.train_size=48", "--d
           "--trainer.check_val_every_n_epoch=1", "--test_after_fit=false"]
 
 
-def cli(tmp_path, name, *extra, timeout=400, config="configs/reward/bt.yaml"):
+def cli(tmp_path, name, *extra, timeout=400, config="configs/reward/bt.yaml", subcommand="fit"):
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / config),
+    command = [sys.executable, str(ROOT / "cli.py"), subcommand, "--config", str(ROOT / config),
                *quiet_run_args(tmp_path, name), *extra]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -60,3 +59,27 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert summary["manifest"]["effective_batch_size"] == 16
     assert summary["stages"]["fit"]["global_step"] == 3
     assert 0.0 <= summary["stages"]["fit"]["metrics"]["val/accuracy"] <= 1.0
+
+
+def test_ddp_test_counts_each_pair_once(tmp_path):
+    # 15 test pairs on 2 ranks: the distributed sampler repeats one pair to give both ranks 8
+    small = ["--model.init_args.model=tiny", "--data.init_args.train_size=32", "--data.init_args.val_size=8",
+             "--data.init_args.test_size=15", "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=4",
+             "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--test_after_fit=false"]
+    assert cli(tmp_path, "fit", *small).returncode == 0
+    ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'best.ckpt'}"
+    runs = {"single": cli(tmp_path, "single", *small, ckpt, subcommand="test"),
+            "ddp": cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt,
+                       subcommand="test")}
+    metrics = {}
+    for name, run in runs.items():
+        assert run.returncode == 0, run.stderr[-3000:]
+        [summary_path] = list((tmp_path / name).glob("version_*/summary.json"))
+        summary = json.loads(summary_path.read_text())
+        assert summary["manifest"]["world_size"] == (2 if name == "ddp" else 1)
+        metrics[name] = summary["stages"]["test"]["metrics"]
+    correct = metrics["single"]["test/accuracy"] * 15
+    assert abs(correct - round(correct)) < 1e-4  # a whole number of the 15 pairs
+    assert metrics["ddp"].keys() == metrics["single"].keys()
+    for key, value in metrics["single"].items():  # same pairs, same weights: only batch shapes differ
+        assert abs(metrics["ddp"][key] - value) < 1e-5, (key, metrics["ddp"][key], value)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
-
 from conftest import SMALL_REWARD, SMALL_SFT
+from lightning.pytorch import Callback
 
 
 class InitialParams(Callback):
@@ -124,3 +123,20 @@ def test_validate_test_and_predict_run_from_a_checkpoint(run_cli, tmp_path):
         if subcommand != "predict":
             metric = "val/accuracy" if subcommand == "validate" else "test/accuracy"
             assert 0.0 <= stage["metrics"][metric] <= 1.0
+
+
+def test_eval_rows_keep_each_row_once_and_number_rows_without_ids():
+    from types import SimpleNamespace
+
+    from modules.base import EvalRows
+
+    one_process = SimpleNamespace(world_size=1)
+    rows = EvalRows(columns=1)
+    rows.add(torch.tensor([3, 1]), [torch.tensor([30.0, 10.0])], rank=0)
+    rows.add(torch.tensor([1, 2]), [torch.tensor([10.0, 20.0])], rank=0)  # row 1 again, as a sampler pads
+    assert rows.gather(one_process, torch.device("cpu")).tolist() == [[1, 10], [2, 20], [3, 30]]
+    # without ids nothing is merged, and the ids of rank 1 cannot meet those of rank 0
+    rows.add(None, [torch.tensor([5.0, 5.0])], rank=1)
+    rows.add(None, [torch.tensor([6.0])], rank=1)
+    assert rows.gather(one_process, torch.device("cpu")).tolist() == [[2 ** 40, 5], [2 ** 40 + 1, 5], [2 ** 40 + 2, 6]]
+    assert rows.gather(one_process, torch.device("cpu")).shape == (0, 2)  # each epoch starts empty
