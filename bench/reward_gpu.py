@@ -28,13 +28,15 @@ import torch  # noqa: E402
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
 PEAK_FLOPS = 989e12
-# name -> (precision, optimizer, compile)
+# name -> (precision, optimizer, compile, optimizer arguments beyond lr). torch's AdamW left at its
+# defaults runs fused on CUDA in our modules; "autocast_foreach" forces torch's own default instead
 VARIANTS = {
-    "autocast": ("bf16-mixed", "torch.optim.AdamW", False),
-    "autocast_adamw8bit": ("bf16-mixed", "bitsandbytes.optim.AdamW8bit", False),
-    "bf16_weights": ("bf16-true", "torch.optim.AdamW", False),
-    "autocast_compile": ("bf16-mixed", "torch.optim.AdamW", True),
-    "bf16_weights_compile": ("bf16-true", "torch.optim.AdamW", True),
+    "autocast": ("bf16-mixed", "torch.optim.AdamW", False, {}),
+    "autocast_foreach": ("bf16-mixed", "torch.optim.AdamW", False, {"foreach": True}),
+    "autocast_adamw8bit": ("bf16-mixed", "bitsandbytes.optim.AdamW8bit", False, {}),
+    "bf16_weights": ("bf16-true", "torch.optim.AdamW", False, {}),
+    "autocast_compile": ("bf16-mixed", "torch.optim.AdamW", True, {}),
+    "bf16_weights_compile": ("bf16-true", "torch.optim.AdamW", True, {}),
 }
 
 
@@ -83,23 +85,25 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
 
     from modules.reward import RewardModel
 
-    precision, optimizer_path, compile_model = VARIANTS[name]
+    precision, optimizer_path, compile_model, optimizer_kwargs = VARIANTS[name]
     module_name, _, class_name = optimizer_path.rpartition(".")
     optimizer_cls = getattr(importlib.import_module(module_name), class_name)
     torch.manual_seed(0)
     model = RewardModel(model=model_dir, attn_implementation="sdpa", compile=compile_model,
-                        optimizer=functools.partial(optimizer_cls, lr=1e-5))
+                        optimizer=functools.partial(optimizer_cls, lr=1e-5, **optimizer_kwargs))
     timer = StepTimer(warmup)
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer])
     trainer.fit(model, datamodule=RandomPairs(pairs, seq, QWEN2_05B["vocab_size"], warmup + steps))
     tokens_per_s = timer.tokens / timer.seconds
-    state_dtypes = sorted({str(t.dtype) for state in trainer.optimizers[0].state.values() for t in state.values()
+    optimizer = trainer.optimizers[0]
+    state_dtypes = sorted({str(t.dtype) for state in optimizer.state.values() for t in state.values()
                            if torch.is_tensor(t) and t.numel() > 1})
     n = non_embedding_params(model.model)
     flops_per_token = 6 * n + 12 * QWEN2_05B["num_hidden_layers"] * QWEN2_05B["hidden_size"] * seq
     result = {"variant": name, "precision": precision, "optimizer": optimizer_path, "compile": compile_model,
+              "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach"),
               "tokens_per_s": tokens_per_s, "pairs_per_s": tokens_per_s / (2 * seq),
               "mfu": tokens_per_s * flops_per_token / PEAK_FLOPS,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": timer.timed_steps,

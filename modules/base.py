@@ -120,6 +120,19 @@ def decay_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     return groups
 
 
+def fused_kernel_applies(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's Adam/AdamW left at their implementation defaults (neither ``fused`` nor ``foreach``
+    chosen) over CUDA parameters. torch then picks its multi-tensor loop, about a dozen passes over the
+    parameters and state per step; the fused kernel makes one (HF Trainer's default on GPUs too)."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    defaults = optimizer.defaults
+    if defaults.get("fused") is not None or defaults.get("foreach") is not None or defaults.get("differentiable"):
+        return False
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    return bool(params) and all(param.device.type == "cuda" and param.is_floating_point() for param in params)
+
+
 class TrainableModule(pl.LightningModule):
     """Base of every method: builds the configured optimizer and step-interval scheduler."""
 
@@ -132,6 +145,8 @@ class TrainableModule(pl.LightningModule):
     def configure_optimizers(self):
         keep_embeddings_in_32bit(self)
         optimizer = self.optimizer_factory(decay_groups(self))
+        if fused_kernel_applies(optimizer):  # same update, fewer passes over memory
+            optimizer = self.optimizer_factory(decay_groups(self), fused=True)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

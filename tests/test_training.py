@@ -140,3 +140,35 @@ def test_eval_rows_keep_each_row_once_and_number_rows_without_ids():
     rows.add(None, [torch.tensor([6.0])], rank=1)
     assert rows.gather(one_process, torch.device("cpu")).tolist() == [[2 ** 40, 5], [2 ** 40 + 1, 5], [2 ** 40 + 2, 6]]
     assert rows.gather(one_process, torch.device("cpu")).shape == (0, 2)  # each epoch starts empty
+
+
+def test_fused_adamw_only_where_torch_was_left_to_choose_on_cuda():
+    from types import SimpleNamespace
+
+    from modules.base import fused_kernel_applies
+
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), is_floating_point=lambda: True)
+
+    def with_params(optimizer, params):
+        optimizer.param_groups[0]["params"] = params
+        return optimizer
+
+    assert not fused_kernel_applies(torch.optim.AdamW([weight]))  # CPU parameters
+    assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]))
+    assert fused_kernel_applies(with_params(torch.optim.Adam([weight]), [on_cuda]))
+    for chosen in ({"foreach": False}, {"foreach": True}, {"fused": False}):  # the user's choice stands
+        assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight], **chosen), [on_cuda]))
+    assert not fused_kernel_applies(with_params(torch.optim.SGD([weight]), [on_cuda]))
+    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda, weight]))  # mixed devices
+
+
+def test_fused_adamw_is_built_from_the_configured_factory(run_cli, monkeypatch):
+    import modules.base
+
+    monkeypatch.setattr(modules.base, "fused_kernel_applies", lambda optimizer: True)  # as on a GPU
+    cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["weight_decay"] == 0.01  # the config's settings
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
