@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules import tofu_data as td
 from datamodules.tofu import OVERLENGTH, EncodedQA, collate_prompts, collate_qa, encode_qa
 from modules import tofu_eval as te
+from modules.base import run_in_root_forward
 
 # the config whose validation rules apply to each evaluation split
 _VALIDATION_CONFIG = {"forget": "forget10_perturbed", "retain": "retain_perturbed",
@@ -318,7 +319,8 @@ class TofuEvaluation(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            result = evaluator.evaluate(pl_module, self.retain_truth_ratios)
+            result = run_in_root_forward(trainer, pl_module,
+                                         lambda: evaluator.evaluate(pl_module, self.retain_truth_ratios))
         finally:
             pl_module.train(was_training)
         result["tag"], result["epoch"], result["global_step"] = tag, trainer.current_epoch, trainer.global_step

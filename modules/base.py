@@ -8,6 +8,7 @@ Optimizers and schedulers arrive as callables from the config (``class_path: tor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,26 @@ def decay_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def run_in_root_forward(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], Any]) -> Any:
+    """``fn()``, for model calls outside a Lightning step (evaluation in a callback), made inside the
+    forward of the strategy's root module.
+
+    Under FSDP the root unit holds the parameters outside the decoder layers (embeddings, final norm,
+    heads) as shards, gathered only while its forward runs; the layers' own units gather theirs. Every
+    process must run the same ``fn``, as in any FSDP forward. Other strategies call ``fn()`` directly.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    root = trainer.strategy.model
+    if not isinstance(trainer.strategy, FSDPStrategy) or root is None or root is pl_module:
+        return fn()
+    pl_module.forward = lambda *args, **kwargs: fn()  # the root's forward calls the module's forward
+    try:
+        return root()
+    finally:
+        del pl_module.forward  # back to the class's forward
 
 
 def fused_kernel_applies(optimizer: torch.optim.Optimizer) -> bool:

@@ -94,3 +94,25 @@ def test_fsdp_sft_trains_generates_in_test_and_exports(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "export").state_dict()
     for key, value in exported.items():
         torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
+
+
+def test_fsdp_tofu_evaluation_in_a_callback_equals_one_process(tmp_path):
+    # TofuEvaluation runs the model outside any training step, where FSDP keeps the embeddings sharded
+    callbacks = tmp_path / "tofu_evaluation.yaml"
+    callbacks.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.tofu_eval.TofuEvaluation\n"
+                         "      init_args: {every_n_epochs: 1, max_new_tokens: 8}\n")
+    small = ["--config", str(callbacks), "--model.init_args.model=tiny", "--data.init_args.n_authors=4"]
+    sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU[:5], *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
+                  config="configs/flat/unlearn.yaml")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one = cli(tmp_path, "one", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
+              config="configs/flat/unlearn.yaml", subcommand="test")
+    assert one.returncode == 0, one.stderr[-3000:]
+    [during_fit] = list((tmp_path / "fsdp").glob("version_0/tofu_eval/epoch_001.json"))
+    [after] = list((tmp_path / "one").glob("version_0/tofu_eval/test.json"))
+    during_fit, after = json.loads(during_fit.read_text()), json.loads(after.read_text())
+    assert during_fit["report"].keys() == after["report"].keys()
+    for key, value in after["report"].items():
+        if isinstance(value, float):
+            assert math.isclose(during_fit["report"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
+    assert during_fit["generations"] == after["generations"]
