@@ -470,6 +470,8 @@ class CriticData(_StatesData):
                                              "num_completions": state["num_completions"]})
         for split, items in self.datasets.items():
             self.report.rows[split] = len(items)
+            for row_id, item in enumerate(items):  # so validation under DDP counts each state once
+                item["row_id"] = row_id
         if stage == "fit" and not self.datasets["train"]:
             raise DataError(f"{self.data_file}: no training states (all {len(rows)} problems went to val)")
         rank_zero_info(f"[CriticData] states: {self.report.rows}; truncated: {self.report.truncated}")
@@ -482,6 +484,7 @@ class CriticData(_StatesData):
             "target": torch.tensor([item["target"] for item in items]),
             "num_correct": torch.tensor([item["num_correct"] for item in items], dtype=torch.float),
             "num_completions": torch.tensor([item["num_completions"] for item in items], dtype=torch.float),
+            "row_id": torch.tensor([item["row_id"] for item in items], dtype=torch.long),
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -666,6 +669,8 @@ class ActorData(_StatesData):
                 self.datasets[split].append(state)
         for split, items in self.datasets.items():
             self.report.rows[split] = len(items)
+            for row_id, item in enumerate(items):  # so validation under DDP counts each state once
+                item["row_id"] = row_id
         if stage == "fit" and not self.datasets["train"]:
             raise DataError(f"{self.data_file}: no state left for training; dropped: {self.report.dropped}")
         rank_zero_info(f"[ActorData] states: {self.report.rows}; dropped: {self.report.dropped}; "

@@ -63,7 +63,7 @@ from datamodules.dapo_data import (
     state_prefixes,
 )
 from modules import lm
-from modules.base import HFModule
+from modules.base import EvalRows, HFModule
 
 # ====================================================================================================
 # Losses and metrics (pure)
@@ -502,7 +502,7 @@ class DAPOCritic(HFModule):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.calibration_bins = calibration_bins
-        self._eval: list[torch.Tensor] = []
+        self._eval = EvalRows(columns=4)
 
     def prepare_tokenizer(self, tokenizer) -> None:
         lm.ensure_distinct_pad_token(tokenizer)
@@ -516,37 +516,27 @@ class DAPOCritic(HFModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = []
+        self._eval = EvalRows(columns=4)  # logit, target, correct and wrong completions
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self.value_logits(batch["input_ids"], batch["attention_mask"])
-        _, metrics = critic_loss(logits, batch["target"])
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=len(logits), sync_dist=True)
-        self._eval.append(torch.stack([torch.sigmoid(logits), batch["target"].float(), batch["num_correct"],
-                                       batch["num_completions"] - batch["num_correct"]], dim=1))
+        self._eval.add(batch.get("row_id"), [logits, batch["target"].float(), batch["num_correct"],
+                                             batch["num_completions"] - batch["num_correct"]], self.global_rank)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._eval or self.trainer.sanity_checking:
+        # over the distinct states of all ranks (the distributed sampler repeats some), so every rank
+        # computes the same values; sync_dist only keeps Lightning's epoch-level distributed check quiet
+        rows = self._eval.gather(self.trainer.strategy, self.device)
+        if not len(rows) or self.trainer.sanity_checking:
             return
-        local = torch.cat(self._eval)
-        gathered = self._gather_rows(local)
-        values, targets, positives, negatives = gathered.unbind(1)
-        # every rank holds all rows now, so the values agree across ranks without another reduction
-        self.log("val/ece", expected_calibration_error(values, targets, self.calibration_bins))
-        auroc = weighted_auroc(values, positives, negatives)
+        logits, targets, positives, negatives = rows[:, 1:].float().unbind(1)
+        _, metrics = critic_loss(logits, targets)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        values = torch.sigmoid(logits).cpu()
+        self.log("val/ece", expected_calibration_error(values, targets.cpu(), self.calibration_bins), sync_dist=True)
+        auroc = weighted_auroc(values, positives.cpu(), negatives.cpu())
         if math.isfinite(auroc):
-            self.log("val/auroc", auroc)
-
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """All ranks' rows (ranks may hold different numbers)."""
-        if self.trainer.world_size == 1:
-            return local.cpu()
-        size = torch.tensor([local.shape[0]], device=local.device)
-        sizes = self.all_gather(size).flatten().tolist()
-        padded = torch.zeros((max(sizes), local.shape[1]), device=local.device, dtype=local.dtype)
-        padded[:local.shape[0]] = local
-        everything = self.all_gather(padded)
-        return torch.cat([everything[r, :n] for r, n in enumerate(sizes)]).cpu()
+            self.log("val/auroc", auroc, sync_dist=True)
 
 
 # ====================================================================================================
