@@ -39,7 +39,6 @@ class TrainerCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         ckpt = "best" if callback is not None and callback.best_model_path else None
-        model = self.model
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # fit sharded this module's layers in place, and Lightning cannot shard a sharded module again
             # to load a checkpoint into it: test a fresh instance, built and sharded as a new process would
@@ -47,8 +46,8 @@ class TrainerCLI(LightningCLI):
             if ckpt is None:
                 rank_zero_warn("test_after_fit skipped: under FSDP it tests a checkpoint, and this fit saved none")
                 return
-            model = self._get(self.parser.instantiate_classes(self.config), "model")
-        self.trainer.test(model, datamodule=self.datamodule, ckpt_path=ckpt)
+            self.model = self._get(self.parser.instantiate_classes(self.config), "model")  # frees the fitted one
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
 def trainer_defaults() -> dict:
