@@ -125,3 +125,11 @@ def check_side(value: str, name: str) -> str:
     if value not in ("left", "right"):
         raise ValueError(f"{name} must be 'left' or 'right', got {value!r}")
     return value
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """FSDP and DeepSpeed shard the parameters: every forward gathers them from all processes, so every
+    process must run the same number of forwards."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.common import DataError, DataReport, EpochSeededSampler, check_side, read_rows
+from datamodules.common import DataError, DataReport, EpochSeededSampler, check_side, read_rows, shards_parameters
 
 SPLITS = ("train", "val", "test", "predict")
 
@@ -146,7 +146,19 @@ class TextDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        loader = self.test_dataloader()
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or not shards_parameters(trainer.strategy):
+            return loader
+        # a sharded model's forward is collective, so every process must run as many batches as the others;
+        # Lightning's predict split leaves some a batch short (a hang). Pad by repeating rows, as for test:
+        # the outputs carry row ids, by which the scorer's merge drops the repeats
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=False, drop_last=False)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 # ----------------------------------------------------------------------------------------------------

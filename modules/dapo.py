@@ -54,6 +54,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from datamodules.common import shards_parameters
 from datamodules.dapo_data import (
     balanced_keep,
     encode_state,
@@ -321,6 +322,16 @@ def batch_seed(seed: int, keys: Sequence[str]) -> int:
 # Policies: evaluation (stage 5) and rollouts (stage 1)
 
 
+def refuse_sharded_generation(module: pl.LightningModule) -> None:
+    """The rollout engine and the advantage stage run as many forwards as their data needs, different on
+    each process; with sharded parameters every forward waits for all processes, so they would hang."""
+    if module.trainer.world_size > 1 and shards_parameters(module.trainer.strategy):
+        raise RuntimeError(f"{type(module).__name__} generates or scores a data-dependent number of forwards per "
+                           f"process, which {type(module.trainer.strategy).__name__} cannot run (every sharded "
+                           "forward waits for all processes). Use one device or DDP (configs/trainer/ddp.yaml); "
+                           "training the critic and the actor under FSDP is supported.")
+
+
 class DAPOPolicy(HFModule):
     """Any causal LM as a policy: ``test`` reports greedy pass@1 on the data module's held-out problems
     (``DAPOProblems``), answers checked by ``datamodules.verifiers.reward``.
@@ -341,6 +352,12 @@ class DAPOPolicy(HFModule):
         if self._engine is None or self._engine.model is not self.model:
             self._engine = RolloutEngine(self.model, self.tokenizer, self.max_batch_sequences)
         return self._engine
+
+    def on_test_start(self) -> None:
+        refuse_sharded_generation(self)
+
+    def on_predict_start(self) -> None:
+        refuse_sharded_generation(self)
 
     @staticmethod
     def rewards(task_kinds: Sequence[str], texts: Sequence[str], references: Sequence[Any]) -> list[float]:
@@ -587,6 +604,9 @@ class DAPOAdvantages(pl.LightningModule):
         lm.ensure_distinct_pad_token(self.critic_tokenizer)
         self.critic_model = self.reference_model = None
         self.skip_keys: set[str] = set()
+
+    def on_predict_start(self) -> None:
+        refuse_sharded_generation(self)
 
     def configure_model(self) -> None:
         if self.critic_model is None:

@@ -76,6 +76,8 @@ class FSDPProbe(Callback):
                                                      for m in modules if isinstance(m, CheckpointWrapper)})
         self.record["checkpointed_count"] = sum(isinstance(m, CheckpointWrapper) for m in modules)
         self.record["world_size"] = trainer.world_size
+        # transformers' generate keeps every process stepping until all are done only for FSDP-managed models
+        self.record["generate_syncs_processes"] = bool(getattr(pl_module.model, "_is_fsdp_managed_module", False))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # called before clipping
         self.record["steps"].append({"before_clip": _global_grad_norm(pl_module)})

@@ -38,6 +38,7 @@ def test_fsdp_fragment_shards_checkpoints_layers_and_clips_the_global_norm(fsdp_
     probe = json.loads(probe_path.read_text())
     layers = json.loads((ROOT / ".cache/presets/tiny/config.json").read_text())["num_hidden_layers"]
     assert probe["world_size"] == 2
+    assert probe["generate_syncs_processes"]  # else a process whose sequences end first would leave the others waiting
     assert probe["fsdp_units"] == layers + 1  # one unit per decoder layer, plus the root
     assert probe["checkpointed_layers"] == ["Qwen2DecoderLayer"] and probe["checkpointed_count"] == layers
     assert len(probe["steps"]) == 4
@@ -116,3 +117,33 @@ def test_fsdp_tofu_evaluation_in_a_callback_equals_one_process(tmp_path):
         if isinstance(value, float):
             assert math.isclose(during_fit["report"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
     assert during_fit["generations"] == after["generations"]
+
+
+def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_path):
+    # 9 pairs in batches of 4 on 2 processes: Lightning's own predict split gives one process a batch fewer,
+    # and a sharded forward waits for every process (a hang before the padded sampler)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Compute {i}+1.", "chosen": f"{i}+1={i + 1}\nAnswer: {i + 1}",
+                                        "rejected": f"{i}+1={i + 2}\nAnswer: {i + 2}", "source": "s"}) + "\n"
+                            for i in range(9)))
+    scores = {}
+    for name, strategy in (("fsdp", FSDP_ON_CPU[:5]), ("one", [])):
+        out = tmp_path / f"{name}.jsonl"
+        run = cli(tmp_path, name, *strategy, "--model.init_args.model=tiny", f"--data.init_args.input_file={pool}",
+                  "--data.init_args.eval_batch_size=4", f"--model.init_args.output_file={out}",
+                  config="configs/curation/score.yaml", subcommand="predict", timeout=240)
+        assert run.returncode == 0, run.stderr[-3000:]
+        scores[name] = [(row["prompt"], row["score_chosen"], row["score_rejected"])
+                        for row in map(json.loads, out.read_text().splitlines())]
+    assert len(scores["fsdp"]) == len(scores["one"]) == 9
+    for (prompt, chosen, rejected), (prompt_one, chosen_one, rejected_one) in zip(scores["fsdp"], scores["one"]):
+        assert prompt == prompt_one
+        assert math.isclose(chosen, chosen_one, abs_tol=1e-5) and math.isclose(rejected, rejected_one, abs_tol=1e-5)
+
+
+def test_dapo_generation_refuses_sharded_parameters_with_a_clear_error(tmp_path):
+    run = cli(tmp_path, "dapo", *FSDP_ON_CPU[:5], "--model.init_args.model=tiny", "--data.init_args.test_size=8",
+              config="configs/dapo/evaluate.yaml", subcommand="test", timeout=240)
+    assert run.returncode != 0
+    assert "DAPOPolicy generates or scores a data-dependent number of forwards" in run.stderr
+    assert "Use one device or DDP" in run.stderr
