@@ -135,7 +135,8 @@ class EcoPromptData(TofuQAData):
             if len(ids) > self.max_length:
                 ids = ids[:self.max_length]
                 self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
-            items.append({"input_ids": ids, "label": row["label"], "kind": row["kind"]})
+            # row_id: position in the split, so evaluation under DDP counts each prompt once
+            items.append({"input_ids": ids, "label": row["label"], "kind": row["kind"], "row_id": len(items)})
         if not items:
             raise DataError(f"EcoPromptData: split {split!r} has no prompts")
         self.report.rows[split] = len(items)
@@ -168,7 +169,8 @@ class EcoPromptData(TofuQAData):
         return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
                 "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0),
                 "labels": torch.tensor([item["label"] for item in items]),
-                "kind": [item["kind"] for item in items]}
+                "kind": [item["kind"] for item in items],
+                "row_id": torch.tensor([item["row_id"] for item in items])}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["train"], self.batch_size, True, self.collate)

@@ -690,20 +690,28 @@ class PromptClassifier(HFModule):
         self.log(f"{stage}/loss", weighted_cross_entropy(logits, batch["labels"], self.weights),
                  batch_size=len(batch["labels"]))
         store = self._collected.setdefault(stage, [])
-        store.append((torch.softmax(logits.float(), -1)[:, 1].cpu(), batch["labels"].cpu(), list(batch.get("kind", []))))
+        row_id = batch.get("row_id")
+        store.append((torch.softmax(logits.float(), -1)[:, 1].cpu(), batch["labels"].cpu(), list(batch.get("kind", [])),
+                      row_id.cpu() if row_id is not None else None))
 
     def _gather(self, stage: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = self._collected.pop(stage, [])
-        scores = torch.cat([p for p, _, _ in parts]).numpy() if parts else np.zeros(0)
-        labels = torch.cat([y for _, y, _ in parts]).numpy() if parts else np.zeros(0)
-        kinds = [k for _, _, ks in parts for k in ks]
+        scores = torch.cat([p for p, _, _, _ in parts]).numpy() if parts else np.zeros(0)
+        labels = torch.cat([y for _, y, _, _ in parts]).numpy() if parts else np.zeros(0)
+        kinds = [k for _, _, ks, _ in parts for k in ks]
+        numbered = bool(parts) and all(ids is not None for _, _, _, ids in parts)
+        row_ids = torch.cat([ids for _, _, _, ids in parts]).numpy() if numbered else None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
             # every rank holds a share of the prompts: the threshold and the rates need all of them
             shares: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, (scores, labels, kinds))
+            torch.distributed.all_gather_object(shares, (scores, labels, kinds, row_ids))
             scores = np.concatenate([share[0] for share in shares])
             labels = np.concatenate([share[1] for share in shares])
             kinds = [kind for share in shares for kind in share[2]]
+            if all(share[3] is not None for share in shares):
+                # the distributed sampler repeats prompts to even out the ranks: keep each once
+                _, first = np.unique(np.concatenate([share[3] for share in shares]), return_index=True)
+                scores, labels, kinds = scores[first], labels[first], [kinds[i] for i in first]
         return scores, labels, kinds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -83,3 +83,21 @@ def test_ddp_test_counts_each_pair_once(tmp_path):
     assert metrics["ddp"].keys() == metrics["single"].keys()
     for key, value in metrics["single"].items():  # same pairs, same weights: only batch shapes differ
         assert abs(metrics["ddp"][key] - value) < 1e-5, (key, metrics["ddp"][key], value)
+
+
+def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
+    small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=5", "--data.init_args.eval_batch_size=16",
+             "--trainer.max_steps=2", "--test_after_fit=false"]  # barely trained: errors on both classes
+    assert cli(tmp_path, "fit", *small, config="configs/eco/classifier.yaml").returncode == 0
+    ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"
+    metrics, rows = {}, {}
+    for name, extra in (("single", []), ("ddp", ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")])):
+        run = cli(tmp_path, name, *extra, *small, ckpt, config="configs/eco/classifier.yaml", subcommand="validate")
+        assert run.returncode == 0, run.stderr[-3000:]
+        [summary_path] = list((tmp_path / name).glob("version_*/summary.json"))
+        stage = json.loads(summary_path.read_text())["stages"]["validate"]
+        metrics[name], rows[name] = stage["metrics"], stage["data"]["rows"]["val"]
+    assert rows["single"] % 2 == 1  # so the sampler repeats a prompt on 2 processes
+    # the threshold chosen on the validation prompts, and the error rates at it, as on one process
+    for key in ("val/threshold", "val/fpr", "val/fnr", "val/error"):
+        assert abs(metrics["ddp"][key] - metrics["single"][key]) < 1e-6, (key, metrics["ddp"][key], metrics["single"][key])
