@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 
 import datamodules  # noqa: E402,F401  (registers the data modules)
 import modules  # noqa: E402,F401  (registers the methods)
@@ -36,6 +37,9 @@ class TrainerCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        if self.datamodule is not None and not is_overridden("test_dataloader", self.datamodule, pl.LightningDataModule):
+            rank_zero_warn(f"test_after_fit skipped: {type(self.datamodule).__name__} has no test data")
             return
         callback = self.trainer.checkpoint_callback
         ckpt = "best" if callback is not None and callback.best_model_path else None
