@@ -18,7 +18,7 @@ tiny=(--model.init_args.model=tiny --data.init_args.train_size=256 --data.init_a
       --trainer.max_steps=6 --trainer.val_check_interval=6 --trainer.enable_progress_bar=false)
 for strategy in fsdp bf16_true; do
   extra=(--config configs/trainer/single_gpu.yaml)
-  [ "$strategy" = fsdp ] && extra=(--config configs/trainer/fsdp.yaml --trainer.devices=1)
+  [ "$strategy" = fsdp ] && extra=(--config configs/trainer/fsdp.yaml --config configs/trainer/bf16.yaml --trainer.devices=1)
   [ "$strategy" = bf16_true ] && extra+=(--config configs/trainer/bf16_true.yaml)
   python3 cli.py fit --config configs/reward/bt.yaml "${extra[@]}" "${tiny[@]}" \
     --trainer.logger.init_args.save_dir="$OUT/runs" --checkpoint.dirpath="$OUT/runs/$strategy/ck" \

@@ -128,8 +128,8 @@ def check_side(value: str, name: str) -> str:
 
 
 def shards_parameters(strategy: Any) -> bool:
-    """FSDP and DeepSpeed shard the parameters: every forward gathers them from all processes, so every
-    process must run the same number of forwards."""
+    """FSDP and DeepSpeed ZeRO-3 shard the parameters: every forward gathers them from all processes, so
+    every process must run the same number of forwards (ZeRO-1/2 keep whole parameters on each)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
+    return isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3))

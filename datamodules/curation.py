@@ -543,15 +543,17 @@ class SelectByScore(CurationStep):
 
 def read_score_shards(paths: Sequence[str | Path]) -> dict[int, tuple[float, float]]:
     """``row_id -> (chosen, rejected)`` from per-rank files of ``[row_id, chosen, rejected]`` lines. A row
-    seen twice (the distributed sampler pads a rank's shard with repeats) must carry the same scores."""
+    seen twice (under FSDP/ZeRO-3 the sampler pads shards with repeats) keeps its first scores, and must
+    agree with them to within what kernels chosen by batch shape may change in bf16 (2e-2)."""
     scores: dict[int, tuple[float, float]] = {}
     for path in paths:
         for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
             row_id, chosen, rejected = json.loads(line)
-            if row_id in scores and not all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
-                                            for a, b in zip(scores[row_id], (chosen, rejected))):
-                raise DataError(f"{path}: line {line_number}: row {row_id} was scored twice with different "
-                                f"scores {scores[row_id]} and {(chosen, rejected)}")
+            if row_id in scores:
+                if not all(math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-2) for a, b in zip(scores[row_id], (chosen, rejected))):
+                    raise DataError(f"{path}: line {line_number}: row {row_id} was scored twice with different "
+                                    f"scores {scores[row_id]} and {(chosen, rejected)}")
+                continue
             scores[row_id] = (chosen, rejected)
     return scores
 

@@ -669,8 +669,6 @@ class ActorData(_StatesData):
                 self.datasets[split].append(state)
         for split, items in self.datasets.items():
             self.report.rows[split] = len(items)
-            for row_id, item in enumerate(items):  # so validation under DDP counts each state once
-                item["row_id"] = row_id
         if stage == "fit" and not self.datasets["train"]:
             raise DataError(f"{self.data_file}: no state left for training; dropped: {self.report.dropped}")
         rank_zero_info(f"[ActorData] states: {self.report.rows}; dropped: {self.report.dropped}; "

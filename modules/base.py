@@ -134,18 +134,38 @@ def run_in_root_forward(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: 
     root = trainer.strategy.model
     if not isinstance(trainer.strategy, FSDPStrategy) or root is None or root is pl_module:
         return fn()
-    pl_module.forward = lambda *args, **kwargs: fn()  # the root's forward calls the module's forward
+    own = vars(pl_module).get("forward")  # a forward set on the instance, if any, comes back afterwards
+
+    def restore() -> None:
+        if own is not None:
+            pl_module.forward = own
+        else:
+            vars(pl_module).pop("forward", None)
+
+    def redirected(*args, **kwargs):
+        restore()  # before fn, so that fn may call the module itself
+        return fn()
+
+    pl_module.forward = redirected  # the root's forward calls the module's forward
     try:
         return root()
     finally:
-        del pl_module.forward  # back to the class's forward
+        restore()
 
 
-def fused_kernel_applies(optimizer: torch.optim.Optimizer) -> bool:
+def fused_kernel_applies(optimizer: torch.optim.Optimizer, trainer: Any) -> bool:
     """True for torch's Adam/AdamW left at their implementation defaults (neither ``fused`` nor ``foreach``
     chosen) over CUDA parameters. torch then picks its multi-tensor loop, about a dozen passes over the
-    parameters and state per step; the fused kernel makes one (HF Trainer's default on GPUs too)."""
+    parameters and state per step; the fused kernel makes one (HF Trainer's default on GPUs too).
+
+    Not with a loss scaler (fp16): a fused optimizer unscales inside its step, after the trainer has clipped
+    the still-scaled gradients. Not under DeepSpeed, which steps the optimizer on its own partitions.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if getattr(trainer.precision_plugin, "scaler", None) is not None or isinstance(trainer.strategy, DeepSpeedStrategy):
         return False
     defaults = optimizer.defaults
     if defaults.get("fused") is not None or defaults.get("foreach") is not None or defaults.get("differentiable"):
@@ -166,7 +186,7 @@ class TrainableModule(pl.LightningModule):
     def configure_optimizers(self):
         keep_embeddings_in_32bit(self)
         optimizer = self.optimizer_factory(decay_groups(self))
-        if fused_kernel_applies(optimizer):  # same update, fewer passes over memory
+        if fused_kernel_applies(optimizer, self.trainer):  # same update, fewer passes over memory
             optimizer = self.optimizer_factory(decay_groups(self), fused=True)
         if self.scheduler_factory is None:
             return optimizer
@@ -176,12 +196,21 @@ class TrainableModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
         from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.utilities import GradClipAlgorithmType
 
         if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
             # FSDP holds gradient shards: only its own method computes the global norm across ranks
             # (Lightning's default clipping refuses to run under FSDP)
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            # bf16 autocast has no loss scale, so the gradients are the true ones whatever the optimizer;
+            # Lightning's autocast plugin refuses to clip for fused optimizers, which only fp16's scaler needs
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

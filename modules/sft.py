@@ -23,9 +23,9 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
 
     ``logits`` (B, T, V) at position t predict ``labels`` at t+1.
     """
-    shifted_labels = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=ignore_index,
-                          reduction="none")
+    shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+                          ignore_index=ignore_index, reduction="none").view(shifted_labels.shape)
     return nll.sum(1), (shifted_labels != ignore_index).sum(1)
 
 

@@ -357,6 +357,8 @@ def test_score_shards_merge_and_report_unscored_rows(tmp_path, pool):
     assert [row["judge_chosen"] for row in merged] == [1.5, 2.0, 0.0]
     assert report["unscored_by_reason"] == {"invalid: rejected: identical to chosen": 1}
     assert report["accuracy_on_labels"] == pytest.approx(2 / 3)
+    second.write_text("[0, 1.505, 0.5]\n")  # a repeat in another batch shape, within bf16 noise: the first stands
+    assert read_score_shards([first, second])[0] == (1.5, 0.5)
     second.write_text("[0, 9.0, 0.5]\n")
     with pytest.raises(DataError, match="row 0 was scored twice with different scores"):
         read_score_shards([first, second])

@@ -80,16 +80,19 @@ def test_fsdp_resume_from_last_matches_an_uninterrupted_run(fsdp_runs):
         torch.testing.assert_close(actual["state_dict"][key], expected["state_dict"][key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_fsdp_sft_trains_generates_in_test_and_exports(tmp_path):
+def test_fsdp_sft_with_bf16_autocast_trains_generates_in_test_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = cli(tmp_path, "sft", *FSDP_ON_CPU[:6], "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+    run = cli(tmp_path, "sft", *FSDP_ON_CPU[:6], "--config", str(ROOT / "configs/trainer/bf16.yaml"),
+              "--trainer.max_steps=2", "--trainer.val_check_interval=2",
               "--data.init_args.train_size=32", "--data.init_args.val_size=8", "--data.init_args.test_size=8",
               "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=4", "--test_after_fit=true",
               config="configs/sft/arithmetic.yaml")
     assert run.returncode == 0, run.stderr[-3000:]
     [summary_path] = list((tmp_path / "sft").glob("version_0/summary.json"))
-    test = json.loads(summary_path.read_text())["stages"]["test"]
+    summary = json.loads(summary_path.read_text())
+    assert summary["manifest"]["precision"] == "bf16-mixed"
+    test = summary["stages"]["test"]
     assert test["checkpoint"].endswith("best.ckpt") and 0.0 <= test["metrics"]["test/accuracy"] <= 1.0
     state = torch.load(test["checkpoint"], weights_only=False)["state_dict"]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "export").state_dict()

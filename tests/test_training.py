@@ -145,30 +145,50 @@ def test_eval_rows_keep_each_row_once_and_number_rows_without_ids():
 def test_fused_adamw_only_where_torch_was_left_to_choose_on_cuda():
     from types import SimpleNamespace
 
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
     from modules.base import fused_kernel_applies
 
     weight = torch.nn.Parameter(torch.zeros(2, 2))
     on_cuda = SimpleNamespace(device=torch.device("cuda"), is_floating_point=lambda: True)
+    plain = SimpleNamespace(precision_plugin=Precision(), strategy=None)
 
     def with_params(optimizer, params):
         optimizer.param_groups[0]["params"] = params
         return optimizer
 
-    assert not fused_kernel_applies(torch.optim.AdamW([weight]))  # CPU parameters
-    assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]))
-    assert fused_kernel_applies(with_params(torch.optim.Adam([weight]), [on_cuda]))
+    assert not fused_kernel_applies(torch.optim.AdamW([weight]), plain)  # CPU parameters
+    assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]), plain)
+    assert fused_kernel_applies(with_params(torch.optim.Adam([weight]), [on_cuda]), plain)
+    bf16_autocast = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=None)
+    assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]), bf16_autocast)
+    fp16_scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), strategy=None)
+    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]), fp16_scaled)
     for chosen in ({"foreach": False}, {"foreach": True}, {"fused": False}):  # the user's choice stands
-        assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight], **chosen), [on_cuda]))
-    assert not fused_kernel_applies(with_params(torch.optim.SGD([weight]), [on_cuda]))
-    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda, weight]))  # mixed devices
+        assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight], **chosen), [on_cuda]), plain)
+    assert not fused_kernel_applies(with_params(torch.optim.SGD([weight]), [on_cuda]), plain)
+    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda, weight]), plain)  # mixed devices
 
 
-def test_fused_adamw_is_built_from_the_configured_factory(run_cli, monkeypatch):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_is_built_from_the_configured_factory_and_clips(run_cli, monkeypatch, precision):
     import modules.base
 
-    monkeypatch.setattr(modules.base, "fused_kernel_applies", lambda optimizer: True)  # as on a GPU
-    cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    monkeypatch.setattr(modules.base, "fused_kernel_applies", lambda optimizer, trainer: True)  # as on a GPU
+    seen = []
+    clip = modules.base.TrainableModule.configure_gradient_clipping
+
+    def recording_clip(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    monkeypatch.setattr(modules.base.TrainableModule, "configure_gradient_clipping", recording_clip)
+    # bf16 autocast with clipping: Lightning's own plugin refuses to clip for a fused optimizer
+    cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, f"--trainer.precision={precision}",
+                  "--trainer.gradient_clip_val=1e-3")
     optimizer = cli.trainer.optimizers[0]
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["weight_decay"] == 0.01  # the config's settings
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+    assert len(seen) == 4 and all(norm <= 1e-3 * (1 + 1e-4) for norm in seen)  # every step clipped
