@@ -306,9 +306,10 @@ class TofuQAData(pl.LightningDataModule):
             for kind, rows in self.eval_sets().items():
                 items += self._sft_items(f"test/{kind}", rows, kind, kind)
             self.datasets["test"] = items
-        for split in ("val", "test"):  # positions as row ids: evaluation counts each row once under DDP
-            for row_id, item in enumerate(self.datasets.get(split) or []):
-                item["row_id"] = row_id
+        for split in ("train", "val", "test"):  # positions as row ids: evaluation counts each row once under DDP
+            if isinstance(self.datasets.get(split), list):  # the SFT items (unlearning has its own dataset)
+                for row_id, item in enumerate(self.datasets[split]):
+                    item["row_id"] = row_id
         rank_zero_info(f"[TofuQAData] task={self.task} rows: {self.report.rows}; dropped: {self.report.dropped}; "
                        f"truncated: {self.report.truncated}")
 
@@ -322,8 +323,7 @@ class TofuQAData(pl.LightningDataModule):
         return {**collate_qa(qa, pad), **collate_prompts(qa, pad),
                 "reference": [item["reference"] for item in items],
                 "kind": torch.tensor([KIND_IDS.get(item["kind"], -1) for item in items]),
-                **({"row_id": torch.tensor([item["row_id"] for item in items])} if all("row_id" in item for item in items)
-                   else {})}
+                "row_id": torch.tensor([item["row_id"] for item in items])}
 
     def collate_unlearn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id

@@ -123,10 +123,10 @@ class RewardModel(HFModule):
             # epoch-level distributed check quiet, the mean of equal values being that value
             self.log_dict({f"{stage}/{key}": value for key, value in metrics.items()}, sync_dist=True)
         subset = rows[:, 1].long()
-        correct = rows[:, 2].float() > rows[:, 3].float()
+        pairs = torch.bincount(subset, minlength=len(names)).tolist()
+        correct = torch.bincount(subset[rows[:, 2].float() > rows[:, 3].float()], minlength=len(names)).tolist()
         # the exact counts behind the logged accuracies (logged metrics are floats)
-        self.subset_counts = {name: {"pairs": int((subset == i).sum()), "correct": int((correct & (subset == i)).sum())}
-                              for i, name in enumerate(names) if (subset == i).any()}
+        self.subset_counts = {name: {"pairs": pairs[i], "correct": correct[i]} for i, name in enumerate(names) if pairs[i]}
         per_subset = {name: counts["correct"] / counts["pairs"] for name, counts in self.subset_counts.items()}
         for name, value in per_subset.items():  # also with one subset, so every run logs the same keys
             self.log(f"{stage}/accuracy/{name}", value, sync_dist=True)

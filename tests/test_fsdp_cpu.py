@@ -14,10 +14,11 @@ from test_resume_ddp import cli
 
 CLIP = 1e-3  # far below the gradient norms of these steps, so every step is clipped
 FSDP_ON_CPU = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
-               "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy", f"--trainer.gradient_clip_val={CLIP}",
-               "--model.init_args.model=tiny", "--data.init_args.train_size=64", "--data.init_args.val_size=16",
-               "--data.init_args.test_size=16", "--data.init_args.batch_size=8",  # 4 steps per epoch on 2 ranks
-               "--trainer.val_check_interval=2"]
+               "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy"]
+SMALL_REWARD_CLIPPED = [f"--trainer.gradient_clip_val={CLIP}", "--model.init_args.model=tiny",
+                        "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.test_size=16",
+                        "--data.init_args.batch_size=8",  # 4 steps per epoch on 2 ranks
+                        "--trainer.val_check_interval=2"]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,11 @@ def fsdp_runs(tmp_path_factory):
     """One epoch with a probe, test after fit and export; its resumption to step 6; a straight 6-step run."""
     tmp = tmp_path_factory.mktemp("fsdp")
     probe = tmp / "probe.json"
-    first = cli(tmp, "resumed", *FSDP_ON_CPU, "--trainer.max_steps=4", "--test_after_fit=true",
+    first = cli(tmp, "resumed", *FSDP_ON_CPU, *SMALL_REWARD_CLIPPED, "--trainer.max_steps=4", "--test_after_fit=true",
                 "--trainer.callbacks+=cpu_fsdp.FSDPProbe", f"--trainer.callbacks.path={probe}")
-    resumed = cli(tmp, "resumed", *FSDP_ON_CPU, "--trainer.max_steps=6", "--test_after_fit=false", "--ckpt_path=last")
-    straight = cli(tmp, "straight", *FSDP_ON_CPU, "--trainer.max_steps=6", "--test_after_fit=false")
+    resumed = cli(tmp, "resumed", *FSDP_ON_CPU, *SMALL_REWARD_CLIPPED, "--trainer.max_steps=6", "--test_after_fit=false",
+                  "--ckpt_path=last")
+    straight = cli(tmp, "straight", *FSDP_ON_CPU, *SMALL_REWARD_CLIPPED, "--trainer.max_steps=6", "--test_after_fit=false")
     return tmp, probe, first, resumed, straight
 
 
@@ -83,7 +85,8 @@ def test_fsdp_resume_from_last_matches_an_uninterrupted_run(fsdp_runs):
 def test_fsdp_sft_with_bf16_autocast_trains_generates_in_test_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = cli(tmp_path, "sft", *FSDP_ON_CPU[:6], "--config", str(ROOT / "configs/trainer/bf16.yaml"),
+    run = cli(tmp_path, "sft", *FSDP_ON_CPU, f"--trainer.gradient_clip_val={CLIP}",
+              "--config", str(ROOT / "configs/trainer/bf16.yaml"),
               "--trainer.max_steps=2", "--trainer.val_check_interval=2",
               "--data.init_args.train_size=32", "--data.init_args.val_size=8", "--data.init_args.test_size=8",
               "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=4", "--test_after_fit=true",
@@ -106,7 +109,7 @@ def test_fsdp_tofu_evaluation_in_a_callback_equals_one_process(tmp_path):
     callbacks.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.tofu_eval.TofuEvaluation\n"
                          "      init_args: {every_n_epochs: 1, max_new_tokens: 8}\n")
     small = ["--config", str(callbacks), "--model.init_args.model=tiny", "--data.init_args.n_authors=4"]
-    sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU[:5], *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
+    sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
                   config="configs/flat/unlearn.yaml")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     one = cli(tmp_path, "one", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
@@ -130,7 +133,7 @@ def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_pat
                                         "rejected": f"{i}+1={i + 2}\nAnswer: {i + 2}", "source": "s"}) + "\n"
                             for i in range(9)))
     scores = {}
-    for name, strategy in (("fsdp", FSDP_ON_CPU[:5]), ("one", [])):
+    for name, strategy in (("fsdp", FSDP_ON_CPU), ("one", [])):
         out = tmp_path / f"{name}.jsonl"
         run = cli(tmp_path, name, *strategy, "--model.init_args.model=tiny", f"--data.init_args.input_file={pool}",
                   "--data.init_args.eval_batch_size=4", f"--model.init_args.output_file={out}",
@@ -145,7 +148,7 @@ def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_pat
 
 
 def test_dapo_generation_refuses_sharded_parameters_with_a_clear_error(tmp_path):
-    run = cli(tmp_path, "dapo", *FSDP_ON_CPU[:5], "--model.init_args.model=tiny", "--data.init_args.test_size=8",
+    run = cli(tmp_path, "dapo", *FSDP_ON_CPU, "--model.init_args.model=tiny", "--data.init_args.test_size=8",
               config="configs/dapo/evaluate.yaml", subcommand="test", timeout=240)
     assert run.returncode != 0
     assert "DAPOPolicy generates or scores a data-dependent number of forwards" in run.stderr
