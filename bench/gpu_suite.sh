@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 bench/reward_gpu.py --variants "${VARIANTS:-autocast,autocast_foreach,autocast_adamw8bit,bf16_weights,bf16_weights_compile}" \
+python3 bench/reward_gpu.py --variants "${VARIANTS:-autocast,autocast_foreach,autocast_model_norms,autocast_adamw8bit,bf16_weights,bf16_weights_compile}" \
   --steps "${STEPS:-20}" --out "$OUT/reward_gpu.json" 2>&1 | grep -vE "Warning|warn|LOAD REPORT|MISSING|^Key|^---|^$" | tee "$OUT/reward_gpu.log"
 
 tiny=(--model.init_args.model=tiny --data.init_args.train_size=256 --data.init_args.val_size=32 --data.init_args.test_size=32

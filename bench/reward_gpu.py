@@ -4,6 +4,7 @@ Qwen2-0.5B shape of shared/PERFORMANCE.md (random weights, random token pairs, 1
 
     python bench/reward_gpu.py                         # all variants
     python bench/reward_gpu.py --variants autocast,autocast_adamw8bit --steps 30
+    python bench/reward_gpu.py --cpu-smoke             # every code path on a 2-layer model on the CPU (tests)
 
 MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / peak bf16 FLOP/s (989e12 for H100/H200
 dense, as in PERFORMANCE.md). Prints one JSON line per variant and a table.
@@ -27,16 +28,20 @@ import torch  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=128)
 PEAK_FLOPS = 989e12
-# name -> (precision, optimizer, compile, optimizer arguments beyond lr). torch's AdamW left at its
-# defaults runs fused on CUDA in our modules; "autocast_foreach" forces torch's own default instead
+# name -> (precision, optimizer, compile, optimizer arguments beyond lr, RewardModel arguments). In our modules
+# torch's AdamW left at its defaults runs fused on CUDA ("autocast_foreach" forces torch's own default
+# instead) and Llama-style RMSNorms run as torch's fused kernel ("autocast_model_norms" keeps the model's own)
 VARIANTS = {
-    "autocast": ("bf16-mixed", "torch.optim.AdamW", False, {}),
-    "autocast_foreach": ("bf16-mixed", "torch.optim.AdamW", False, {"foreach": True}),
-    "autocast_adamw8bit": ("bf16-mixed", "bitsandbytes.optim.AdamW8bit", False, {}),
-    "bf16_weights": ("bf16-true", "torch.optim.AdamW", False, {}),
-    "autocast_compile": ("bf16-mixed", "torch.optim.AdamW", True, {}),
-    "bf16_weights_compile": ("bf16-true", "torch.optim.AdamW", True, {}),
+    "autocast": ("bf16-mixed", "torch.optim.AdamW", False, {}, {}),
+    "autocast_foreach": ("bf16-mixed", "torch.optim.AdamW", False, {"foreach": True}, {}),
+    "autocast_model_norms": ("bf16-mixed", "torch.optim.AdamW", False, {}, {"fused_norms": False}),
+    "autocast_adamw8bit": ("bf16-mixed", "bitsandbytes.optim.AdamW8bit", False, {}, {}),
+    "bf16_weights": ("bf16-true", "torch.optim.AdamW", False, {}, {}),
+    "autocast_compile": ("bf16-mixed", "torch.optim.AdamW", True, {}, {}),
+    "bf16_weights_compile": ("bf16-true", "torch.optim.AdamW", True, {}, {}),
 }
 
 
@@ -63,15 +68,17 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             self.start = time.perf_counter()
         if self.start is not None:
             self.tokens += batch["input_ids"].numel()
             self.timed_steps += 1
 
     def on_train_end(self, trainer, pl_module):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
 
 
@@ -80,41 +87,46 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - embedding
 
 
-def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, seq: int) -> dict:
+def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, seq: int, shape: dict,
+                accelerator: str = "gpu") -> dict:
     import importlib
 
     from modules.reward import RewardModel
 
-    precision, optimizer_path, compile_model, optimizer_kwargs = VARIANTS[name]
+    precision, optimizer_path, compile_model, optimizer_kwargs, model_kwargs = VARIANTS[name]
     module_name, _, class_name = optimizer_path.rpartition(".")
     optimizer_cls = getattr(importlib.import_module(module_name), class_name)
     torch.manual_seed(0)
-    model = RewardModel(model=model_dir, attn_implementation="sdpa", compile=compile_model,
+    model = RewardModel(model=model_dir, attn_implementation="sdpa", compile=compile_model, **model_kwargs,
                         optimizer=functools.partial(optimizer_cls, lr=1e-5, **optimizer_kwargs))
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=warmup + steps,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer])
-    trainer.fit(model, datamodule=RandomPairs(pairs, seq, QWEN2_05B["vocab_size"], warmup + steps))
+    trainer.fit(model, datamodule=RandomPairs(pairs, seq, shape["vocab_size"], warmup + steps))
     tokens_per_s = timer.tokens / timer.seconds
     optimizer = trainer.optimizers[0]
     state_dtypes = sorted({str(t.dtype) for state in optimizer.state.values() for t in state.values()
                            if torch.is_tensor(t) and t.numel() > 1})
     n = non_embedding_params(model.model)
-    flops_per_token = 6 * n + 12 * QWEN2_05B["num_hidden_layers"] * QWEN2_05B["hidden_size"] * seq
+    flops_per_token = 6 * n + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * seq
     result = {"variant": name, "precision": precision, "optimizer": optimizer_path, "compile": compile_model,
+              "fused_norms": model_kwargs.get("fused_norms", True),
               "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach"),
               "tokens_per_s": tokens_per_s, "pairs_per_s": tokens_per_s / (2 * seq),
               "mfu": tokens_per_s * flops_per_token / PEAK_FLOPS,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": timer.timed_steps,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if accelerator == "gpu" else float("nan"),
+              "timed_steps": timer.timed_steps,
               "optimizer_state_dtypes": state_dtypes,
-              "device": torch.cuda.get_device_name()}
+              "fused_norm_layers": sum("forward" in module.__dict__ for module in model.model.modules()),
+              "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"}
     del trainer, model
-    torch.cuda.empty_cache()
+    if accelerator == "gpu":
+        torch.cuda.empty_cache()
     return result
 
 
-def write_model_dir(folder: Path) -> str:
+def write_model_dir(folder: Path, shape: dict) -> str:
     """Config of the Qwen2-0.5B shape (no weights: loaded with fresh random weights) + our tokenizer."""
     from transformers import Qwen2Config
 
@@ -122,7 +134,7 @@ def write_model_dir(folder: Path) -> str:
 
     tokenizer = build_byte_tokenizer()
     tokenizer.save_pretrained(folder)
-    Qwen2Config(**QWEN2_05B, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
     return str(folder)
 
 
@@ -134,14 +146,23 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a 2-layer model, 2 timed steps, on the CPU: checks the script, not the speed")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/reward_gpu.py needs a CUDA GPU")
+    shape, accelerator = QWEN2_05B, "gpu"
+    if args.cpu_smoke:
+        shape, accelerator = SMOKE_SHAPE, "cpu"
+        args.steps, args.warmup, args.pairs, args.seq = 2, 1, 2, 32
+    elif not torch.cuda.is_available():
+        sys.exit("bench/reward_gpu.py needs a CUDA GPU (or --cpu-smoke)")
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        model_dir = write_model_dir(Path(folder))
+        model_dir = write_model_dir(Path(folder), shape)
         for name in args.variants.split(","):
-            result = run_variant(name, model_dir, args.steps, args.warmup, args.pairs, args.seq)
+            result = run_variant(name, model_dir, args.steps, args.warmup, args.pairs, args.seq, shape, accelerator)
             print(json.dumps(result), flush=True)
             results.append(result)
     print(f"\n{'variant':24}{'tokens/s':>12}{'pairs/s':>10}{'MFU':>8}{'peak GiB':>10}")

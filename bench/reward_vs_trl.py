@@ -4,7 +4,7 @@ Both sides start from the same saved weights (one sequence-classification model 
 same token ids (ours tokenizes; TRL gets our ids as ``chosen_ids``/``rejected_ids``) in the same batch order
 (TRL's sampler is swapped for ours), with the same batch size, learning rate, AdamW betas and weight decay,
 constant schedule, gradient clipping 1.0 and seed. Each side keeps its own defaults otherwise (TRL: fused
-AdamW; ours: torch AdamW as configured in bt.yaml). TRL's gradient checkpointing (its default) is off unless
+AdamW; ours: torch AdamW as configured in bt.yaml, fused on a GPU, and torch's fused RMSNorm kernel). TRL's gradient checkpointing (its default) is off unless
 ``--trl-gradient-checkpointing``, since ours does not checkpoint. Runs alternate (ours, TRL, ours, TRL, ...)
 so machine load hits both alike; the table gives each run, the median and the best run of each, and
 throughput per CPU-second of the process (a shared CPU's load changes wall time far more than CPU time).

@@ -75,3 +75,77 @@ def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path)
                              capture_output=True, text=True)
     assert unknown.returncode != 0 and "unknown preset(s) ['tiny-xl']" in unknown.stderr
     assert not (tmp_path / "tiny-xl").exists()
+
+
+def _rms_norm_by_hand(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x64 = x.double()
+    return (weight.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_fused_rms_norm_equals_the_model_norm_forward_and_backward():
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    original, fused = Qwen2RMSNorm(48, eps=1e-5), Qwen2RMSNorm(48, eps=1e-5)
+    original.weight.data.normal_()
+    fused.load_state_dict(original.state_dict())
+    assert lm.use_fused_rms_norms(fused) == 1
+    x = (torch.randn(3, 7, 48) * 5).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = original(x), fused(x2)
+    torch.testing.assert_close(y2, _rms_norm_by_hand(x, original.weight, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.weight.grad, original.weight.grad, rtol=1e-5, atol=1e-6)
+
+    # bf16 input with float32 weight: the original promotes to float32; the fused forward defers to it
+    x16 = torch.randn(2, 48).bfloat16()
+    assert fused(x16).dtype == torch.float32 and torch.equal(fused(x16), original(x16))
+    # all-bf16 under autocast: the norm stays in bf16 like the original, within one bf16 rounding of it
+    original16, fused16 = Qwen2RMSNorm(48).bfloat16(), Qwen2RMSNorm(48).bfloat16()
+    original16.weight.data.normal_()
+    fused16.load_state_dict(original16.state_dict())
+    lm.use_fused_rms_norms(fused16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = fused16(x16), original16(x16)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_only_norms_with_llama_formula_are_fused():
+    from transformers import GemmaConfig, GemmaForCausalLM
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    assert lm.is_standard_rms_norm(LlamaRMSNorm) and lm.is_standard_rms_norm(Qwen3RMSNorm)
+    # Gemma scales by 1 + weight; OLMo-2 casts before the weight product: neither is the same function
+    assert not lm.is_standard_rms_norm(GemmaRMSNorm) and not lm.is_standard_rms_norm(Olmo2RMSNorm)
+    assert not lm.is_standard_rms_norm(torch.nn.RMSNorm)
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    assert lm.use_fused_rms_norms(gemma) == 0
+
+
+def test_loaded_models_fuse_their_norms_with_unchanged_outputs_and_survive_copies():
+    import copy
+    import functools
+    import pickle
+
+    fused, plain = lm.load_model("tiny"), lm.load_model("tiny", fused_norms=False)
+    layers = fused.config.num_hidden_layers
+    patched = [m for m in fused.modules() if isinstance(m.__dict__.get("forward"), functools.partial)]
+    assert len(patched) == 2 * layers + 1  # two per decoder layer and the final norm
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(10, 200, (3, 30))
+    expected = plain(ids).logits
+    torch.testing.assert_close(fused(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        norm = clone.model.norm
+        assert norm.forward.args[0] is norm  # bound to the copy, not to the original module
+        torch.testing.assert_close(clone(ids).logits, expected, rtol=1e-5, atol=1e-5)

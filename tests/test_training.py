@@ -142,7 +142,7 @@ def test_eval_rows_keep_each_row_once_and_number_rows_without_ids():
     assert rows.gather(one_process, torch.device("cpu")).shape == (0, 2)  # each epoch starts empty
 
 
-def test_fused_adamw_only_where_torch_was_left_to_choose_on_cuda():
+def test_fused_adamw_only_where_torch_was_left_to_choose():
     from types import SimpleNamespace
 
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -151,13 +151,15 @@ def test_fused_adamw_only_where_torch_was_left_to_choose_on_cuda():
 
     weight = torch.nn.Parameter(torch.zeros(2, 2))
     on_cuda = SimpleNamespace(device=torch.device("cuda"), is_floating_point=lambda: True)
+    on_mps = SimpleNamespace(device=torch.device("mps"), is_floating_point=lambda: True)
     plain = SimpleNamespace(precision_plugin=Precision(), strategy=None)
 
     def with_params(optimizer, params):
         optimizer.param_groups[0]["params"] = params
         return optimizer
 
-    assert not fused_kernel_applies(torch.optim.AdamW([weight]), plain)  # CPU parameters
+    assert fused_kernel_applies(torch.optim.AdamW([weight]), plain)  # CPU parameters
+    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_mps]), plain)
     assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]), plain)
     assert fused_kernel_applies(with_params(torch.optim.Adam([weight]), [on_cuda]), plain)
     bf16_autocast = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=None)
@@ -167,14 +169,13 @@ def test_fused_adamw_only_where_torch_was_left_to_choose_on_cuda():
     for chosen in ({"foreach": False}, {"foreach": True}, {"fused": False}):  # the user's choice stands
         assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight], **chosen), [on_cuda]), plain)
     assert not fused_kernel_applies(with_params(torch.optim.SGD([weight]), [on_cuda]), plain)
-    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda, weight]), plain)  # mixed devices
+    assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda, on_mps]), plain)  # not all supported
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fused_adamw_is_built_from_the_configured_factory_and_clips(run_cli, monkeypatch, precision):
     import modules.base
 
-    monkeypatch.setattr(modules.base, "fused_kernel_applies", lambda optimizer, trainer: True)  # as on a GPU
     seen = []
     clip = modules.base.TrainableModule.configure_gradient_clipping
 

@@ -1,0 +1,36 @@
+"""The GPU benchmark scripts' code paths, on the CPU: a GPU session has minutes, not time to debug them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reward_gpu_bench_runs_every_non_compiled_variant_on_the_cpu():
+    variants = ["autocast", "autocast_foreach", "autocast_model_norms", "autocast_adamw8bit", "bf16_weights"]
+    done = subprocess.run([sys.executable, "bench/reward_gpu.py", "--cpu-smoke", "--variants", ",".join(variants)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {row["variant"]: row for row in (json.loads(line) for line in done.stdout.splitlines()
+                                               if line.startswith("{"))}
+    assert list(results) == variants
+    assert all(row["timed_steps"] == 2 and row["tokens_per_s"] > 0 for row in results.values())
+    # 2 decoder layers: two norms each and the final one run fused, unless the variant keeps the model's own
+    assert {name: row["fused_norm_layers"] for name, row in results.items()} == {
+        name: 0 if name == "autocast_model_norms" else 5 for name in variants}
+    assert results["autocast_foreach"]["foreach"] is True
+    assert "torch.uint8" in results["autocast_adamw8bit"]["optimizer_state_dtypes"]
+    assert results["bf16_weights"]["optimizer_state_dtypes"] == ["torch.bfloat16"]
+    assert results["autocast"]["optimizer_state_dtypes"] == ["torch.float32"]
+
+
+def test_reward_gpu_bench_rejects_unknown_variants():
+    done = subprocess.run([sys.executable, "bench/reward_gpu.py", "--cpu-smoke", "--variants", "autocast,fast"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown variants ['fast']" in done.stderr
