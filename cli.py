@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
@@ -34,6 +36,13 @@ class TrainerCLI(LightningCLI):
         parser.add_lightning_class_args(ExportPretrained, "export")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
+        parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision: 'high' lets float32 matmuls use TF32 tensor "
+                                 "cores on NVIDIA GPUs (no effect on the CPU); 'highest' keeps full float32")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

@@ -65,3 +65,19 @@ def test_wrong_type_fails_before_any_work(capsys):
         cli.main(["fit", "--config", str(ROOT / BASE), "--data.init_args.batch_size=many"])
     assert exit_info.value.code != 0
     assert "batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice", ["highest", None])
+def test_float32_matmul_precision_is_set_before_the_model_is_built(choice):
+    import torch
+
+    import cli
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        overrides = [f"--float32_matmul_precision={choice}"] if choice else []
+        cli.main(["--config", str(ROOT / BASE), "--model.init_args.model=tiny", *overrides], run=False)
+        assert torch.get_float32_matmul_precision() == (choice or "high")  # TF32 on NVIDIA GPUs by default
+    finally:
+        torch.set_float32_matmul_precision(before)
