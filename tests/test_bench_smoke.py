@@ -34,3 +34,21 @@ def test_reward_gpu_bench_rejects_unknown_variants():
     done = subprocess.run([sys.executable, "bench/reward_gpu.py", "--cpu-smoke", "--variants", "autocast,fast"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown variants ['fast']" in done.stderr
+
+
+def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
+    import pytest
+
+    pytest.importorskip("trl", reason="TRL is the optional bench extra")
+    out = tmp_path / "summary.json"
+    done = subprocess.run([sys.executable, "bench/reward_vs_trl.py", "--gpu-qwen2-0.5b", "--device", "cpu",
+                           "--qwen-layers", "1", "--steps", "3", "--warmup", "1", "--batch-size", "2",
+                           "--max-length", "32", "--out", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["mode"] == "gpu-qwen2-0.5b" and summary["settings"]["max_length"] == 32
+    # the same start weights, batches and loss on both sides: the losses agree step by step
+    assert summary["loss_difference_per_step_max"] < 1e-4
+    assert summary["ours"]["pairs_per_s"] > 0 and summary["trl"]["pairs_per_s"] > 0
