@@ -24,7 +24,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E40
 
 import datamodules  # noqa: E402,F401  (registers the data modules)
 import modules  # noqa: E402,F401  (registers the methods)
-from callbacks import Checkpoint, ExportPretrained, NonFiniteLossError, NonFiniteLossGuard, RunSummary  # noqa: E402
+from callbacks import (  # noqa: E402
+    Checkpoint,
+    ExportPretrained,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    RunSummary,
+    Throughput,
+)
 
 
 class TrainerCLI(LightningCLI):
@@ -34,6 +41,7 @@ class TrainerCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
         parser.add_lightning_class_args(ExportPretrained, "export")
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
         parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",

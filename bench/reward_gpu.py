@@ -91,6 +91,7 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
                 accelerator: str = "gpu") -> dict:
     import importlib
 
+    from callbacks.throughput import Throughput
     from modules.reward import RewardModel
 
     precision, optimizer_path, compile_model, optimizer_kwargs, model_kwargs = VARIANTS[name]
@@ -100,9 +101,11 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
     model = RewardModel(model=model_dir, attn_implementation="sdpa", compile=compile_model, **model_kwargs,
                         optimizer=functools.partial(optimizer_cls, lr=1e-5, **optimizer_kwargs))
     timer = StepTimer(warmup)
+    # the training-run callback measures the same steps: its figures should agree with the timer's
+    monitor = Throughput(warmup_steps=warmup, log_every_n_steps=steps)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[timer])
+                         enable_model_summary=False, callbacks=[timer, monitor])
     trainer.fit(model, datamodule=RandomPairs(pairs, seq, shape["vocab_size"], warmup + steps))
     tokens_per_s = timer.tokens / timer.seconds
     optimizer = trainer.optimizers[0]
@@ -119,6 +122,8 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
               "timed_steps": timer.timed_steps,
               "optimizer_state_dtypes": state_dtypes,
               "fused_norm_layers": sum("forward" in module.__dict__ for module in model.model.modules()),
+              "callback_padded_tokens_per_s": monitor.summary["padded_tokens_per_s"],
+              "callback_mfu": monitor.summary.get("mfu"),
               "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"}
     del trainer, model
     if accelerator == "gpu":

@@ -2,5 +2,6 @@ from callbacks.checkpoint import Checkpoint
 from callbacks.export import ExportPretrained
 from callbacks.guards import NonFiniteLossError, NonFiniteLossGuard
 from callbacks.summary import RunSummary
+from callbacks.throughput import Throughput
 
-__all__ = ["Checkpoint", "ExportPretrained", "NonFiniteLossError", "NonFiniteLossGuard", "RunSummary"]
+__all__ = ["Checkpoint", "ExportPretrained", "NonFiniteLossError", "NonFiniteLossGuard", "RunSummary", "Throughput"]

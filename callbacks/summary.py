@@ -24,6 +24,8 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from callbacks.throughput import Throughput
+
 PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "datasets", "bitsandbytes", "tokenizers",
             "jsonargparse", "tensorboard", "numpy")
 SAMPLES_PER_TENSOR = 64
@@ -137,7 +139,9 @@ class RunSummary(pl.Callback):
                 self.warnings.append(report)
                 rank_zero_warn("\n" + "!" * 100 + f"\n{report}\n" + "!" * 100)
         callback = trainer.checkpoint_callback
+        throughput = next((cb.summary for cb in trainer.callbacks if isinstance(cb, Throughput) and cb.summary), None)
         self._write(trainer, "fit", {
+            **({"throughput": throughput} if throughput else {}),
             "global_step": trainer.global_step, "epochs": trainer.current_epoch,
             "interrupted": trainer.interrupted,
             "best_checkpoint": getattr(callback, "best_model_path", None) or None,

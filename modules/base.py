@@ -237,6 +237,7 @@ class HFModule(TrainableModule):
         self.tokenizer = lm.load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.prepare_tokenizer(self.tokenizer)
         self.model: torch.nn.Module | None = None
+        self.model_flops_shape: dict[str, int] | None = None
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """Hook for methods that need special tokens (e.g. a distinct pad token)."""
@@ -247,11 +248,21 @@ class HFModule(TrainableModule):
         self.model = lm.load_model(self.model_name_or_path, kind=self.model_kind, tokenizer=self.tokenizer,
                                    **self.load_kwargs, **self.extra_model_kwargs())
         self.model.train(self.training)  # from_pretrained returns eval mode; follow the LightningModule
+        self.model_flops_shape = lm.flops_shape(self.model)  # before any strategy shards the parameters
         if self.compile:
             self.model.forward = torch.compile(self.model.forward)
 
     def extra_model_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def training_forward_shapes(self, batch: dict[str, Any]) -> list[tuple[int, int, torch.Tensor | None]]:
+        """Each forward of the trained model in a training step on ``batch``, as (rows, padded length,
+        non-pad tokens): what ``callbacks.Throughput`` counts. By default one forward of ``input_ids``."""
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return []
+        mask = batch.get("attention_mask")
+        return [(ids.shape[0], ids.shape[1], mask.sum() if isinstance(mask, torch.Tensor) else None)]
 
     def export_pretrained(self, out_dir: str | Path) -> Path:
         """Save model and tokenizer as a folder that ``AutoModel*.from_pretrained`` loads."""

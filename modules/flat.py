@@ -339,6 +339,15 @@ class FlatUnlearner(HFModule):
                            "weights as its reference; pass the initial model's path as `reference`")
 
     # -- training --------------------------------------------------------------------------------------
+    def training_forward_shapes(self, batch: dict[str, Any]) -> list[tuple[int, int, torch.Tensor | None]]:
+        """One forward over the loss's parts, padded to the widest (``score_parts``)."""
+        parts = [part for part in self._parts() if f"{part}_input_ids" in batch]
+        if not parts:
+            return []
+        rows = sum(batch[f"{part}_input_ids"].shape[0] for part in parts)
+        width = max(batch[f"{part}_input_ids"].shape[1] for part in parts)
+        return [(rows, width, sum(batch[f"{part}_attention_mask"].sum() for part in parts))]
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         stats = self.score_parts(self.model, batch, self._parts())
         forget, template = stats["forget"], stats["template"]

@@ -208,6 +208,24 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
     return model
 
 
+def flops_shape(model: torch.nn.Module) -> dict[str, int] | None:
+    """What the model-FLOPs count needs (``callbacks.throughput``): non-embedding parameters, layers and
+    hidden size; None for a model whose config does not say its layers and width. Call it before FSDP or
+    DeepSpeed shard the parameters (ZeRO-3's partitioned parameters are counted by their full size)."""
+    config = getattr(model, "config", None)
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        return None
+
+    def numel(param: torch.Tensor) -> int:
+        return getattr(param, "ds_numel", None) or param.numel()
+
+    embedding = model.get_input_embeddings()
+    total = sum(numel(param) for param in model.parameters())
+    return {"non_embedding_parameters": total - (numel(embedding.weight) if embedding is not None else 0),
+            "layers": layers, "hidden": hidden}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fused RMSNorm
 

@@ -21,6 +21,10 @@ def test_reward_gpu_bench_runs_every_non_compiled_variant_on_the_cpu():
                                                if line.startswith("{"))}
     assert list(results) == variants
     assert all(row["timed_steps"] == 2 and row["tokens_per_s"] > 0 for row in results.values())
+    # the Throughput callback times the same steps as the script's own timer (to within their few hooks)
+    for row in results.values():
+        assert abs(row["callback_padded_tokens_per_s"] / row["tokens_per_s"] - 1) < 0.25
+        assert row["callback_mfu"] is None  # no known peak on a CPU
     # 2 decoder layers: two norms each and the final one run fused, unless the variant keeps the model's own
     assert {name: row["fused_norm_layers"] for name, row in results.items()} == {
         name: 0 if name == "autocast_model_norms" else 5 for name in variants}

@@ -158,3 +158,14 @@ def test_fit_logs_probabilities_and_weights(tmp_path):
     assert {"train/p_template", "train/p_forget", "train/weight_template", "train/weight_forget",
             "train/template_term", "train/forget_term", "train/loss"} <= logged
     assert 0 < trainer.callback_metrics["train/p_forget"].item() < 1
+
+
+def test_throughput_counts_the_one_concatenated_forward_of_the_loss_parts(unlearn_data):
+    batch = next(iter(unlearn_data.train_dataloader()))
+    for use_retain, parts in ((True, ("forget", "template", "retain")), (False, ("forget", "template"))):
+        module = FlatUnlearner(model="tiny", loss="flat", use_retain=use_retain)
+        [(rows, width, tokens)] = module.training_forward_shapes(batch)
+        # score_parts pads every part to the widest and runs them as one batch
+        assert rows == sum(batch[f"{part}_input_ids"].shape[0] for part in parts)
+        assert width == max(batch[f"{part}_input_ids"].shape[1] for part in parts)
+        assert int(tokens) == sum(int(batch[f"{part}_attention_mask"].sum()) for part in parts)

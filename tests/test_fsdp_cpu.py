@@ -69,6 +69,12 @@ def test_fsdp_test_after_fit_and_export_use_the_full_checkpoint(fsdp_runs):
     for key, value in exported_state.items():
         torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
 
+    # throughput: parameters counted whole (before sharding), rows of both processes after the 2 warm-up steps
+    throughput = summary["stages"]["fit"]["throughput"]
+    embedding = exported.get_input_embeddings().weight.numel()
+    assert throughput["model_flops_shape"]["non_embedding_parameters"] == exported.num_parameters() - embedding
+    assert throughput["steps"] == 2 and throughput["sequences"] == 2 * 2 * 16
+
 
 def test_fsdp_resume_from_last_matches_an_uninterrupted_run(fsdp_runs):
     tmp, _, _, resumed, straight = fsdp_runs

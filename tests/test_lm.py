@@ -149,3 +149,16 @@ def test_loaded_models_fuse_their_norms_with_unchanged_outputs_and_survive_copie
         norm = clone.model.norm
         assert norm.forward.args[0] is norm  # bound to the copy, not to the original module
         torch.testing.assert_close(clone(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_shape_counts_non_embedding_parameters_by_hand():
+    model = lm.load_model("tiny", kind="sequence_classification")
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    attention = (c.hidden_size * c.hidden_size + c.hidden_size) + 2 * (c.hidden_size * kv + kv) + c.hidden_size ** 2
+    per_layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size  # q,k,v (biased), o; MLP; norms
+    expected = c.num_hidden_layers * per_layer + c.hidden_size + c.hidden_size  # final norm, score head
+    assert lm.flops_shape(model) == {"non_embedding_parameters": expected, "layers": c.num_hidden_layers,
+                                     "hidden": c.hidden_size}
+    assert lm.flops_shape(torch.nn.Linear(3, 3)) is None  # no config: no FLOPs count

@@ -50,7 +50,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     run = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--model.init_args.model=tiny",
               "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
-              "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--test_after_fit=false")
+              "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--test_after_fit=false",
+              "--throughput.warmup_steps=1")
     assert run.returncode == 0, run.stderr[-3000:]
     [summary_path] = list((tmp_path / "ddp").glob("version_*/summary.json"))
     summary = json.loads(summary_path.read_text())
@@ -59,6 +60,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert summary["manifest"]["effective_batch_size"] == 16
     assert summary["stages"]["fit"]["global_step"] == 3
     assert 0.0 <= summary["stages"]["fit"]["metrics"]["val/accuracy"] <= 1.0
+    throughput = summary["stages"]["fit"]["throughput"]
+    # both processes' rows are counted: 2 timed steps x 2 processes x 8 pairs x 2 rows
+    assert throughput["steps"] == 2 and throughput["sequences"] == 64
+    assert "mfu" not in throughput  # no peak is known for a CPU
 
 
 def test_ddp_test_counts_each_pair_once(tmp_path):

@@ -193,3 +193,47 @@ def test_fused_adamw_is_built_from_the_configured_factory_and_clips(run_cli, mon
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["weight_decay"] == 0.01  # the config's settings
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
     assert len(seen) == 4 and all(norm <= 1e-3 * (1 + 1e-4) for norm in seen)  # every step clipped
+
+
+def test_throughput_counts_the_trained_tokens_and_flops_after_the_warm_up(run_cli, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modules.reward import RewardModel
+
+    seen = []  # (rows, padded length, non-pad tokens) of every training step
+    original = RewardModel.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append((*batch["input_ids"].shape, int(batch["attention_mask"].sum())))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(RewardModel, "training_step", recording_step)
+    cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=7",
+                  "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
+                  "--throughput.warmup_steps=2", "--throughput.peak_flops=1e12")
+    assert len(seen) == 7
+    timed = seen[2:]  # steps 3-7
+    config = cli.model.model.config
+    n = sum(p.numel() for p in cli.model.model.parameters()) - cli.model.model.get_input_embeddings().weight.numel()
+    flops = sum(rows * length * (6 * n + 12 * config.num_hidden_layers * config.hidden_size * length)
+                for rows, length, _ in timed)
+    throughput = read_summary(tmp_path)["stages"]["fit"]["throughput"]
+    assert throughput["steps"] == 5
+    assert throughput["sequences"] == sum(rows for rows, _, _ in timed) == 5 * 16  # 8 pairs, two rows each
+    assert throughput["padded_tokens"] == sum(rows * length for rows, length, _ in timed)
+    assert throughput["tokens"] == sum(tokens for _, _, tokens in timed)
+    assert throughput["mfu"] == pytest.approx(flops / throughput["seconds"] / 1e12, rel=1e-9)
+    assert throughput["tokens_per_s"] == pytest.approx(throughput["tokens"] / throughput["seconds"], rel=1e-9)
+
+    events = EventAccumulator(str(next((tmp_path / "run").glob("version_*"))))
+    events.Reload()
+    logged = {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+              if tag.startswith("perf/")}
+    # windows close at every second step after the warm-up; step 7's half window goes only into the summary
+    assert logged == {tag: [4, 6] for tag in ("perf/step_time_s", "perf/tokens_per_s", "perf/padded_tokens_per_s",
+                                              "perf/sequences_per_s", "perf/mfu")}
+
+
+def test_throughput_can_be_switched_off(run_cli, tmp_path):
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--throughput.enabled=false")
+    assert "throughput" not in read_summary(tmp_path)["stages"]["fit"]
