@@ -67,7 +67,6 @@ class Throughput(pl.Callback):
     def _reset_window(self) -> None:
         self._counts = [0.0, 0.0, 0.0]  # padded positions, rows, model FLOPs
         self._real_tokens: torch.Tensor | float = 0.0  # a device tensor: reading it would synchronise
-        self._real_counted = True
         self._window_steps = 0
         self._window_start = time.perf_counter()
         self._paused = 0.0
@@ -81,9 +80,10 @@ class Throughput(pl.Callback):
         self._forward_shapes = getattr(pl_module, "training_forward_shapes", None)
         self._first_step, self._last_step = trainer.global_step, trainer.global_step
         self._started = self.warmup_steps == 0
+        self._real_counted = True  # false once a forward comes without an attention mask
         self._totals = {"steps": 0, "seconds": 0.0, "tokens": 0.0, "padded_tokens": 0.0, "sequences": 0.0,
                         "flops": 0.0}
-        self._validation_start: float | None = None
+        self._validation_start = None
         self.summary = None
         _sync(self._device)
         self._reset_window()
@@ -138,16 +138,18 @@ class Throughput(pl.Callback):
         if not totals["steps"]:
             return
         seconds = totals["seconds"]
-        self.summary = {"steps": totals["steps"], "seconds": seconds,
-                        "step_time_s": seconds / totals["steps"], **self._rates(totals, seconds, trainer.world_size),
-                        "padded_tokens": totals["padded_tokens"], "sequences": totals["sequences"],
-                        "warmup_steps": self.warmup_steps, "peak_flops_per_device": self._peak,
-                        "model_flops_shape": self._shape}
-        if self._real_counted:
-            self.summary["tokens"] = totals["tokens"]
+        self.summary = {"steps": totals["steps"], "seconds": seconds, "step_time_s": seconds / totals["steps"],
+                        "warmup_steps": self.warmup_steps, **self._rates(totals, seconds, trainer.world_size)}
+        if totals["sequences"]:
+            self.summary.update(padded_tokens=totals["padded_tokens"], sequences=totals["sequences"],
+                                peak_flops_per_device=self._peak, model_flops_shape=self._shape)
+            if self._real_counted:
+                self.summary["tokens"] = totals["tokens"]
 
     # -- reporting -------------------------------------------------------------------------------------
     def _rates(self, counts: dict[str, float], seconds: float, world_size: int) -> dict[str, float]:
+        if not counts["sequences"]:  # the module says nothing of its forwards: step time only
+            return {}
         rates = {"padded_tokens_per_s": counts["padded_tokens"] / seconds, "sequences_per_s": counts["sequences"] / seconds}
         if self._real_counted:
             rates["tokens_per_s"] = counts["tokens"] / seconds

@@ -237,3 +237,17 @@ def test_throughput_counts_the_trained_tokens_and_flops_after_the_warm_up(run_cl
 def test_throughput_can_be_switched_off(run_cli, tmp_path):
     run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--throughput.enabled=false")
     assert "throughput" not in read_summary(tmp_path)["stages"]["fit"]
+
+
+def test_throughput_of_a_module_without_token_batches_is_step_time_only(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from callbacks import Throughput
+
+    monitor = Throughput(warmup_steps=1, log_every_n_steps=2)
+    trainer = pl.Trainer(max_steps=5, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
+    trainer.fit(BoringModel())
+    assert set(monitor.summary) == {"steps", "seconds", "step_time_s", "warmup_steps"}
+    assert monitor.summary["steps"] == 4
