@@ -46,7 +46,8 @@ class TrainerCLI(LightningCLI):
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
         parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
                             help="torch.set_float32_matmul_precision: 'high' lets float32 matmuls use TF32 tensor "
-                                 "cores on NVIDIA GPUs (no effect on the CPU); 'highest' keeps full float32")
+                                 "cores on NVIDIA GPUs (and oneDNN's reduced-precision float32 on CPUs that have "
+                                 "one); 'highest' keeps full float32 everywhere")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

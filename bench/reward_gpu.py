@@ -121,7 +121,8 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if accelerator == "gpu" else float("nan"),
               "timed_steps": timer.timed_steps,
               "optimizer_state_dtypes": state_dtypes,
-              "fused_norm_layers": sum("forward" in module.__dict__ for module in model.model.modules()),
+              "fused_norm_layers": sum(isinstance(module.__dict__.get("forward"), functools.partial)
+                                       for module in model.model.modules()),
               "callback_padded_tokens_per_s": monitor.summary["padded_tokens_per_s"],
               "callback_mfu": monitor.summary.get("mfu"),
               "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"}

@@ -20,24 +20,31 @@ warm-up) go into ``summary.json`` under the fit stage's ``throughput``.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) by the name torch reports, most specific first
+# Dense bf16 tensor-core peaks (FLOP/s) by the model name torch reports, matched as whole words (so "L4"
+# is not "L40S"), most specific first
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12),
 )
+DEFAULT_MIN_WINDOW = 10  # steps: a window per step would synchronise the GPU every step
 
 
 def peak_flops_of(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_by_name(name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_FLOPS if re.search(rf"\b{re.escape(key)}\b", name)), None)
 
 
 def training_flops(rows: int, length: int, shape: dict[str, int]) -> float:
@@ -55,10 +62,12 @@ class Throughput(pl.Callback):
     def __init__(self, enabled: bool = True, warmup_steps: int = 2, log_every_n_steps: int | None = None,
                  peak_flops: float | None = None):
         """``warmup_steps``: optimizer steps left out at the start (allocator, kernels, compilation).
-        ``log_every_n_steps``: the trainer's if not set. ``peak_flops``: one device's peak FLOP/s for MFU
-        (known H100/H200/A100/B200/L4/L40S GPUs are looked up; MFU is left out where none is known)."""
-        if warmup_steps < 0:
-            raise ValueError(f"throughput.warmup_steps must be >= 0, got {warmup_steps}")
+        ``log_every_n_steps``: steps per logged window; by default the trainer's, but at least 10. 0: no
+        windows, only the whole run in ``summary.json``. ``peak_flops``: one device's peak FLOP/s for MFU
+        (known H100/H200/A100/B200/L4/L40/L40S GPUs are looked up; MFU is left out where none is known)."""
+        if warmup_steps < 0 or (log_every_n_steps is not None and log_every_n_steps < 0):
+            raise ValueError(f"throughput.warmup_steps and log_every_n_steps must be >= 0, got {warmup_steps} "
+                             f"and {log_every_n_steps}")
         self.enabled, self.warmup_steps, self.every, self.peak_flops = enabled, warmup_steps, log_every_n_steps, peak_flops
         self.summary: dict[str, Any] | None = None
         self._validation_start: float | None = None
@@ -113,8 +122,8 @@ class Throughput(pl.Callback):
                 self._reset_window()  # the window opens after the warm-up's last step
             return
         self._window_steps += 1
-        every = self.every or trainer.log_every_n_steps
-        if trainer.global_step % every == 0:
+        every = self.every if self.every is not None else max(trainer.log_every_n_steps, DEFAULT_MIN_WINDOW)
+        if every > 0 and trainer.global_step % every == 0:
             self._close_window(trainer)
 
     # validation inside fit is another workload: its time is taken out of the window
@@ -160,7 +169,9 @@ class Throughput(pl.Callback):
     def _close_window(self, trainer: pl.Trainer, log: bool = True) -> None:
         _sync(self._device)
         seconds = time.perf_counter() - self._window_start - self._paused
-        local = torch.tensor([*self._counts, float(self._real_tokens)], dtype=torch.float64, device=self._device)
+        # float64: a window's FLOPs exceed float32's exact integers (MPS has no float64: float32 there)
+        dtype = torch.float32 if self._device.type == "mps" else torch.float64
+        local = torch.tensor([*self._counts, float(self._real_tokens)], dtype=dtype, device=self._device)
         # every process reaches the same optimizer steps, so this collective is safe here
         padded, rows, flops, real = trainer.strategy.reduce(local, reduce_op="sum").tolist()
         window = {"padded_tokens": padded, "sequences": rows, "flops": flops, "tokens": real}

@@ -8,7 +8,7 @@ Optimizers and schedulers arrive as callables from the config (``class_path: tor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,10 @@ def fused_kernel_applies(optimizer: torch.optim.Optimizer, trainer: Any) -> bool
     if defaults.get("fused") is not None or defaults.get("foreach") is not None or defaults.get("differentiable"):
         return False
     params = [param for group in optimizer.param_groups for param in group["params"]]
-    return bool(params) and all(param.device.type in ("cuda", "cpu") and param.is_floating_point() for param in params)
+    # on the CPU only contiguous parameters: its fused kernel misreads a gradient whose layout differs from the
+    # parameter's (autograd keeps them alike; a gradient set by hand may not)
+    return bool(params) and all(param.is_floating_point() and (param.device.type == "cuda" or (
+        param.device.type == "cpu" and param.is_contiguous())) for param in params)
 
 
 class TrainableModule(pl.LightningModule):
@@ -258,7 +261,7 @@ class HFModule(TrainableModule):
     def training_forward_shapes(self, batch: dict[str, Any]) -> list[tuple[int, int, torch.Tensor | None]]:
         """Each forward of the trained model in a training step on ``batch``, as (rows, padded length,
         non-pad tokens): what ``callbacks.Throughput`` counts. By default one forward of ``input_ids``."""
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return []
         mask = batch.get("attention_mask")

@@ -265,7 +265,7 @@ def fused_rms_norm_forward(module: torch.nn.Module, hidden_states: torch.Tensor)
         return type(module).forward(module, hidden_states)
     # the norm runs in the input's dtype, as the original, whatever autocast would pick for rms_norm
     with torch.autocast(hidden_states.device.type, enabled=False):
-        return F.rms_norm(hidden_states, weight.shape, weight, module.variance_epsilon)
+        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, module.variance_epsilon)
 
 
 def use_fused_rms_norms(model: torch.nn.Module) -> int:
@@ -273,7 +273,9 @@ def use_fused_rms_norms(model: torch.nn.Module) -> int:
     class and other models are untouched, and the state dict does not change). Returns how many."""
     count = 0
     for module in model.modules():
-        if is_standard_rms_norm(type(module)) and isinstance(getattr(module, "variance_epsilon", None), float):
+        weight = getattr(module, "weight", None)
+        if (is_standard_rms_norm(type(module)) and isinstance(getattr(module, "variance_epsilon", None), float)
+                and isinstance(weight, torch.Tensor) and weight.dim() == 1):  # the last dimension's norm only
             # a partial, not a bound method: it pickles and deep-copies with the module
             module.forward = functools.partial(fused_rms_norm_forward, module)
             count += 1

@@ -82,9 +82,12 @@ def _rms_norm_by_hand(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return (weight.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def test_fused_rms_norm_equals_the_model_norm_forward_and_backward():
+def test_fused_rms_norm_equals_the_model_norm_forward_and_backward(monkeypatch):
+    import torch.nn.functional as F
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+    calls = []
+    monkeypatch.setattr(F, "rms_norm", lambda *args, **kwargs: calls.append(args) or torch.rms_norm(*args, **kwargs))
     torch.manual_seed(0)
     original, fused = Qwen2RMSNorm(48, eps=1e-5), Qwen2RMSNorm(48, eps=1e-5)
     original.weight.data.normal_()
@@ -94,12 +97,17 @@ def test_fused_rms_norm_equals_the_model_norm_forward_and_backward():
     x2 = x.detach().clone().requires_grad_()
     y, y2 = original(x), fused(x2)
     torch.testing.assert_close(y2, _rms_norm_by_hand(x, original.weight, 1e-5), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 1 and calls[0][1] == (48,) and calls[0][3] == 1e-5  # torch's kernel, with the module's eps
+    assert torch.equal(y2, y)  # on the CPU torch computes it the same way: bit for bit
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
     (y2 * upstream).sum().backward()
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.weight.grad, original.weight.grad, rtol=1e-5, atol=1e-6)
+    # a weight of more than one dimension would change what is normalised: such a module keeps its forward
+    odd = Qwen2RMSNorm(4)
+    odd.weight = torch.nn.Parameter(torch.ones(2, 4))
+    assert lm.use_fused_rms_norms(odd) == 0
 
     # bf16 input with float32 weight: the original promotes to float32; the fused forward defers to it
     x16 = torch.randn(2, 48).bfloat16()

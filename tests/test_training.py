@@ -159,6 +159,8 @@ def test_fused_adamw_only_where_torch_was_left_to_choose():
         return optimizer
 
     assert fused_kernel_applies(torch.optim.AdamW([weight]), plain)  # CPU parameters
+    transposed = torch.nn.Parameter(torch.zeros(3, 2).t())  # the CPU kernel needs matching layouts: not fused
+    assert not fused_kernel_applies(torch.optim.AdamW([transposed]), plain)
     assert not fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_mps]), plain)
     assert fused_kernel_applies(with_params(torch.optim.AdamW([weight]), [on_cuda]), plain)
     assert fused_kernel_applies(with_params(torch.optim.Adam([weight]), [on_cuda]), plain)
@@ -209,7 +211,7 @@ def test_throughput_counts_the_trained_tokens_and_flops_after_the_warm_up(run_cl
 
     monkeypatch.setattr(RewardModel, "training_step", recording_step)
     cli = run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=7",
-                  "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
+                  "--trainer.val_check_interval=3", "--throughput.log_every_n_steps=2",
                   "--throughput.warmup_steps=2", "--throughput.peak_flops=1e12")
     assert len(seen) == 7
     timed = seen[2:]  # steps 3-7
@@ -245,9 +247,23 @@ def test_throughput_of_a_module_without_token_batches_is_step_time_only(tmp_path
 
     from callbacks import Throughput
 
-    monitor = Throughput(warmup_steps=1, log_every_n_steps=2)
-    trainer = pl.Trainer(max_steps=5, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
-    trainer.fit(BoringModel())
-    assert set(monitor.summary) == {"steps", "seconds", "step_time_s", "warmup_steps"}
-    assert monitor.summary["steps"] == 4
+    for trainer_every, monitor_every in ((50, 2), (0, None), (50, 0)):  # 0: summary only, no windows
+        monitor = Throughput(warmup_steps=1, log_every_n_steps=monitor_every)
+        trainer = pl.Trainer(max_steps=5, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+                             log_every_n_steps=trainer_every)
+        trainer.fit(BoringModel())
+        assert set(monitor.summary) == {"steps", "seconds", "step_time_s", "warmup_steps"}
+        assert monitor.summary["steps"] == 4
+
+
+def test_peak_flops_are_looked_up_by_whole_model_names():
+    from callbacks.throughput import peak_flops_by_name
+
+    assert peak_flops_by_name("NVIDIA H100 80GB HBM3") == peak_flops_by_name("NVIDIA H200") == 989e12
+    assert peak_flops_by_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_by_name("NVIDIA GH200 480GB") == 989e12
+    assert peak_flops_by_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert (peak_flops_by_name("NVIDIA L4"), peak_flops_by_name("NVIDIA L40"), peak_flops_by_name("NVIDIA L40S")) == (
+        121e12, 181e12, 362e12)
+    assert peak_flops_by_name("NVIDIA GeForce RTX 4090") is None
