@@ -114,16 +114,16 @@ class Throughput(pl.Callback):
                            batch_idx: int) -> None:
         if not self.enabled or trainer.global_step == self._last_step:
             return  # accumulating gradients: the optimizer has not stepped yet
-        self._last_step = trainer.global_step
+        previous, self._last_step = self._last_step, trainer.global_step
         if not self._started:
             if trainer.global_step - self._first_step >= self.warmup_steps:
                 self._started = True
                 _sync(self._device)
                 self._reset_window()  # the window opens after the warm-up's last step
             return
-        self._window_steps += 1
+        self._window_steps += trainer.global_step - previous  # more than one with several optimizers
         every = self.every if self.every is not None else max(trainer.log_every_n_steps, DEFAULT_MIN_WINDOW)
-        if every > 0 and trainer.global_step % every == 0:
+        if every > 0 and trainer.global_step // every != previous // every:
             self._close_window(trainer)
 
     # validation inside fit is another workload: its time is taken out of the window

@@ -267,3 +267,25 @@ def test_peak_flops_are_looked_up_by_whole_model_names():
     assert (peak_flops_by_name("NVIDIA L4"), peak_flops_by_name("NVIDIA L40"), peak_flops_by_name("NVIDIA L40S")) == (
         121e12, 181e12, 362e12)
     assert peak_flops_by_name("NVIDIA GeForce RTX 4090") is None
+
+
+def test_throughput_leaves_validation_out_and_counts_accumulated_batches(run_cli, tmp_path, monkeypatch):
+    import time
+
+    from modules.reward import RewardModel
+
+    original = RewardModel.validation_step
+
+    def slow_validation(self, batch, batch_idx):
+        if not self.trainer.sanity_checking:
+            time.sleep(3.0)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(RewardModel, "validation_step", slow_validation)
+    # 4 optimizer steps of 2 batches; validation (one batch, 3 s) after steps 2 and 4, both inside the timing
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=4",
+            "--trainer.accumulate_grad_batches=2", "--trainer.val_check_interval=4",
+            "--data.init_args.val_size=8", "--throughput.warmup_steps=0")
+    throughput = read_summary(tmp_path)["stages"]["fit"]["throughput"]
+    assert throughput["steps"] == 4 and throughput["sequences"] == 4 * 2 * 16
+    assert throughput["seconds"] < 4.0  # 6 s of validation would be counted otherwise
