@@ -82,16 +82,11 @@ class StepTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def non_embedding_params(model: torch.nn.Module) -> int:
-    embedding = model.get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in model.parameters()) - embedding
-
-
 def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, seq: int, shape: dict,
                 accelerator: str = "gpu") -> dict:
     import importlib
 
-    from callbacks.throughput import Throughput
+    from callbacks.throughput import Throughput, training_flops
     from modules.reward import RewardModel
 
     precision, optimizer_path, compile_model, optimizer_kwargs, model_kwargs = VARIANTS[name]
@@ -111,8 +106,7 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
     optimizer = trainer.optimizers[0]
     state_dtypes = sorted({str(t.dtype) for state in optimizer.state.values() for t in state.values()
                            if torch.is_tensor(t) and t.numel() > 1})
-    n = non_embedding_params(model.model)
-    flops_per_token = 6 * n + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * seq
+    flops_per_token = training_flops(1, seq, model.model_flops_shape) / seq  # 6 N + 12 L H seq
     result = {"variant": name, "precision": precision, "optimizer": optimizer_path, "compile": compile_model,
               "fused_norms": model_kwargs.get("fused_norms", True),
               "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach"),

@@ -1,6 +1,7 @@
 """Training throughput and model FLOPs utilisation (MFU), logged to TensorBoard under ``perf/``.
 
-Every ``log_every_n_steps`` optimizer steps after a short warm-up, for the window since the last log:
+Every ``log_every_n_steps`` optimizer steps (at least 10 unless set) after a short warm-up, for the window
+since the last log:
 
 - ``perf/step_time_s``: wall seconds per optimizer step (validation runs excluded, checkpointing included);
 - ``perf/tokens_per_s``: non-pad tokens through the trained model, all processes together;
@@ -74,7 +75,7 @@ class Throughput(pl.Callback):
 
     # -- counting --------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
-        self._counts = [0.0, 0.0, 0.0]  # padded positions, rows, model FLOPs
+        self._window = {"padded_tokens": 0.0, "sequences": 0.0, "flops": 0.0}
         self._real_tokens: torch.Tensor | float = 0.0  # a device tensor: reading it would synchronise
         self._window_steps = 0
         self._window_start = time.perf_counter()
@@ -101,10 +102,10 @@ class Throughput(pl.Callback):
         if not self.enabled or self._forward_shapes is None:
             return
         for rows, length, real in self._forward_shapes(batch):
-            self._counts[0] += rows * length
-            self._counts[1] += rows
+            self._window["padded_tokens"] += rows * length
+            self._window["sequences"] += rows
             if self._shape is not None:
-                self._counts[2] += training_flops(rows, length, self._shape)
+                self._window["flops"] += training_flops(rows, length, self._shape)
             if real is None:
                 self._real_counted = False
             else:
@@ -171,10 +172,10 @@ class Throughput(pl.Callback):
         seconds = time.perf_counter() - self._window_start - self._paused
         # float64: a window's FLOPs exceed float32's exact integers (MPS has no float64: float32 there)
         dtype = torch.float32 if self._device.type == "mps" else torch.float64
-        local = torch.tensor([*self._counts, float(self._real_tokens)], dtype=dtype, device=self._device)
+        counts = {**self._window, "tokens": float(self._real_tokens)}
+        local = torch.tensor(list(counts.values()), dtype=dtype, device=self._device)
         # every process reaches the same optimizer steps, so this collective is safe here
-        padded, rows, flops, real = trainer.strategy.reduce(local, reduce_op="sum").tolist()
-        window = {"padded_tokens": padded, "sequences": rows, "flops": flops, "tokens": real}
+        window = dict(zip(counts, trainer.strategy.reduce(local, reduce_op="sum").tolist()))
         steps = self._window_steps
         for key, value in window.items():
             self._totals[key] += value
