@@ -307,13 +307,16 @@ def best_threshold(scores: Any, labels: Any) -> float:
 
 def central_difference(objective: Callable[[float], float], strength: float, epsilon: float,
                        min_strength: float = 0.0) -> tuple[float, float, float]:
-    """(gradient, J(s+eps), J(s-)) with s- = max(s - eps, s_min); the difference is divided by the distance
-    actually stepped, so the estimate stays exact for quadratics at the boundary too."""
+    """(gradient, J(s+eps), J(s-)) with s- = max(s - eps, s_min) and gradient [J(s+eps) - J(s-)] / (2 eps).
+
+    The divisor stays 2 eps at the boundary too, as in the paper and its released script (and as
+    ``random_direction_gradient`` does): where s - eps falls below s_min the estimate is smaller in magnitude
+    than the slope of the chord actually probed, so steps near the smallest strength are damped."""
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     upper, lower = strength + epsilon, max(strength - epsilon, min_strength)
     j_upper, j_lower = float(objective(upper)), float(objective(lower))
-    return (j_upper - j_lower) / (upper - lower), j_upper, j_lower
+    return (j_upper - j_lower) / (2 * epsilon), j_upper, j_lower
 
 
 def random_directions(dims: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -147,6 +147,27 @@ def gradient_difference_loss(forget_logp: torch.Tensor, retain_logp: torch.Tenso
     return loss, {"loss": loss.detach(), "forget_nll": -forget_term.detach(), "retain_nll": retain_nll.detach()}
 
 
+def reference_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(pi_ref || pi_theta) of the next-token distributions, averaged over the positions where
+    ``mask`` (B, T) is true. Logits (B, T, V) are aligned with the mask (already shifted); computed in
+    float32. The direction is TOFU's "KL" baseline's: the reference's distribution weighs the log-ratio."""
+    policy = F.log_softmax(policy_logits.float(), dim=-1)
+    reference = F.log_softmax(reference_logits.float(), dim=-1)
+    per_position = (reference.exp() * (reference - policy)).sum(-1)
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum(-1) / mask.sum(-1)
+
+
+def kl_regularised_ga_loss(forget_logp: torch.Tensor, retain_kl: torch.Tensor,
+                           kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """KL-regularised GA: -NLL_forget + kl_weight * KL(pi_ref || pi_theta) on retain answers (per-sample
+    ``reference_kl``), so ascent on the forget set is held back where it moves the retain predictions."""
+    forget_term = forget_logp.mean()
+    kl = retain_kl.mean()
+    loss = forget_term + kl_weight * kl
+    return loss, {"loss": loss.detach(), "forget_nll": -forget_term.detach(), "retain_kl": kl.detach()}
+
+
 def npo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
     """NPO: -(2/beta) * mean log sigmoid(-beta * (log pi(y_f) - log pi_ref(y_f))).
 
@@ -196,9 +217,9 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
 # ---- LightningModule ----
 
 
-LOSSES = ("flat", "ga", "gd", "npo", "idk", "dpo")
-_REFERENCE_LOSSES = ("npo", "dpo")
-_RETAIN_BY_DEFAULT = ("gd",)
+LOSSES = ("flat", "ga", "gd", "ga_kl", "npo", "idk", "dpo")
+_REFERENCE_LOSSES = ("npo", "dpo", "ga_kl")
+_RETAIN_BY_DEFINITION = ("gd", "ga_kl")  # retain data are part of the loss, not an optional extra term
 
 
 def _answer_stats(token_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -215,33 +236,41 @@ class FlatUnlearner(HFModule):
     One concatenated forward pass scores the forget answers, the template refusals and, when the loss uses
     them, the paired retain answers. P_e and P_f (FLAT's mean token probabilities) are logged for every
     loss, so the methods compare on the same scale; FLAT also logs its two terms and importance weights,
-    NPO the weight 2*sigmoid(beta * log-ratio) that multiplies gradient ascent's gradient.
+    NPO the weight 2*sigmoid(beta * log-ratio) that multiplies gradient ascent's gradient, KL-regularised GA
+    the retain KL to the reference.
     """
 
     def __init__(self, loss: str = "flat", divergence: str = "kl", beta: float = 0.1, retain_weight: float = 1.0,
                  use_retain: bool | None = None, reference: str | None = None,
-                 reference_mode: str = "precompute", **kwargs):
-        """``loss``: flat | ga | gd | npo | idk | dpo. ``divergence`` (FLAT): kl | js | pearson | tv.
+                 reference_mode: str | None = None, **kwargs):
+        """``loss``: flat | ga | gd | ga_kl | npo | idk | dpo. ``divergence`` (FLAT): kl | js | pearson | tv.
         ``beta``: NPO/DPO temperature. ``use_retain``: add ``retain_weight`` x retain NLL (default: only
-        for gd, whose definition includes it; idk with retain data is IdkPO+RT). ``reference`` (NPO/DPO):
-        a model path for the frozen reference, default the initial weights (``model``).
-        ``reference_mode``: ``precompute`` (score every forget sample once before the first step and keep
-        the numbers, saved in checkpoints) or ``frozen`` (keep a frozen copy and score every batch).
+        for gd and ga_kl, whose definitions include retain data; idk with retain data is IdkPO+RT).
+        ``retain_weight``: also the weight of ga_kl's KL term. ``reference`` (NPO/DPO/ga_kl): a model path
+        for the frozen reference, default the initial weights (``model``). ``reference_mode``:
+        ``precompute`` (NPO/DPO's default: score every forget sample once before the first step and keep
+        the numbers, saved in checkpoints) or ``frozen`` (keep a frozen copy and score every batch; the only
+        mode for ga_kl, which compares whole next-token distributions on retain rows re-drawn every epoch).
         Other arguments (``model: runs/tofu/target/export``, optimizer ...): ``HFModule``."""
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         get_divergence(divergence)  # unknown or wrong-sign names fail at construction
+        if reference_mode is None:
+            reference_mode = "frozen" if loss == "ga_kl" else "precompute"
         if reference_mode not in ("precompute", "frozen"):
             raise ValueError(f"reference_mode must be 'precompute' or 'frozen', got {reference_mode!r}")
+        if loss == "ga_kl" and reference_mode != "frozen":
+            raise ValueError("loss 'ga_kl' compares whole next-token distributions on retain rows drawn anew "
+                             "every epoch, which cannot be precomputed: use reference_mode: frozen")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         self.loss_name, self.divergence, self.beta = loss, divergence, beta
         self.retain_weight = retain_weight
-        self.use_retain = loss in _RETAIN_BY_DEFAULT if use_retain is None else use_retain
-        if loss == "gd" and not self.use_retain:
-            raise ValueError("gradient difference is defined with retain data: use_retain must be true")
+        self.use_retain = loss in _RETAIN_BY_DEFINITION if use_retain is None else use_retain
+        if loss in _RETAIN_BY_DEFINITION and not self.use_retain:
+            raise ValueError(f"loss {loss!r} is defined with retain data: use_retain must be true")
         self.reference, self.reference_mode = reference, reference_mode
         self.reference_logps: dict[str, torch.Tensor] | None = None  # "forget"/"template" -> (N,)
         self._frozen_reference: list[torch.nn.Module] = []  # a list: not a submodule, not in the state dict
@@ -250,9 +279,10 @@ class FlatUnlearner(HFModule):
     def _parts(self) -> tuple[str, ...]:
         return ("forget", "template", "retain") if self.use_retain else ("forget", "template")
 
-    def score_parts(self, model: torch.nn.Module, batch: dict[str, Any], parts: tuple[str, ...]
-                    ) -> dict[str, dict[str, torch.Tensor]]:
-        """One forward over the concatenated parts; per part the ``_answer_stats``."""
+    def score_parts(self, model: torch.nn.Module, batch: dict[str, Any], parts: tuple[str, ...],
+                    logits_of: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """One forward over the concatenated parts; per part the ``_answer_stats``. For the part named by
+        ``logits_of`` also its shifted logits (rows, own width - 1, V) and the answer mask they align with."""
         missing = [p for p in parts if f"{p}_input_ids" not in batch]
         if missing:
             raise ValueError(f"loss {self.loss_name!r} needs {missing} rows in the batch; the data module gives "
@@ -270,9 +300,16 @@ class FlatUnlearner(HFModule):
         logp = token_logprobs(logits, labels)
         mask = labels[:, 1:] != -100
         sizes = [batch[f"{p}_input_ids"].shape[0] for p in parts]
-        return {p: _answer_stats(lp, m) for p, lp, m in zip(parts, logp.split(sizes), mask.split(sizes))}
+        stats = {p: _answer_stats(lp, m) for p, lp, m in zip(parts, logp.split(sizes), mask.split(sizes))}
+        if logits_of is not None:
+            # right padding under a causal mask: a part's first positions are what its own forward would give
+            start, own_width = sum(sizes[:parts.index(logits_of)]), batch[f"{logits_of}_input_ids"].shape[1]
+            rows = slice(start, start + sizes[parts.index(logits_of)])
+            stats[logits_of]["shifted_logits"] = logits[rows, :own_width - 1]
+            stats[logits_of]["shifted_mask"] = batch[f"{logits_of}_labels"][:, 1:] != -100
+        return stats
 
-    # -- the frozen reference (NPO, DPO) ---------------------------------------------------------------
+    # -- the frozen reference (NPO, DPO, KL-regularised GA) -----------------------------------------------
     def _reference_model(self) -> torch.nn.Module:
         if not self._frozen_reference:
             if self.reference is None:
@@ -302,7 +339,9 @@ class FlatUnlearner(HFModule):
         forget, template = {}, {}
         for batch in datamodule.reference_dataloader():
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            scores = self._reference_scores(model, batch)
+            # the training step's precision (bf16 autocast ...), so the first step's log-ratio is exactly 0
+            with self.trainer.precision_plugin.forward_context():
+                scores = self._reference_scores(model, batch)
             for i, index in enumerate(batch["index"].tolist()):
                 forget[index], template[index] = scores["forget"][i].item(), scores["template"][i].item()
         model.train(was_training)
@@ -312,6 +351,13 @@ class FlatUnlearner(HFModule):
             "forget": torch.tensor([forget.get(i, float("nan")) for i in range(size)], dtype=torch.float32),
             "template": torch.tensor([template.get(i, float("nan")) for i in range(size)], dtype=torch.float32),
         }
+
+    @torch.no_grad()
+    def reference_retain_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The frozen reference's shifted logits on the batch's retain rows (ga_kl)."""
+        reference = self._reference_model()
+        return reference(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
+                         use_cache=False).logits[:, :-1]
 
     def reference_for(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.reference_mode == "frozen":
@@ -349,7 +395,8 @@ class FlatUnlearner(HFModule):
         return [(rows, width, sum(batch[f"{part}_attention_mask"].sum() for part in parts))]
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        stats = self.score_parts(self.model, batch, self._parts())
+        stats = self.score_parts(self.model, batch, self._parts(),
+                                 logits_of="retain" if self.loss_name == "ga_kl" else None)
         forget, template = stats["forget"], stats["template"]
         name = self.loss_name
         if name == "flat":
@@ -359,6 +406,10 @@ class FlatUnlearner(HFModule):
         elif name == "gd":
             loss, metrics = gradient_difference_loss(forget["mean_logp"], stats["retain"]["mean_logp"],
                                                      self.retain_weight)
+        elif name == "ga_kl":
+            retain = stats["retain"]
+            kl = reference_kl(retain["shifted_logits"], self.reference_retain_logits(batch), retain["shifted_mask"])
+            loss, metrics = kl_regularised_ga_loss(forget["mean_logp"], kl, self.retain_weight)
         elif name == "idk":
             retain = stats["retain"]["mean_logp"] if self.use_retain else None
             loss, metrics = idk_loss(template["mean_logp"], retain, self.retain_weight)
@@ -371,7 +422,7 @@ class FlatUnlearner(HFModule):
             reference = self.reference_for(batch)
             loss, metrics = dpo_loss(template["sum_logp"], forget["sum_logp"], reference["template"],
                                      reference["forget"], self.beta)
-        if self.use_retain and name not in ("gd", "idk"):
+        if self.use_retain and name not in (*_RETAIN_BY_DEFINITION, "idk"):
             retain_nll = -stats["retain"]["mean_logp"].mean()
             loss = loss + self.retain_weight * retain_nll
             metrics["retain_nll"], metrics["loss"] = retain_nll.detach(), loss.detach()

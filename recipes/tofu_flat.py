@@ -43,6 +43,7 @@ METHODS: dict[str, list[str]] = {
     "flat_tv": ["--model.init_args.loss=flat", "--model.init_args.divergence=tv"],
     "ga": ["--model.init_args.loss=ga"],
     "gd": ["--model.init_args.loss=gd"],
+    "ga_kl": ["--model.init_args.loss=ga_kl"],
     "npo": ["--model.init_args.loss=npo"],
     "idk": ["--model.init_args.loss=idk"],
     "dpo": ["--model.init_args.loss=dpo"],

@@ -213,14 +213,25 @@ def test_central_difference_is_exact_on_a_quadratic():
 
     grad, upper, lower = eco.central_difference(f, 1.0, 0.5)
     assert grad == pytest.approx(-4.0) and upper == f(1.5) and lower == f(0.5)
-    # at the boundary s - eps < s_min: the slope of the chord actually stepped (derivative at its midpoint)
+    # at the boundary s - eps < s_min the lower probe is s_min and the divisor stays 2 eps (the paper's rule):
+    # (J(0.7) - J(0)) / 1 = (2.3^2 - 3^2) / 1
     grad, _, lower = eco.central_difference(f, 0.2, 0.5, min_strength=0.0)
-    assert lower == f(0.0) and grad == pytest.approx(2 * (0.35 - 3.0))
+    assert lower == f(0.0) and grad == pytest.approx(5.29 - 9.0)
     s = 0.5  # the update rule drives the strength to the minimum
     for _ in range(50):
         g, _, _ = eco.central_difference(f, s, 0.1)
         s = max(1e-4, s - 0.25 * g)
     assert s == pytest.approx(3.0, abs=1e-6)
+
+
+def test_scalar_and_one_dimensional_vector_estimates_agree_at_the_boundary():
+    def f(s):
+        return float(((torch.as_tensor(s, dtype=torch.float64) - 3.0) ** 2).sum())
+
+    scalar, _, _ = eco.central_difference(f, 0.2, 0.5, min_strength=0.0)
+    vector, _ = eco.random_direction_gradient(f, torch.tensor([0.2], dtype=torch.float64), 0.5, directions=1,
+                                              min_strength=0.0, generator=torch.Generator().manual_seed(0))
+    assert vector.item() == pytest.approx(scalar)
 
 
 def test_random_direction_gradient_on_a_quadratic():

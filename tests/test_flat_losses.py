@@ -113,6 +113,21 @@ def test_gradient_ascent_and_difference():
     assert metrics["retain_nll"].item() == pytest.approx(1.0)
 
 
+def test_reference_kl_golden_and_direction():
+    # position 0: policy uniform over 3 tokens, reference (0.5, 0.25, 0.25):
+    #   KL(ref || policy) = 0.5 ln(1.5) + 2 * 0.25 ln(0.75) = 0.5 ln(1.125)
+    #   (the other direction, KL(policy || ref) = ln(32/27) / 3 = 0.0566, would fail this)
+    # position 1: equal distributions, KL 0; position 2 is masked out and must not count
+    policy = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [9.0, 0.0, 0.0]]])
+    reference = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]))
+    reference[0, 1] = torch.tensor([1.0, 2.0, 3.0]) + 5.0  # a shift of the logits is the same distribution
+    kl = flat.reference_kl(policy, reference, torch.tensor([[True, True, False]]))
+    assert kl.shape == (1,) and kl.item() == pytest.approx(0.5 * math.log(1.125) / 2, rel=1e-6)
+    loss, metrics = flat.kl_regularised_ga_loss(torch.tensor([-1.0, -3.0]), torch.tensor([0.2, 0.4]), kl_weight=2.0)
+    assert loss.item() == pytest.approx(-2.0 + 2.0 * 0.3)
+    assert metrics["forget_nll"].item() == pytest.approx(2.0) and metrics["retain_kl"].item() == pytest.approx(0.3)
+
+
 def test_npo_golden():
     # log-ratios -2 and 2, beta 0.1: -(2/0.1) * mean(log sigmoid(0.2), log sigmoid(-0.2))
     policy, reference = torch.tensor([-10.0, -4.0]), torch.tensor([-8.0, -6.0])

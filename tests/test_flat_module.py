@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from datamodules.tofu import TofuQAData
+from modules import flat
 from modules.flat import LOSSES, FlatUnlearner
 
 SMALL = dict(n_authors=4, qa_per_author=3)
@@ -86,6 +87,41 @@ def test_every_loss_trains_every_parameter(unlearn_data, loss):
     assert {"p_template", "p_forget"} <= set(metrics)
     if loss == "gd":
         assert "retain_nll" in metrics
+    if loss == "ga_kl":
+        assert "retain_kl" in metrics and "retain_nll" not in metrics
+
+
+def test_kl_regularised_ga_starts_at_gradient_ascent_and_holds_retain_predictions(unlearn_data, memorised):
+    """At the reference the KL term is 0 (the loss is GA's); after ascent steps it is positive and has a
+    gradient, which is what holds the retain predictions near the reference's."""
+    module = make_module(memorised, loss="ga_kl")
+    batch = next(iter(unlearn_data.train_dataloader()))
+    loss, metrics = module.compute_loss(batch)
+    ga = make_module(memorised, loss="ga").compute_loss(batch)[0]
+    assert metrics["retain_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(ga.item(), abs=1e-5)
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss, _ = module.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    stats = module.score_parts(module.model, batch, module._parts(), logits_of="retain")
+    retain = stats["retain"]
+    kl = flat.reference_kl(retain["shifted_logits"], module.reference_retain_logits(batch), retain["shifted_mask"])
+    assert kl.mean().item() > 1e-4
+    kl.mean().backward()
+    step = [p.grad for p in module.model.parameters() if p.grad is not None]
+    assert step and any(g.abs().sum() > 0 for g in step)
+
+
+def test_kl_regularised_ga_needs_a_frozen_reference_and_retain_rows():
+    with pytest.raises(ValueError, match="reference_mode: frozen"):
+        FlatUnlearner(model="tiny", loss="ga_kl", reference_mode="precompute")
+    with pytest.raises(ValueError, match="use_retain must be true"):
+        FlatUnlearner(model="tiny", loss="ga_kl", use_retain=False)
+    assert FlatUnlearner(model="tiny", loss="ga_kl").reference_mode == "frozen"
+    assert FlatUnlearner(model="tiny", loss="npo").reference_mode == "precompute"
 
 
 def test_gradient_ascent_lowers_p_forget(unlearn_data, memorised):
@@ -102,8 +138,10 @@ def test_gradient_ascent_lowers_p_forget(unlearn_data, memorised):
 
 
 class _Trainer:
-    def __init__(self, datamodule):
-        self.datamodule = datamodule
+    def __init__(self, datamodule, precision_plugin=None):
+        from lightning.pytorch.plugins.precision import Precision
+
+        self.datamodule, self.precision_plugin = datamodule, precision_plugin or Precision()
 
 
 def test_precomputed_reference_equals_frozen_copy(unlearn_data, monkeypatch):
@@ -126,6 +164,20 @@ def test_precomputed_reference_equals_frozen_copy(unlearn_data, monkeypatch):
     resumed = make_module(loss="npo")
     resumed.on_load_checkpoint(checkpoint)
     torch.testing.assert_close(resumed.reference_logps["forget"], pre.reference_logps["forget"])
+
+
+def test_reference_is_precomputed_under_the_training_precision(unlearn_data, monkeypatch):
+    """Under bf16 autocast the reference is scored in bf16 too: the first step's log-ratio is 0, not a
+    float32-vs-bf16 rounding difference."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = make_module(loss="npo")
+    monkeypatch.setattr(FlatUnlearner, "trainer", property(
+        lambda self: _Trainer(unlearn_data, MixedPrecision("bf16-mixed", "cpu"))))
+    module.precompute_reference()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, metrics = module.compute_loss(next(iter(unlearn_data.train_dataloader())))
+    assert metrics["log_ratio"].abs().item() < 1e-6
 
 
 def test_bad_settings_fail_at_construction():
