@@ -28,40 +28,119 @@ def row_error(source: str, row: int, field_name: str, problem: str) -> DataError
     return DataError(f"{source}: row {row}, field '{field_name}': {problem}", reason=f"{field_name}: {problem}")
 
 
-def read_rows(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a local JSON/JSONL/Parquet file or of a hub dataset (``name`` is its config)."""
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.exists():
-            raise FileNotFoundError(f"data file not found: {source}")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+# Suffixes of files people commonly hand over that this reader does not take: say so instead of trying the hub.
+UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".bz2", ".zip", ".xz", ".zst", ".arrow", ".xlsx")
 
-            return pq.read_table(path).to_pylist()
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{source}: invalid JSON at line {error.lineno}: {error.msg}") from None
-        else:
-            rows = []
-            for line_number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{source}: line {line_number} is not valid JSON: {error.msg}") from None
-        for index, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise DataError(f"{source}: row {index} is a {type(row).__name__}, expected an object")
-        return rows
+
+def looks_like_local_path(source: str) -> bool:
+    """A path rather than a hub name ("owner/name" or "name"): absolute, relative with ./ or ../, ~, with
+    more than one folder level, or "folder/name" where that folder exists here."""
+    if source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1 or "\\" in source:
+        return True
+    return "/" in source and Path(source.split("/")[0]).is_dir()
+
+
+def unique_keys(source: str, line_number: int | None) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    where = f"line {line_number}" if line_number is not None else "the file"
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        row = dict(pairs)
+        if len(row) != len(pairs):  # json keeps the last value of a repeated key without a word
+            seen, repeated = set(), []
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append(key)
+                seen.add(key)
+            raise DataError(f"{source}: {where} repeats the key(s) {sorted(set(repeated))}; which value is meant "
+                            f"is ambiguous", reason=f"repeated key(s) {sorted(set(repeated))}")
+        return row
+    return build
+
+
+def read_utf8_text(path: Path, source: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{source}: line {line}, column {column}: byte 0x{data[error.start]:02x} is not valid UTF-8; "
+                        f"save the file as UTF-8") from None
+
+
+def read_rows(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local JSON/JSONL/Parquet file or of a hub dataset (``name`` is its config).
+
+    A ``.json`` file may hold a list of row objects or one object per line; ``.jsonl`` one object per line.
+    Every failure is a ``DataError`` or ``FileNotFoundError`` naming the file (and line): an unsupported
+    file type or a missing local path never falls through to the hub."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
     if path.is_dir():
         raise DataError(f"{source}: is a folder; point at a .json, .jsonl or .parquet file or a hub dataset name")
+    if suffix in LOCAL_SUFFIXES:
+        if not path.exists():
+            raise FileNotFoundError(f"data file not found: {source}")
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(path).to_pylist()
+            except Exception as error:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{source}: cannot be read as Parquet ({type(error).__name__}: {error})") from None
+        return _json_rows(read_utf8_text(path, source), source, suffix)
+    if path.is_file() or suffix in UNSUPPORTED_SUFFIXES:
+        state = "" if path.is_file() else " (and it does not exist)"
+        raise DataError(f"{source}: unsupported file type '{path.suffix}'{state}; data files must end in "
+                        f"{', '.join(sorted(LOCAL_SUFFIXES))} (convert with e.g. pandas: "
+                        f"read_csv(...).to_json('rows.jsonl', orient='records', lines=True))")
+    if looks_like_local_path(source):
+        raise FileNotFoundError(f"data file not found: {source} (a local path; a data file must end in "
+                                f"{', '.join(sorted(LOCAL_SUFFIXES))})")
     import datasets
 
-    return list(datasets.load_dataset(source, name, split=split))
+    try:
+        return list(datasets.load_dataset(source, name, split=split))
+    except Exception as error:  # hub, network and builder errors: say what was attempted
+        raise DataError(f"{source}: not a local .json/.jsonl/.parquet file, so it was loaded as a Hugging Face "
+                        f"hub dataset (config {name!r}, split {split!r}), which failed: "
+                        f"{type(error).__name__}: {error}") from error
+
+
+def _json_rows(text: str, source: str, suffix: str) -> list[dict[str, Any]]:
+    stripped = text.lstrip()
+    if suffix == ".json" and stripped.startswith(("[", "{")):
+        try:
+            rows = json.loads(text, object_pairs_hook=unique_keys(source, None))
+        except json.JSONDecodeError as error:
+            if stripped.startswith("["):
+                raise DataError(f"{source}: invalid JSON at line {error.lineno}: {error.msg}") from None
+            rows = None  # not one JSON value: read it as one object per line below
+        if isinstance(rows, dict) and len(stripped.rstrip().splitlines()) == 1:
+            return [rows]  # a one-row file of JSON Lines
+        if isinstance(rows, dict):
+            lists = [key for key, value in rows.items() if isinstance(value, list)]
+            hint = f" (its list field(s): {lists}; save that list itself, or one object per line)" if lists else ""
+            raise DataError(f"{source}: the file is one JSON object; expected a list of row objects or one row "
+                            f"object per line{hint}")
+        if rows is not None:
+            return _checked_objects(rows, source)
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line, object_pairs_hook=unique_keys(source, line_number)))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{source}: line {line_number} is not valid JSON: {error.msg}") from None
+    return _checked_objects(rows, source)
+
+
+def _checked_objects(rows: list[Any], source: str) -> list[dict[str, Any]]:
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {index} is a {type(row).__name__}, expected an object")
+    return rows
 
 
 @dataclass

@@ -53,7 +53,10 @@ def validate_prompt_row(row: Any, source: str, index: int) -> dict[str, Any]:
     label = row.get("label")
     if label not in (0, 1) or isinstance(label, bool):
         raise row_error(source, index, "label", f"expected 0 or 1, got {label!r}")
-    return {"text": text, "label": int(label), "kind": str(row.get("kind") or ("forget" if label else "other"))}
+    kind = row.get("kind")
+    if kind is not None and not isinstance(kind, str):
+        raise row_error(source, index, "kind", f"expected a string, got {type(kind).__name__}")
+    return {"text": text, "label": int(label), "kind": kind or ("forget" if label else "other")}
 
 
 class EcoPromptData(TofuQAData):
@@ -126,7 +129,16 @@ class EcoPromptData(TofuQAData):
         path = self.prompt_files[split]
         if not path:
             return None
-        return [validate_prompt_row(row, path, i) for i, row in enumerate(read_rows(path))]
+        rows = [validate_prompt_row(row, path, i) for i, row in enumerate(read_rows(path))]
+        if not rows:
+            raise DataError(f"{path}: split {split!r} has no prompts (empty file?)")
+        first_label: dict[str, tuple[int, int]] = {}
+        for index, row in enumerate(rows):  # one prompt cannot be both about the forget set and not
+            seen = first_label.setdefault(row["text"], (index, row["label"]))
+            if seen[1] != row["label"]:
+                raise row_error(path, index, "label", f"{row['label']}, but row {seen[0]} has the same text "
+                                                      f"labelled {seen[1]}")
+        return rows
 
     def _encode_prompts(self, split: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items = []

@@ -65,8 +65,15 @@ class SFTData(TextDataModule):
             if messages[-1]["role"] != "assistant":
                 raise row_error(source, index, f"{self.messages_field}[{len(messages) - 1}].role",
                                 "the last message must be the assistant's response")
-            prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-            full = render_chat(tokenizer, messages)
+            if len(messages) < 2:
+                raise row_error(source, index, self.messages_field,
+                                "only the assistant's response: at least one message must come before it")
+            try:
+                prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+                full = render_chat(tokenizer, messages)
+            except Exception as error:  # jinja / transformers errors (e.g. a role the template does not allow)
+                raise row_error(source, index, self.messages_field,
+                                f"the tokenizer's chat template refused it ({type(error).__name__}: {error})") from None
         else:
             response_key = self.response_field if self.response_field in row else "completion"
             prompt_text = validate_text(row.get(self.prompt_field), source, index, self.prompt_field)

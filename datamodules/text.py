@@ -88,6 +88,8 @@ class TextDataModule(pl.LightningDataModule):
         rows, source = self.source_rows(split)
         if rows is None:
             return None
+        if not rows:  # an empty split would train or score nothing and still exit 0
+            raise DataError(f"{source}: split '{split}' has no rows (empty file?)")
         encoded = []
         for index, row in enumerate(rows):
             try:

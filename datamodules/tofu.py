@@ -173,6 +173,10 @@ class TofuQAData(pl.LightningDataModule):
             raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
         self.task, self.train_split, self.forget_split = task, train_split, forget_split
         self.source, self.files = source, dict(files or {})
+        unknown = sorted(set(self.files) - set(td.TOFU_CONFIGS))
+        if unknown:  # a misspelt key would silently leave that config to the generator or the source
+            raise ValueError(f"files: unknown TOFU config(s) {unknown}; the keys must be among "
+                             f"{list(td.TOFU_CONFIGS)}")
         self.include_general = (source == "embedded") if include_general is None else include_general
         self.generator_args = dict(n_authors=n_authors, qa_per_author=qa_per_author, n_perturbed=n_perturbed,
                                    seed=data_seed, paraphrase_style=paraphrase_style)
@@ -278,6 +282,8 @@ class TofuQAData(pl.LightningDataModule):
             f_item = self._encode("forget", row["question"], row["answer"], where)
             t_item = self._encode("template", row["question"], td.refusal_for(i, self.seed), where + " (template)")
             if f_item is None or t_item is None:
+                if f_item is not None:  # counted under template only, the forget count would shrink unexplained
+                    self.report.drop("forget", "its template refusal does not fit max_length")
                 continue
             forget.append(f_item)
             template.append(t_item)
@@ -310,8 +316,9 @@ class TofuQAData(pl.LightningDataModule):
             if isinstance(self.datasets.get(split), list):  # the SFT items (unlearning has its own dataset)
                 for row_id, item in enumerate(self.datasets[split]):
                     item["row_id"] = row_id
+        from_files = f"; configs read from files: {sorted(self.files)}" if self.files else ""
         rank_zero_info(f"[TofuQAData] task={self.task} rows: {self.report.rows}; dropped: {self.report.dropped}; "
-                       f"truncated: {self.report.truncated}")
+                       f"truncated: {self.report.truncated}{from_files}")
 
     @property
     def data_report(self) -> dict[str, Any]:

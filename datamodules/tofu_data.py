@@ -650,22 +650,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _read_json_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, row) pairs; a file holding one JSON array gives line 0 for every row."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            return [(0, row) for row in json.loads(text)]
-        except json.JSONDecodeError as err:
-            raise TofuDataError(f"{path}: not valid JSON: {err}") from None
-    out = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((line_number, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise TofuDataError(f"{path}: line {line_number}: not valid JSON: {err}") from None
-    return out
+    """(line number, row) pairs; a file holding one JSON array gives line 0 for every row. Bytes that are
+    not UTF-8 and repeated keys are errors naming the line (Arrow would fail on them later, obscurely)."""
+    from datamodules.common import DataError, read_utf8_text, unique_keys
+
+    try:
+        text = read_utf8_text(path, str(path))
+        if text.lstrip().startswith("["):
+            try:
+                return [(0, row) for row in json.loads(text, object_pairs_hook=unique_keys(str(path), None))]
+            except json.JSONDecodeError as err:
+                raise TofuDataError(f"{path}: not valid JSON: {err}") from None
+        out = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((line_number, json.loads(line, object_pairs_hook=unique_keys(str(path), line_number))))
+            except json.JSONDecodeError as err:
+                raise TofuDataError(f"{path}: line {line_number}: not valid JSON: {err}") from None
+        return out
+    except DataError as err:
+        raise TofuDataError(str(err)) from None
 
 
 def write_tofu_dir(data: TofuData, out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -787,7 +793,12 @@ def load_tofu(config: str, source: str | os.PathLike = TOFU_HUB_NAME, split: str
     if path.is_file():
         raw = _read_json_rows(path)
         validate_rows([row for _, row in raw], config, str(path), [line for line, _ in raw])
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        try:
+            dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        except Exception as err:  # Arrow's reading of a file the raw scan accepted (mixed column types ...)
+            cause = err.__cause__ or err
+            raise TofuDataError(f"{path}: the rows are valid one by one but cannot be read as one table: "
+                                f"{type(cause).__name__}: {cause}") from err
         return validate_rows(dataset.to_list(), config, str(path), [line for line, _ in raw])
     if str(source).startswith((".", "/")) or str(source).endswith((".json", ".jsonl")):
         raise TofuDataError(f"{source}: no such file or folder")

@@ -268,9 +268,12 @@ class HFModule(TrainableModule):
         return [(ids.shape[0], ids.shape[1], mask.sum() if isinstance(mask, torch.Tensor) else None)]
 
     def export_pretrained(self, out_dir: str | Path) -> Path:
-        """Save model and tokenizer as a folder that ``AutoModel*.from_pretrained`` loads."""
+        """Save model and tokenizer as a folder that ``AutoModel*.from_pretrained`` loads; the folder
+        appears whole or not at all (``lm.replace_folder_atomically``)."""
         self.configure_model()
-        out = Path(out_dir)
-        self.model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        return out
+        return lm.replace_folder_atomically(self.write_export, out_dir)
+
+    def write_export(self, folder: Path) -> None:
+        """What an export folder holds; subclasses add their own files."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -617,18 +616,15 @@ class EcoLM:
 def save_settings(folder: str | os.PathLike, settings: EcoSettings, gate: PromptGate | None = None) -> Path:
     """Write the settings (and the gate's classifier) to ``folder``; written to a sibling and renamed, so a
     killed save never leaves a half-written folder."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     body = {"format": "eco-settings/v1", **asdict(settings)}
-    if gate is not None:
-        gate.save(tmp / CLASSIFIER_DIR)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(body, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        if gate is not None:
+            gate.save(tmp / CLASSIFIER_DIR)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(body, indent=1))
+
+    return lm.replace_folder_atomically(write, folder)
 
 
 def load_settings(folder: str | os.PathLike) -> tuple[EcoSettings, PromptGate | None]:
@@ -748,11 +744,10 @@ class PromptClassifier(HFModule):
             flagged = float((scores[chosen] > tau).mean())
             self.log(f"test/{kind}/flag_rate", flagged)
 
-    def export_pretrained(self, out_dir: str | Path) -> Path:
-        out = super().export_pretrained(out_dir)
-        (Path(out) / CLASSIFIER_FILE).write_text(json.dumps(
+    def write_export(self, folder: Path) -> None:
+        super().write_export(folder)
+        (Path(folder) / CLASSIFIER_FILE).write_text(json.dumps(
             {"threshold": float(self.threshold), "target_fpr": self.target_fpr, "source": str(self.model_name_or_path)}))
-        return out
 
 
 def classifier_threshold(path: str | os.PathLike) -> float:

@@ -13,6 +13,8 @@ import functools
 import inspect
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,12 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
                                             **({"num_labels": num_labels} if kind == "sequence_classification" else {}))
         kwargs.pop("num_labels", None)
         model = auto.from_config(config, **kwargs)
+    elif Path(path).is_dir():
+        try:
+            model = auto.from_pretrained(path, **kwargs)
+        except Exception as error:  # a damaged folder fails deep inside safetensors or transformers
+            raise ValueError(f"{path}: cannot load the model from this folder ({type(error).__name__}: {error}); "
+                             f"is it a complete save_pretrained folder? Export it again") from error
     else:
         model = auto.from_pretrained(path, **kwargs)
     if tokenizer is not None:
@@ -316,6 +324,31 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
 
 # ----------------------------------------------------------------------------------------------------
 # Export
+
+
+def replace_folder_atomically(write: Callable[[Path], None], out: str | os.PathLike) -> Path:
+    """Run ``write(folder)`` on a temporary sibling of ``out``, then swap it in with renames.
+
+    A killed or failed export never leaves a half-written folder where the next stage looks: a folder
+    holding only config.json would load with fresh weights (``has_config_only``), and a cut weights file
+    fails deep inside safetensors. Between the two renames ``out`` is briefly absent, never partial."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    previous = out.with_name(f".{out.name}.old{os.getpid()}") if out.exists() else None
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
+    os.replace(tmp, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return out
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:

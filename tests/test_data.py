@@ -106,6 +106,13 @@ def test_sft_bad_rows_name_file_row_and_field(tmp_path):
                                                                {"role": "user", "content": "again"}]}])
     with pytest.raises(DataError, match=r"row 0, field 'messages\[1\].role': the last message"):
         SFTData(tokenizer="tiny", train_file=chat).setup("fit")
+    alone = write_jsonl(tmp_path / "alone.jsonl", [{"prompt": "a", "response": "b"},
+                                                   {"messages": [{"role": "assistant", "content": "a"}]}])
+    with pytest.raises(DataError, match=r"alone.jsonl: row 1, field 'messages': only the assistant's response"):
+        SFTData(tokenizer="tiny", train_file=alone).setup("fit")
+    dropped = SFTData(tokenizer="tiny", train_file=alone, invalid_rows="drop")
+    dropped.setup("fit")
+    assert dropped.report.rows["train"] == 1 and sum(dropped.report.dropped["train"].values()) == 1
 
 
 def test_sft_truncation_is_counted_and_empty_responses_dropped(tmp_path):
@@ -195,6 +202,64 @@ def test_bad_json_line_is_named(tmp_path):
     path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
     with pytest.raises(DataError, match="broken.jsonl: line 2 is not valid JSON"):
         PreferenceData(tokenizer="tiny", train_file=str(path)).setup("fit")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n"])
+def test_an_empty_training_file_is_an_error_not_a_run_on_nothing(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"empty.jsonl: split 'train' has no rows"):
+        PreferenceData(tokenizer="tiny", train_file=str(path)).setup("fit")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", b'{"chosen": "caf\xe9", "rejected": "b"}\n', r"latin1.jsonl: line 1, column 16: byte 0xe9 is not valid UTF-8"),
+    ("repeated.jsonl", b'{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rejected": "b", "chosen": "c"}\n',
+     r"repeated.jsonl: line 2 repeats the key\(s\) \['chosen'\]"),
+    ("pairs.csv", b"chosen,rejected\na,b\n", r"pairs.csv: unsupported file type '.csv'; data files must end in"),
+    ("wrapped.json", b'{\n "data": [{"chosen": "a", "rejected": "b"}]\n}\n',
+     r"wrapped.json: the file is one JSON object; .* \['data'\]"),
+    ("damaged.parquet", b"not parquet", r"damaged.parquet: cannot be read as Parquet"),
+])
+def test_unreadable_files_name_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        PreferenceData(tokenizer="tiny", train_file=str(path)).setup("fit")
+
+
+def test_local_looking_paths_never_reach_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("read_rows went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "folder.jsonl").mkdir()
+    from datamodules.common import read_rows
+
+    for missing in ["data/pairs", "./pairs", str(tmp_path / "a" / "b"), "missing.csv"]:
+        with pytest.raises((FileNotFoundError, DataError), match=r"not found|unsupported"):
+            read_rows(missing)
+    with pytest.raises(DataError, match="is a folder"):
+        read_rows("folder.jsonl")
+    (tmp_path / "UPPER.JSONL").write_text('{"chosen": "a", "rejected": "b"}\n')
+    assert read_rows("UPPER.JSONL") == [{"chosen": "a", "rejected": "b"}]
+
+
+def test_hub_failures_say_what_was_attempted(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/prefs' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    from datamodules.common import read_rows
+
+    with pytest.raises(DataError, match=r"someone/prefs: not a local .* hub dataset .* split 'test'.* ConnectionError"):
+        read_rows("someone/prefs", "test")
 
 
 def test_embedded_preference_pairs_have_subsets():

@@ -628,6 +628,25 @@ def test_prompt_file_with_a_bad_label_names_file_row_and_field(tmp_path):
         data.setup("fit")
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "hello", "label": 0}\n{"text": "Where was X born?", "label": 1}\n{"text": "hello", "label": 1}\n',
+     r"prompts.jsonl: row 2, field 'label': 1, but row 0 has the same text labelled 0"),
+    ('{"text": "hello", "label": 0, "kind": ["x"]}\n', r"prompts.jsonl: row 0, field 'kind': expected a string"),
+    ("", r"prompts.jsonl: split 'train' has no prompts"),
+])
+def test_prompt_files_with_contradictions_or_nothing_in_them_are_refused(tmp_path, content, message):
+    from datamodules.common import DataError
+    from datamodules.eco_data import EcoPromptData
+    from modules.lm import load_tokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    data = EcoPromptData(train_file=str(path), val_file=str(path))
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match=message):
+        data.setup("fit")
+
+
 def test_classifier_fit_chooses_a_threshold_and_exports_it(run_cli, tmp_path):
     run_cli("fit", "configs/eco/classifier.yaml", "--data.init_args.n_authors=8", "--data.init_args.qa_per_author=4",
             "--data.init_args.decoy_authors=5", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",

@@ -43,6 +43,38 @@ def test_config_only_folder_gives_fresh_weights(tmp_path):
     assert model.config.hidden_size == 32 and model.score.out_features == 1
 
 
+def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path):
+    from modules.reward import RewardModel
+
+    module = RewardModel(model="tiny")
+    out = module.export_pretrained(tmp_path / "export")
+    before = sorted(p.name for p in out.iterdir())
+    assert "config.json" in before and any(name.endswith(".safetensors") for name in before)
+
+    def killed_after_the_config(folder):
+        module.model.config.save_pretrained(folder)
+        raise KeyboardInterrupt("killed")
+
+    module.write_export = killed_after_the_config
+    try:
+        module.export_pretrained(out)
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in out.iterdir()) == before  # not a config-only folder (fresh weights)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left behind
+    lm.load_model(str(out), kind="sequence_classification")
+
+
+def test_a_damaged_model_folder_is_a_clear_error(tmp_path):
+    import pytest
+
+    folder = lm.build_preset("tiny", tmp_path / "model")
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model: cannot load the model from this folder .* Export it again"):
+        lm.load_model(str(folder))
+
+
 def test_trained_preset_builder_writes_a_loadable_sft_model(tmp_path):
     from modules.sft import build_arithmetic_preset
 

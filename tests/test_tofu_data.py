@@ -253,6 +253,25 @@ def test_unknown_config_and_missing_source(tmp_path):
         td.load_tofu("forget10", tmp_path / "nope.jsonl")
 
 
+def test_unreadable_rows_name_the_file_and_line(tmp_path):
+    row = {"question": "Q?", "answer": "A."}
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text(json.dumps(row) + '\n{"question": "Q?", "answer": "A.", "answer": "B."}\n')
+    with pytest.raises(td.TofuDataError, match=r"repeated.jsonl: line 2 repeats the key\(s\) \['answer'\]"):
+        td.load_tofu("full", repeated, cache_dir=str(tmp_path))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "Q?", "answer": "A."}\n{"question": "Caf\xe9?", "answer": "A."}\n')
+    with pytest.raises(td.TofuDataError, match=r"latin1.jsonl: line 2, column 18: byte 0xe9 is not valid UTF-8"):
+        td.load_tofu("full", latin1, cache_dir=str(tmp_path))
+
+
+def test_a_misspelt_files_key_is_refused_not_replaced_by_generated_data():
+    from datamodules.tofu import TofuQAData
+
+    with pytest.raises(ValueError, match=r"files: unknown TOFU config\(s\) \['forget_01'\]"):
+        TofuQAData(task="unlearn", forget_split="forget01", files={"forget_01": "mine.jsonl"})
+
+
 def test_bad_name_spans_are_caught():
     row = {"question": "Where was Ada Lin born?", "answer": "Oslo."}
     assert td.validate_rows([{**row, "name_spans": [[10, 17]]}], "full", "mem")
