@@ -5,8 +5,10 @@ Used by the DAPO dataset stages (rollouts keyed by ``problem_id``, advantages ke
 - every process appends its rows to ``<output stem>.shards/rank<R>.jsonl`` after each batch (flushed and
   fsynced, so a killed run loses at most the batch in flight);
 - at start, the keys already present in any shard or in the merged file are handed to the module as
-  ``pl_module.skip_keys``; its ``predict_step`` skips them, so a restart (with any number of processes)
-  does not redo finished work. A line cut by a crash is removed before appending;
+  ``pl_module.skip_keys``; its ``predict_step`` skips them (counting them in ``pl_module.num_skipped``), so a
+  restart (with any number of processes) does not redo finished work. A line cut by a crash is removed
+  before appending. Rows already there must have been written with this run's settings: a module with a
+  ``resume_mismatch(row)`` names the first recorded setting that differs, and the run is refused;
 - at the end, rank 0 merges the shards into ``output`` (one row per key, sorted by key) and, if the module
   has a ``dataset_report(rows)``, writes its counts to ``<output stem>.report.json``.
 """
@@ -19,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.common import DataError
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -64,24 +70,43 @@ class ShardedJsonlWriter(BasePredictionWriter):
     def shard_path(self, rank: int) -> Path:
         return self.shard_dir / f"rank{rank}.jsonl"
 
+    def existing_files(self) -> list[Path]:
+        return ([self.output] if self.output.exists() else []) + sorted(self.shard_dir.glob("rank*.jsonl"))
+
     def existing_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        if self.output.exists():
-            rows.extend(_read_rows(self.output))
-        for shard in sorted(self.shard_dir.glob("rank*.jsonl")):
-            rows.extend(_read_rows(shard))
-        return rows
+        return [row for path in self.existing_files() for row in _read_rows(path)]
 
     def done_keys(self) -> set[str]:
         return {str(row[self.key]) for row in self.existing_rows() if self.key in row}
 
+    def check_resumable(self, pl_module: pl.LightningModule) -> None:
+        """Refuse to add to rows an earlier run wrote with other settings (another policy, other sizes):
+        skipping their keys would silently mix the two runs in one dataset."""
+        mismatch_of = getattr(pl_module, "resume_mismatch", None)
+        if mismatch_of is None:
+            return
+        for path in self.existing_files():
+            for index, row in enumerate(_read_rows(path)):
+                mismatch = mismatch_of(row)
+                if mismatch is not None:
+                    field_name, recorded, expected = mismatch
+                    raise DataError(
+                        f"{path}: row {index}, field '{field_name}': written by an earlier run with {recorded!r}, "
+                        f"this run has {expected!r}. Delete {self.output} and {self.shard_dir} (or choose another "
+                        f"output) to start over; rerun with the earlier settings to resume.")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        self.check_resumable(pl_module)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         shard = self.shard_path(trainer.global_rank)
         _drop_partial_tail(shard)
         pl_module.skip_keys = self.done_keys()
+        pl_module.num_skipped = 0
+        if pl_module.skip_keys:
+            rank_zero_info(f"[ShardedJsonlWriter] {self.output}: {len(pl_module.skip_keys)} rows already written "
+                           f"(same settings); their {self.key}s are skipped")
         self._handle = open(shard, "a", encoding="utf-8")
         self.rows_written = 0
 
@@ -101,6 +126,11 @@ class ShardedJsonlWriter(BasePredictionWriter):
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        counts = torch.tensor([float(getattr(pl_module, "num_skipped", 0)), float(self.rows_written)],
+                              device=pl_module.device)
+        skipped, written = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        rank_zero_info(f"[ShardedJsonlWriter] {self.output}: {written} rows written, {skipped} {self.key}s skipped "
+                       "(already written)")
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             self.merge(pl_module)

@@ -93,8 +93,10 @@ def _common_prefix_length(a: Sequence, b: Sequence) -> int:
     return length
 
 
-def pair_text(row: dict[str, Any], fields: PairFields = PairFields()) -> PairText:
-    """Prompt and responses of a valid row of any shape.
+def pair_text(row: dict[str, Any], fields: PairFields = PairFields(), origin: str | None = None,
+              index: int | None = None) -> PairText:
+    """Prompt and responses of a valid row of any shape; ``origin`` and ``index`` (the row's file and
+    number) go into the error for a row it cannot read.
 
     An implicit prompt is the part both sides share: the common leading messages of two conversations, or
     for two strings their common prefix cut back to the last whitespace (so no half word becomes prompt).
@@ -113,8 +115,11 @@ def pair_text(row: dict[str, Any], fields: PairFields = PairFields()) -> PairTex
         while shared > 0 and not chosen[shared - 1].isspace():
             shared -= 1
         return PairText(chosen[:shared].strip(), chosen[shared:], rejected[shared:])
+    problem = "missing: the row mixes a message list and a string, so it needs an explicit prompt"
+    if origin is not None and index is not None:
+        raise row_error(origin, index, fields.prompt, problem)
     raise DataError(f"row mixes a message list and a string without a '{fields.prompt}' column",
-                    reason="mixed shapes")
+                    reason=f"{fields.prompt}: {problem}")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -124,6 +129,17 @@ def normalize_whitespace(text: str) -> str:
 def row_source(row: dict[str, Any], fields: PairFields = PairFields()) -> str:
     value = row.get(fields.source)
     return UNKNOWN_SOURCE if value is None or value == "" else str(value)
+
+
+def check_sources_exist(names: Sequence[str], setting: str, rows: list[dict[str, Any]], fields: PairFields,
+                        origin: str) -> None:
+    """Raise a ``DataError`` if any of ``names`` (the sources a stage's ``setting`` names) is the source of
+    no row: a misspelt source would otherwise match nothing and the stage would do nothing, silently."""
+    present = sorted({row_source(row, fields) for row in rows})
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise DataError(f"{origin}: {setting} {unknown}: no row has these in its '{fields.source}' column "
+                        f"(sources present: {present})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,6 +248,11 @@ class CurationStep:
     def params(self) -> dict[str, Any]:
         return {key: value for key, value in vars(self).items() if not key.startswith("_")}
 
+    def check(self, rows: list[dict[str, Any]], fields: PairFields, origin: str) -> None:
+        """Raise a ``DataError`` for a setting that does not fit the data (e.g. a source no row has).
+        ``run_pipeline`` checks every stage against its input before the first stage runs, so a bad
+        setting costs no stage's work; alone, ``apply_step`` checks the stage's own input."""
+
     def apply(self, rows: list[dict[str, Any]], fields: PairFields, origin: str) -> StepResult:
         raise NotImplementedError
 
@@ -242,7 +263,7 @@ class CurationStep:
             if problem is not None:
                 raise DataError(f"{problem} (stage '{self.name}' needs valid pairs: run DropInvalid first)",
                                 reason=problem.reason)
-            texts.append(pair_text(row, fields))
+            texts.append(pair_text(row, fields, origin, index))
         return texts
 
 
@@ -300,15 +321,18 @@ class Decontaminate(CurationStep):
     """Drops pairs whose prompt shares a run of ``ngram`` words with any evaluation prompt.
 
     Evaluation prompts come from files (``eval_files``: JSONL/JSON/Parquet) and/or a hub dataset
-    (``eval_dataset``, ``eval_split``), from the ``eval_prompt_field`` column, or, for rows without it,
-    from the implicit prompt of their chosen/rejected pair. ``ngram=8`` matches the paper's "more than
-    7-gram" rule. An empty evaluation set is an error: decontaminating against nothing would pass silently.
+    (``eval_dataset``, ``eval_split``). By default (``eval_prompt_field`` unset) a row's prompt is its
+    ``prompt`` column or, for a row without one, the implicit prompt of its chosen/rejected pair. A column
+    named in ``eval_prompt_field`` is used alone: every row must have it, and a file where no row has it is
+    an error naming the file and the column (else a misspelt name would decontaminate against the
+    responses' shared text). ``ngram=8`` matches the paper's "more than 7-gram" rule. An empty evaluation
+    set is an error: decontaminating against nothing would pass silently.
     """
 
     name = "decontaminate"
 
     def __init__(self, eval_files: list[str] | None = None, eval_dataset: str | None = None,
-                 eval_split: str = "filtered", eval_prompt_field: str = "prompt", ngram: int = 8,
+                 eval_split: str = "filtered", eval_prompt_field: str | None = None, ngram: int = 8,
                  match_short_prompts: bool = True):
         if ngram < 1:
             raise ValueError(f"ngram must be at least 1, got {ngram}")
@@ -324,19 +348,31 @@ class Decontaminate(CurationStep):
         if not sources:
             raise DataError("Decontaminate needs an evaluation set: set eval_files or eval_dataset")
         prompts = []
-        fields = PairFields(prompt=self.eval_prompt_field)
+        explicit = self.eval_prompt_field is not None  # a named column: no fallback to chosen/rejected
+        field = self.eval_prompt_field or "prompt"
+        fields = PairFields(prompt=field)
         for origin, rows in sources:
             if not rows:
                 raise DataError(f"{origin}: the evaluation set is empty; nothing to decontaminate against")
+            if explicit and not any(field in row for row in rows):
+                columns = sorted({key for row in rows for key in row})
+                raise DataError(f"{origin}: no row has the column {field!r} that eval_prompt_field names "
+                                f"(columns: {columns})")
             for index, row in enumerate(rows):
-                value = row.get(self.eval_prompt_field)
-                if value is None and "chosen" in row and "rejected" in row:
-                    value = pair_text(row, fields).prompt
+                value = row.get(field)
+                if value is None and not explicit and "chosen" in row and "rejected" in row:
+                    value = pair_text(row, fields, origin, index).prompt
+                if value is None:
+                    raise row_error(origin, index, field, "missing (eval_prompt_field names it)" if explicit else
+                                    "missing: an evaluation row needs a prompt or a chosen/rejected pair")
                 if isinstance(value, list):
+                    if not all(isinstance(turn, dict) and isinstance(turn.get("content"), str) for turn in value):
+                        raise row_error(origin, index, field, "expected a message list of {'role', 'content'} "
+                                                              "turns with string content")
                     value = _contents(value)
                 if not isinstance(value, str):
-                    raise row_error(origin, index, self.eval_prompt_field,
-                                    "missing: an evaluation row needs a prompt or a chosen/rejected pair")
+                    raise row_error(origin, index, field,
+                                    f"expected a string or a message list, got {type(value).__name__}")
                 prompts.append(value)
         return prompts
 
@@ -344,6 +380,9 @@ class Decontaminate(CurationStep):
         if self._index is None:
             self._index = NgramIndex(self.eval_prompts(), self.ngram, self.match_short_prompts)
         return self._index
+
+    def check(self, rows, fields, origin):
+        self.index()  # read the evaluation set now: its errors then cost no stage's work
 
     def params(self) -> dict[str, Any]:
         return {"eval_files": self.eval_files, "eval_dataset": self.eval_dataset, "eval_split": self.eval_split,
@@ -372,8 +411,11 @@ class Decontaminate(CurationStep):
 def _score(row: dict[str, Any], column: str, index: int, origin: str) -> float:
     value = row.get(column)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise row_error(origin, index, column, f"expected a finite score, got {value!r} (run the scoring stage "
-                                               f"first: configs/curation/score.yaml)")
+        if column not in row:  # no score column: the scores were never attached (or another prefix was)
+            hint = "the row has no such column: run the scoring stage first (configs/curation/score.yaml) or check score_prefix"
+        else:  # the column is there, so the bad value is in the data as given
+            hint = "the value is in the rows as given: fix or drop the row, or score the file again"
+        raise row_error(origin, index, column, f"expected a finite score, got {value!r} ({hint})")
     return float(value)
 
 
@@ -399,6 +441,10 @@ class ConsistencyFilter(CurationStep):
         self.score_prefix = score_prefix
         self.category_field = category_field
         self.categories = None if categories is None else list(categories)
+
+    def check(self, rows, fields, origin):
+        if self.sources is not None:
+            check_sources_exist(self.sources, "ConsistencyFilter sources", rows, fields, origin)
 
     def apply(self, rows, fields, origin):
         chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
@@ -427,8 +473,12 @@ class ConsistencyFilter(CurationStep):
             raise DataError(f"{origin}: no row of the checked sources has the category column "
                             f"{self.category_field!r} of the consistency filter")
         accuracy = {source: correct[source] / checked[source] for source in sorted(checked)}
+        # in a pipeline a listed source can be gone by now (earlier stages removed all its pairs): reported
+        present = {row_source(row, fields) for row in rows}
+        absent = [source for source in self.sources or () if source not in present]
         return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items())),
-                                          "rows_without_category_column": without_category})
+                                          "rows_without_category_column": without_category,
+                                          "listed_sources_without_rows": absent})
 
 
 class SelectByScore(CurationStep):
@@ -469,6 +519,9 @@ class SelectByScore(CurationStep):
         self.score_prefix = score_prefix
         self.prompt_score = prompt_score
         self.report_field = report_field
+
+    def check(self, rows, fields, origin):
+        check_sources_exist(list(self.source_offsets), "SelectByScore source_offsets", rows, fields, origin)
 
     def _pair_score(self, row: dict[str, Any], index: int, origin: str) -> float:
         chosen = _score(row, f"{self.score_prefix}_chosen", index, origin)
@@ -590,6 +643,29 @@ def attach_scores(rows: list[dict[str, Any]], scores: dict[int, tuple[float, flo
 # ----------------------------------------------------------------------------------------------------
 # Running stages on files
 
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # what write_rows writes
+
+
+def check_output_path(path: str | Path, what: str, row_file: bool = True) -> Path:
+    """Raise a ``ValueError`` naming ``what`` (e.g. ``output_file``) and ``path`` now if writing ``path``
+    later would fail: a folder already there, a file where one of its folders should be, no write
+    permission, or (``row_file``) a suffix ``write_rows`` cannot write. Called before the work, so a bad
+    path costs none of it; creates nothing."""
+    path = Path(path)
+    if row_file and path.suffix not in ROW_SUFFIXES:
+        raise ValueError(f"{what} {path}: write .jsonl, .json or .parquet, not {path.suffix or 'no suffix'!r}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    ancestor = path.parent  # the nearest folder on the way that already exists
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {path}: {ancestor} is a file, not a folder" if ancestor == path.parent else
+                         f"{what} {path}: {ancestor} is a file, so the folder {path.parent} cannot be created")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: no permission to write in {ancestor}")
+    return path
+
 
 def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write rows as JSONL (``.jsonl``), a JSON array (``.json``) or Parquet (``.parquet``), atomically."""
@@ -649,46 +725,135 @@ def step_report(step: CurationStep, rows: list[dict[str, Any]], result: StepResu
             "by_source": dict(sorted(by_source.items())), "details": result.details}
 
 
-def apply_step(step: CurationStep, rows: list[dict[str, Any]], fields: PairFields = PairFields(),
-               origin: str = "<rows>") -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows a stage keeps (in input order) and its report."""
+def _apply(step: CurationStep, rows: list[dict[str, Any]], fields: PairFields,
+           origin: str) -> tuple[list[int], dict[str, Any]]:
+    """The indices of the rows a stage keeps (in input order) and its report."""
     result = step.apply(rows, fields, origin)
     report = step_report(step, rows, result, fields)
-    return [rows[index] for index in sorted(result.kept)], report
+    return sorted(result.kept), report
+
+
+def apply_step(step: CurationStep, rows: list[dict[str, Any]], fields: PairFields = PairFields(),
+               origin: str = "<rows>") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows a stage keeps (in input order) and its report; the stage's settings are checked against
+    ``rows`` first (``CurationStep.check``)."""
+    step.check(rows, fields, origin)
+    kept, report = _apply(step, rows, fields, origin)
+    return [rows[index] for index in kept], report
 
 
 def run_step(step: CurationStep, input_file: str, output_file: str, report_file: str | None = None,
              fields: PairFields = PairFields()) -> dict[str, Any]:
-    """One stage, file to file: writes the kept rows and ``report_file`` (default ``<output>.report.json``)."""
+    """One stage, file to file: writes the kept rows and ``report_file`` (default ``<output>.report.json``).
+    The old report goes before the new rows are written, so a run killed in between leaves no report that
+    describes other rows."""
+    report_path = Path(report_file or f"{output_file}.report.json")
+    check_output_path(output_file, "output_file")
+    check_output_path(report_path, "report_file", row_file=False)
     rows = read_rows(input_file)
     kept, report = apply_step(step, rows, fields, input_file)
+    report_path.unlink(missing_ok=True)
     write_rows(output_file, kept)
     report.update(input_file=str(input_file), output_file=str(output_file))
-    write_json(report_file or f"{output_file}.report.json", report)
+    write_json(report_path, report)
     return report
+
+
+# The names run_pipeline writes into its output folder (with the ``.tmp<pid>`` files of an interrupted
+# write_rows/write_json): NN_<stage><suffix>, NN_<stage>.report.json, curated<suffix>, report.json.
+PIPELINE_FILE = re.compile(r"(?:\d{2,}_\w+(?:\.report\.json|\.jsonl|\.json|\.parquet)|curated\.(?:jsonl|json|parquet)"
+                           r"|report\.json)(?:\.tmp\d+)?")
+
+
+def clear_pipeline_outputs(output_dir: str | Path) -> list[Path]:
+    """Delete the files an earlier ``run_pipeline`` wrote into ``output_dir`` (names of ``PIPELINE_FILE``
+    only; other files stay). ``report.json`` goes first and then ``curated.*``, so even a run killed while
+    deleting leaves no report that looks complete."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if PIPELINE_FILE.fullmatch(path.name) and path.is_file()]
+    found.sort(key=lambda path: (path.name != "report.json", not path.name.startswith("curated."), path.name))
+    for path in found:
+        path.unlink()
+    return found
+
+
+def read_curation_report(output_dir: str | Path, input_file: str | None = None) -> dict[str, Any]:
+    """``report.json`` of the last ``run_pipeline`` into ``output_dir``, with a ``DataError`` unless that
+    run finished (and, given ``input_file``, curated that file): see ``run_pipeline``."""
+    report_path = Path(output_dir) / "report.json"
+    if not report_path.is_file():
+        raise DataError(f"{report_path} is missing: no curation run into {output_dir} has finished (the last one "
+                        f"failed or was killed, and its stage files there may be partial; or none ran). Curate "
+                        f"again: python cli.py fit ..., or python datamodules/curation.py --config ...")
+    summary = json.loads(report_path.read_text(encoding="utf-8"))
+    if not Path(summary["output_file"]).is_file():
+        raise DataError(f"{report_path}: the curated file it reports, {summary['output_file']}, is missing; curate again")
+    if input_file is not None and Path(summary["input_file"]).resolve() != Path(input_file).resolve():
+        raise DataError(f"{report_path} reports a curation of {summary['input_file']}, not of {input_file}; "
+                        f"curate again")
+    return summary
+
+
+def _name_input_row(error: DataError, stage_file: str, input_rows: list[int], input_file: str,
+                    after: str) -> DataError:
+    """``error`` of a stage that read ``stage_file`` (rows numbered after the earlier stages' removals),
+    reworded to lead with the row of ``input_file`` it came from: the row a user can find and fix."""
+    message = str(error)
+    match = re.match(re.escape(f"{stage_file}: row ") + r"(\d+)", message)
+    if match and int(match.group(1)) < len(input_rows):
+        row = int(match.group(1))
+        message = (f"{input_file}: row {input_rows[row]} (row {row} of {stage_file}, {after})"
+                   + message[match.end():])
+    elif stage_file in message:
+        message += f" ({stage_file} is {after}; its rows are numbered after the earlier stages' removals)"
+    return DataError(message, reason=error.reason)
 
 
 def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep],
                  fields: PairFields = PairFields(), output_suffix: str | None = None) -> dict[str, Any]:
     """Stages in order; stage i writes ``NN_<name><suffix>`` and ``NN_<name>.report.json``, the last output
-    is also ``curated<suffix>``, and ``report.json`` holds every stage's report plus the totals."""
+    is also ``curated<suffix>``, and ``report.json`` holds every stage's report plus the totals.
+
+    A run replaces the previous one as a whole, so ``output_dir`` never mixes two runs: it first deletes
+    what an earlier run wrote there (``clear_pipeline_outputs``: the names above, nothing else) and writes
+    ``report.json`` last. So ``report.json`` exists only once a run has finished, and then every file it
+    names is from that run; a run that fails or is killed leaves no ``report.json`` and no ``curated.*``
+    (readers check with ``read_curation_report``). Before the first stage runs, the output path and every
+    stage's settings are checked against the input (``CurationStep.check``). An error in a later stage
+    names the row of ``input_file``, besides the row of the stage file it read.
+    """
     if not steps:
         raise ValueError("no curation steps given")
     out = Path(output_dir)
     suffix = output_suffix or Path(input_file).suffix or ".jsonl"
+    check_output_path(out / f"curated{suffix}", "curation output")
+    clear_pipeline_outputs(out)
     rows = read_rows(input_file)
     if not rows:
         raise DataError(f"{input_file}: no rows to curate")
     origin = str(input_file)
+    for step in steps:
+        step.check(rows, fields, origin)
     reports = []
     initial_sources = Counter(row_source(row, fields) for row in rows)
+    input_rows = list(range(len(rows)))  # each current row's number in input_file
     for number, step in enumerate(steps, start=1):
         stem = f"{number:02d}_{step.name}"
-        kept, report = apply_step(step, rows, fields, origin)
+        try:
+            kept_indices, report = _apply(step, rows, fields, origin)
+        except DataError as error:
+            if number == 1:
+                raise
+            raise _name_input_row(error, origin, input_rows, str(input_file),
+                                  f"the output of stage {number - 1} '{steps[number - 2].name}'") from None
+        kept = [rows[index] for index in kept_indices]
         report.update(input_file=origin, output_file=str(write_rows(out / f"{stem}{suffix}", kept)))
         write_json(out / f"{stem}.report.json", report)
         reports.append(report)
         rows, origin = kept, report["output_file"]
+        input_rows = [input_rows[index] for index in kept_indices]
     final = write_rows(out / f"curated{suffix}", rows)
     summary = {
         "input_file": str(input_file), "output_file": str(final), "input_rows": sum(initial_sources.values()),
@@ -696,7 +861,7 @@ def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep]
         "sources": {source: {"input": count, "output": sum(1 for row in rows if row_source(row, fields) == source)}
                     for source, count in sorted(initial_sources.items())},
     }
-    write_json(out / "report.json", summary)
+    write_json(out / "report.json", summary)  # last: its presence marks a finished run
     return summary
 
 
@@ -728,8 +893,10 @@ class CuratedPreferenceData(PreferenceData):
 
     ``prepare_data`` (one process per node) runs ``curation_steps`` on ``train_file`` and writes every
     stage's output and report under ``curation_dir``; training then reads ``curation_dir/curated.*``. The
-    curation report goes into the run's ``summary.json`` (``data_report['curation']``). To curate without
-    training: ``python datamodules/curation.py --config <this config>``.
+    curation report goes into the run's ``summary.json`` (``data_report['curation']``). ``setup``, on every
+    rank, refuses a ``curation_dir`` whose last run did not finish or curated another file
+    (``read_curation_report``). To curate without training: ``python datamodules/curation.py --config
+    <this config>``.
     """
 
     def __init__(self, curation_steps: list[CurationStep] | None = None, curation_dir: str = "runs/curation/curated",
@@ -757,13 +924,14 @@ class CuratedPreferenceData(PreferenceData):
 
     def setup(self, stage: str) -> None:
         if self.curation_steps and self.raw_train_file:
-            if not self.curated_file().exists():
-                raise DataError(f"{self.curated_file()} is missing: prepare_data did not curate (run fit through "
-                                f"cli.py, or python datamodules/curation.py --config ...)")
+            # every rank checks the files on disk (ranks other than the curating one have no summary in memory)
+            summary = read_curation_report(self.curation_dir, self.raw_train_file)
+            if Path(summary["output_file"]).resolve() != self.curated_file().resolve():
+                raise DataError(f"{Path(self.curation_dir) / 'report.json'} reports the curated file "
+                                f"{summary['output_file']}, not {self.curated_file()}; curate again")
             self.files["train"] = str(self.curated_file())
-            report_path = Path(self.curation_dir) / "report.json"
-            if self.curation_summary is None and report_path.exists():
-                self.curation_summary = json.loads(report_path.read_text())
+            if self.curation_summary is None:
+                self.curation_summary = summary
         super().setup(stage)
 
     @property

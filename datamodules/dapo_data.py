@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -236,10 +237,28 @@ def _field(row: dict, source: str, index: int, name: str, kind: type | tuple[typ
     return value
 
 
+def _check_unique(first_rows: dict[str, int], key: str, source: str, index: int, name: str) -> None:
+    """Raise when ``key`` was already seen: later stages key their output rows by it, so one would be lost."""
+    first = first_rows.setdefault(key, index)
+    if first != index:
+        raise row_error(source, index, name, f"'{key}' is also the {name} of row {first}")
+
+
+def _count(row: dict, source: str, index: int, name: str, where: str, low: int,
+           high: tuple[str, int] | None = None) -> int:
+    """An int field at least ``low`` and, with ``high = (name, value)``, at most that other field's value."""
+    value = _field(row, source, index, name, int, where)
+    if value < low or (high is not None and value > high[1]):
+        allowed = f"in [{low}, {high[0]}={high[1]}]" if high is not None else f"at least {low}"
+        raise row_error(source, index, f"{where}.{name}", f"must be {allowed}, got {value}")
+    return value
+
+
 def validate_rollout_row(row: dict, source: str, index: int) -> dict:
     """Check the columns the later stages read; raise ``DataError`` naming the file, row and field."""
     _field(row, source, index, "problem_id", str)
-    _field(row, source, index, "prompt_text", str)
+    if not _field(row, source, index, "prompt_text", str).strip():
+        raise row_error(source, index, "prompt_text", "empty")
     states = _field(row, source, index, "states", list)
     for s, state in enumerate(states):
         where = f"states[{s}]"
@@ -247,31 +266,74 @@ def validate_rollout_row(row: dict, source: str, index: int) -> dict:
             raise row_error(source, index, where, f"expected an object, got {type(state).__name__}")
         _field(state, source, index, "prefix", str, where)
         mc_value = _field(state, source, index, "mc_value", float, where)
-        num_completions = _field(state, source, index, "num_completions", int, where)
-        _field(state, source, index, "num_correct", int, where)
+        num_completions = _count(state, source, index, "num_completions", where, 1)
+        num_correct = _count(state, source, index, "num_correct", where, 0, ("num_completions", num_completions))
         candidates = _field(state, source, index, "candidates", list, where)
-        if not 0.0 <= mc_value <= 1.0:
-            raise row_error(source, index, f"{where}.mc_value", f"must be in [0, 1], got {mc_value}")
-        if num_completions <= 0:
-            raise row_error(source, index, f"{where}.num_completions", "must be positive")
+        # the critic's target and its AUROC labels (num_correct of num_completions) must tell the same story
+        if not abs(mc_value - num_correct / num_completions) <= 1e-6:
+            raise row_error(source, index, f"{where}.mc_value", f"{mc_value} is not num_correct / num_completions "
+                                                                 f"= {num_correct}/{num_completions}")
+        if not candidates:
+            raise row_error(source, index, f"{where}.candidates", "empty (every completion starts with a step)")
         for c, candidate in enumerate(candidates):
             cwhere = f"{where}.candidates[{c}]"
             if not isinstance(candidate, dict):
                 raise row_error(source, index, cwhere, f"expected an object, got {type(candidate).__name__}")
             _field(candidate, source, index, "action", str, cwhere)
             _field(candidate, source, index, "terminal", bool, cwhere)
-            _field(candidate, source, index, "count", int, cwhere)
-            _field(candidate, source, index, "num_correct", int, cwhere)
+            count = _count(candidate, source, index, "count", cwhere, 1)
+            _count(candidate, source, index, "num_correct", cwhere, 0, ("count", count))
+            if candidate.get("truncated") is not None:
+                _count(candidate, source, index, "truncated", cwhere, 0, ("count", count))
     return row
 
 
 def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
     source = str(path)
-    return [validate_rollout_row(row, source, index) for index, row in enumerate(read_jsonl(path))]
+    rows, first_rows = read_jsonl(path), {}
+    for index, row in enumerate(rows):
+        validate_rollout_row(row, source, index)
+        _check_unique(first_rows, row["problem_id"], source, index, "problem_id")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 1 and 5: problems
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?\d+")
+
+
+def checked_reference(task_kind: str, value: Any, source: str, index: int, field_name: str) -> Any:
+    """The gold answer as ``verifiers.reward`` expects it for ``task_kind`` (an arithmetic answer as an int).
+
+    Checked when the problems are loaded: otherwise a bad answer is coerced (3.7 -> 3, true -> 1) or fails
+    inside the reward, after the batch's generation was spent, naming no file or row.
+    """
+    def bad(rule: str) -> DataError:
+        error = row_error(source, index, field_name, f"{rule}, got {value!r:.80}")
+        error.reason = f"{field_name}: {rule}"  # dropped rows are counted by rule, not by value
+        return error
+
+    if task_kind == "arithmetic":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+            return int(value)
+        raise bad("an arithmetic answer must be an integer")
+    if task_kind == "math":
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return str(value)
+        raise bad("a math answer must be a non-empty string or a finite number")
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, dict) and all(isinstance(value.get(key), str) for key in ("prompt", "test", "entry_point")):
+        return value
+    raise bad("code tests must be a string of test code or an object with string 'prompt', 'test' and 'entry_point'")
 
 
 class DAPOProblems(TextDataModule):
@@ -287,7 +349,9 @@ class DAPOProblems(TextDataModule):
     ``test_file`` (``val_file``) the evaluation problems (JSON, JSONL or Parquet). ``row_format``: ``plain`` (``prompt_field`` + ``answer_field``, optional ``id_field``),
     ``math`` (MATH ``problem``/``solution`` with a boxed answer), ``gsm8k`` (``question``/``answer`` ending
     in "#### N"), ``humaneval`` (``task_id``, ``prompt``, ``test``, ``entry_point``; the response continues the
-    prompt). ``task_kind`` selects the answer check (``datamodules.verifiers.reward``).
+    prompt). ``task_kind`` selects the answer check (``datamodules.verifiers.reward``); the gold answer is checked
+    for it when loaded (``checked_reference``: an integer for ``arithmetic``), a bad one is an error or, with
+    ``invalid_rows='drop'``, dropped and counted.
 
     Batches: ``problem_id``, ``prompt``, ``prompt_text``, ``prompt_ids`` (lists, unpadded), ``reference``,
     ``task_kind``.
@@ -311,6 +375,7 @@ class DAPOProblems(TextDataModule):
             raise ValueError(f"row_format must be one of {self.ROW_FORMATS}, got {row_format!r}")
         self.task_kind, self.row_format = task_kind, row_format
         self.prompt_field, self.answer_field, self.id_field = prompt_field, answer_field, id_field
+        self._first_row_of_id: dict[str, dict[str, int]] = {}  # source -> problem_id -> first row
         self.use_chat_template = use_chat_template
         self.sizes = {"train": train_size, "val": val_size, "test": test_size, "rollout": rollout_offset + rollout_size}
         self.rollout_offset = rollout_offset
@@ -363,8 +428,12 @@ class DAPOProblems(TextDataModule):
                 reference = row[self.answer_field]
         except verifiers.RowFormatError as error:
             raise DataError(f"{source}: {error}", reason=str(error).split(": ", 1)[-1]) from None
+        answer_field = {"plain": self.answer_field, "math": "solution", "gsm8k": "answer", "humaneval": "test"}
+        reference = checked_reference(self.task_kind, reference, source, index, answer_field[self.row_format])
         problem_id = row.get(self.id_field) if self.row_format != "humaneval" else row.get("task_id")
         problem_id = str(problem_id) if problem_id is not None else f"{Path(source).name}:{index}"
+        _check_unique(self._first_row_of_id.setdefault(source, {}), problem_id, source, index,
+                      "task_id" if self.row_format == "humaneval" else self.id_field)
         prompt_text = prompt_text_for(self.tokenizer, prompt, self.use_chat_template and self.row_format != "humaneval")
         prompt_ids = encode_text(self.tokenizer, prompt_text)
         if len(prompt_ids) > self.max_length:
@@ -382,10 +451,6 @@ class DAPOProblems(TextDataModule):
             loaded = self.load_split(split)
             if loaded is None:
                 raise DataError(f"no problems for '{stage}': set {'train_file' if split == 'predict' else split + '_file'}")
-            ids = [item["problem_id"] for item in loaded]
-            if len(set(ids)) != len(ids):
-                duplicate = next(i for i in ids if ids.count(i) > 1)
-                raise DataError(f"problem ids must be unique; '{duplicate}' appears more than once ({split} split)")
             self.datasets[split] = loaded
         rank_zero_info(f"[DAPOProblems] rows: {self.report.rows}; dropped: {self.report.dropped}")
 
@@ -625,10 +690,22 @@ class ActorData(_StatesData):
     def encode_state_row(self, row: dict, split: str, source: str, index: int) -> dict | None:
         for name, kind in (("state_id", str), ("prompt_text", str), ("prefix", str), ("candidates", list)):
             _field(row, source, index, name, kind)
+        kept = _field(row, source, index, "kept", bool)
+        gap = _field(row, source, index, "gap", float)
+        if not math.isfinite(gap) or gap < 0:
+            raise row_error(source, index, "gap", f"expected a finite number >= 0, got {gap}")
         for c, candidate in enumerate(row["candidates"]):
-            _field(candidate, source, index, "action", str, f"candidates[{c}]")
-        if not row.get("kept", False) or float(row.get("gap", 0.0)) < self.min_gap:
+            where = f"candidates[{c}]"
+            if not isinstance(candidate, dict):
+                raise row_error(source, index, where, f"expected an object, got {type(candidate).__name__}")
+            _field(candidate, source, index, "action", str, where)
+            if candidate.get("terminal") is not None:  # absent: not terminal (hand-written files omit it)
+                _field(candidate, source, index, "terminal", bool, where)
+        if gap < self.min_gap:
             self.report.drop(split, f"advantage gap below {self.min_gap}")
+            return None
+        if not kept:  # e.g. a single candidate, or stage 3 ran with a higher min_gap
+            self.report.drop(split, "kept is false in the advantage file")
             return None
         state_ids = encode_state(self.tokenizer, row["prompt_text"], row["prefix"])
         candidates = []
@@ -638,6 +715,9 @@ class ActorData(_StatesData):
                 value = candidate.get(name)
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                     raise row_error(source, index, f"{where}.{name}", f"expected a finite number, got {value!r}")
+            if candidate["ref_logprob"] > 0:  # a summed log-probability cannot exceed 0
+                raise row_error(source, index, f"{where}.ref_logprob",
+                                f"{candidate['ref_logprob']!r} > 0 is not a log-probability")
             terminal = bool(candidate.get("terminal"))
             if not candidate["action"] and not terminal:
                 raise row_error(source, index, f"{where}.action", "empty non-terminal action")
@@ -662,8 +742,11 @@ class ActorData(_StatesData):
         self.resolve_tokenizer()
         rows = read_jsonl(self.data_file)
         self.datasets = {"train": [], "val": []}
+        first_rows: dict[str, int] = {}
         for index, row in enumerate(rows):
-            split = self.split_of(str(row.get("problem_id", row.get("state_id", index))))
+            state_id = _field(row, self.data_file, index, "state_id", str)
+            _check_unique(first_rows, state_id, self.data_file, index, "state_id")
+            split = self.split_of(str(row.get("problem_id", state_id)))
             state = self.encode_state_row(row, split, self.data_file, index)
             if state is not None:
                 self.datasets[split].append(state)

@@ -39,8 +39,9 @@ def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: st
 
     The one set of rules for a valid pair, used by ``PreferenceData`` before it tokenizes and by the
     curation step ``DropInvalid``: both sides present; a string non-empty; a message list of known roles
-    with non-empty content, ending with an assistant turn; chosen different from rejected; ``prompt`` (if
-    present) a non-empty string or message list; ``margin`` a finite number; ``subset`` a string.
+    with non-empty content, ending with an assistant turn; a string and a message list only together with
+    a prompt; chosen different from rejected; ``prompt`` (if present) a non-empty string or message list;
+    ``margin`` a finite number; ``subset`` a string.
     """
     prompt = row.get(prompt_field)
     if prompt is not None:
@@ -58,6 +59,14 @@ def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: st
                 raise row_error(source, index, name, "the conversation must end with an assistant turn")
         else:
             validate_text(value, source, index, name)
+    # without a prompt, a string side carries its prompt inside the text and a message side in its turns:
+    # the two sides share no prompt, and curation could not tell what the prompt is
+    if prompt is None and isinstance(row[chosen_field], list) != isinstance(row[rejected_field], list):
+        list_side, text_side = ((chosen_field, rejected_field) if isinstance(row[chosen_field], list)
+                                else (rejected_field, chosen_field))
+        raise row_error(source, index, prompt_field,
+                        f"missing: '{list_side}' is a message list and '{text_side}' a string; "
+                        f"a pair that mixes the two needs a '{prompt_field}' column")
     if row[chosen_field] == row[rejected_field]:
         raise row_error(source, index, rejected_field, "identical to chosen")
     if _turns(row[chosen_field]) == _turns(row[rejected_field]):  # e.g. "4" and [{"role": "assistant", "content": "4"}]

@@ -392,7 +392,8 @@ class DAPORollouts(DAPOPolicy):
     ``max_new_tokens`` bounds a response, ``completion_max_new_tokens`` a completion (default: the same).
 
     Rows are written by ``callbacks.rollout_writer.ShardedJsonlWriter``, which sets ``skip_keys`` to the
-    problem ids already written so a restart skips them.
+    problem ids already written so a restart skips them; rows written with another policy, ``n1`` or ``m``
+    (``resume_mismatch``) make it refuse the run instead.
     """
 
     def __init__(self, n1: int = 16, n: int = 4, m: int = 8, temperature: float = 1.0, top_p: float = 1.0,
@@ -407,12 +408,25 @@ class DAPORollouts(DAPOPolicy):
         self.max_step_chars, self.seed = max_step_chars, seed
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.skip_keys: set[str] = set()
+        self.num_skipped = 0
+
+    def resume_mismatch(self, row: dict[str, Any]) -> tuple[str, Any, Any] | None:
+        """(field, recorded, this run's) for the first setting recorded in an existing row that differs."""
+        for name, expected in (("policy", self.model_name_or_path), ("num_samples", self.n1)):
+            if row.get(name) != expected:
+                return name, row.get(name), expected
+        for s, state in enumerate(row.get("states") or []):
+            recorded = state.get("num_completions") if isinstance(state, dict) else None
+            if recorded != self.m:
+                return f"states[{s}].num_completions", recorded, self.m
+        return None
 
     def on_predict_epoch_start(self) -> None:
         self.model.eval()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         todo = [i for i, key in enumerate(batch["problem_id"]) if key not in self.skip_keys]
+        self.num_skipped += len(batch["problem_id"]) - len(todo)
         if not todo:
             return []
         generator = torch.Generator(device=self.device).manual_seed(
@@ -604,6 +618,18 @@ class DAPOAdvantages(pl.LightningModule):
         lm.ensure_distinct_pad_token(self.critic_tokenizer)
         self.critic_model = self.reference_model = None
         self.skip_keys: set[str] = set()
+        self.num_skipped = 0
+
+    def resume_mismatch(self, row: dict[str, Any]) -> tuple[str, Any, Any] | None:
+        """(field, recorded, this run's) for the first model or Q estimator of an existing row that differs."""
+        for name, expected in (("critic", self.critic_path), ("reference_policy", self.reference_path)):
+            if row.get(name) != expected:
+                return name, row.get(name), expected
+        for c, candidate in enumerate(row.get("candidates") or []):
+            recorded = candidate.get("q_source") if isinstance(candidate, dict) else None
+            if recorded not in ("reward", self.q_estimator):  # q_source names the estimator, or exact reward
+                return f"candidates[{c}].q_source", recorded, self.q_estimator
+        return None
 
     def on_predict_start(self) -> None:
         refuse_sharded_generation(self)
@@ -643,6 +669,7 @@ class DAPOAdvantages(pl.LightningModule):
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         states = [s for s in batch if s["state_id"] not in self.skip_keys]
+        self.num_skipped += len(batch) - len(states)
         if not states:
             return []
         use_critic = self.q_estimator == "critic"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from datamodules.curation import PairFields, attach_scores, read_score_shards, write_json, write_rows
+from datamodules.curation import PairFields, attach_scores, check_output_path, read_score_shards, write_json, write_rows
 from modules.reward import RewardModel
 
 
@@ -37,7 +37,8 @@ class RewardScorer(RewardModel):
                  report_file: str | None = None, checkpoint: str | None = None, **kwargs):
         """``output_file`` (.jsonl/.json/.parquet) gets the scored rows, ``report_file`` (default
         ``<output_file>.report.json``) the report. ``checkpoint``: a Lightning checkpoint of a reward model
-        of ours, whose backbone name (``model``) replaces the configured one. Other arguments: ``RewardModel``."""
+        of ours, whose backbone name (``model``) replaces the configured one. Other arguments: ``RewardModel``.
+        Both output paths are checked in ``setup``, before the weights load and any pair is scored."""
         if checkpoint is not None:
             trained_from = checkpoint_hparams(checkpoint).get("model")
             if trained_from is None:
@@ -50,6 +51,12 @@ class RewardScorer(RewardModel):
         self.output_file, self.score_prefix = output_file, score_prefix
         self.report_file = report_file or f"{output_file}.report.json"
         self._scores: list[torch.Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        # here rather than in __init__, where the CLI's parser would bury the message in its own error
+        check_output_path(self.output_file, "output_file")
+        check_output_path(self.report_file, "report_file", row_file=False)
+        super().setup(stage)
 
     def configure_model(self) -> None:
         fresh = self.model is None

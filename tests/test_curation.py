@@ -460,3 +460,147 @@ def test_consistency_filter_checks_only_the_listed_categories():
     assert report["details"]["rows_without_category_column"] == 1
     with pytest.raises(DataError, match="no row of the checked sources has the category column 'tasks'"):
         apply_step(ConsistencyFilter(sources=["crowd"], category_field="tasks", categories=["arithmetic"]), rows)
+
+
+# -- bad input: errors name the file, row and field; no run leaves a folder that mixes two runs ----------
+
+def test_a_failed_run_leaves_no_curated_file_or_report_and_readers_say_so(tmp_path):
+    """A re-run first deletes the previous run's files and writes report.json last: a run that fails
+    leaves no curated.*/report.json beside its partial stage files, and every rank's setup refuses it."""
+    out = tmp_path / "cur"
+    good_steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)])]
+    run_pipeline(str(POOL), str(out), good_steps)
+    (out / "notes.txt").write_text("mine")  # not a pipeline file: stays
+
+    class Broken(Deduplicate):
+        name = "broken"
+
+        def apply(self, rows, fields, origin):
+            raise DataError(f"{origin}: the stage broke")
+
+    with pytest.raises(DataError, match="the stage broke"):
+        run_pipeline(str(POOL), str(out), [DropInvalid(), Broken()])
+    assert sorted(path.name for path in out.iterdir()) == ["01_drop_invalid.jsonl", "01_drop_invalid.report.json",
+                                                           "notes.txt"]
+    # a rank that did not curate (curation_summary None) reads the folder: it must see the run did not finish
+    rank1 = CuratedPreferenceData(train_file=str(POOL), curation_dir=str(out), tokenizer="tiny", curation_steps=good_steps)
+    with pytest.raises(DataError, match=r"cur/report.json is missing: no curation run into .* has finished"):
+        rank1.setup("fit")
+
+    run_pipeline(str(POOL), str(out), good_steps)
+    rank1.setup("fit")
+    assert rank1.data_report["curation"]["output_rows"] == 6 == len(rank1.datasets["train"])
+    other_input = tmp_path / "other.jsonl"
+    other_input.write_text(POOL.read_text())
+    with pytest.raises(DataError, match=r"report.json reports a curation of .*curation_pool.jsonl, not of .*other.jsonl"):
+        CuratedPreferenceData(train_file=str(other_input), curation_dir=str(out), tokenizer="tiny",
+                              curation_steps=good_steps).setup("fit")
+
+
+def test_pipeline_output_path_is_checked_before_any_work(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=r"taken/curated.jsonl: .*taken is a file, not a folder"):
+        run_pipeline(str(POOL), str(a_file), [DropInvalid()])
+    with pytest.raises(ValueError, match=r"write .jsonl, .json or .parquet, not '.csv'"):
+        run_pipeline(str(POOL), str(tmp_path / "out"), [DropInvalid()], output_suffix=".csv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_decontaminate_with_a_named_prompt_column_no_eval_row_has(valid_pool, tmp_path):
+    """A named eval_prompt_field is used alone: a misspelt one is an error naming the file and the column,
+    never a silent fall-back to the shared text of the chosen/rejected responses."""
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"question": "Compute 2+3.", "chosen": "It is 5", "rejected": "It is 6"}) + "\n")
+    with pytest.raises(DataError, match=r"eval.jsonl: no row has the column 'questoin' that eval_prompt_field names "
+                                        r"\(columns: \['chosen', 'question', 'rejected'\]\)"):
+        apply_step(Decontaminate(eval_files=[str(eval_file)], eval_prompt_field="questoin", ngram=2), valid_pool)
+    kept, report = apply_step(Decontaminate(eval_files=[str(eval_file)], eval_prompt_field="question", ngram=2), valid_pool)
+    assert "std-explicit" not in ids(kept)  # its prompt is "Compute 2+3."
+    # unset, the field is 'prompt' with the implicit prompt as fall-back: here "It is", which matches nothing
+    kept, _ = apply_step(Decontaminate(eval_files=[str(eval_file)], ngram=2), valid_pool)
+    assert "std-explicit" in ids(kept)
+    eval_file.write_text(json.dumps({"question": "Compute 2+3."}) + "\n" + json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"eval.jsonl: row 1, field 'question': missing \(eval_prompt_field names it\)"):
+        apply_step(Decontaminate(eval_files=[str(eval_file)], eval_prompt_field="question"), valid_pool)
+
+
+def test_sources_no_row_has_are_an_error_listing_the_sources_present(tmp_path):
+    rows = [scored("a", 2.0, 1.0, "crowd"), scored("b", 0.0, 1.0, "trusted")]
+    with pytest.raises(DataError, match=r"scored.jsonl: ConsistencyFilter sources \['crwod'\]: no row has these in its "
+                                        r"'source' column \(sources present: \['crowd', 'trusted'\]\)"):
+        apply_step(ConsistencyFilter(sources=["crowd", "crwod"]), rows, origin="scored.jsonl")
+    with pytest.raises(DataError, match=r"SelectByScore source_offsets \['synthtic'\]: no row has these .*"
+                                        r"\(sources present: \['crowd', 'trusted'\]\)"):
+        apply_step(SelectByScore(source_offsets={"crowd": -0.1, "synthtic": -0.1}), rows, origin="scored.jsonl")
+    # in a pipeline the check runs on the input before any stage: nothing is written
+    pool_file = write_rows(tmp_path / "scored.jsonl", rows)
+    with pytest.raises(DataError, match=r"ConsistencyFilter sources \['crwod'\]"):
+        run_pipeline(str(pool_file), str(tmp_path / "out"), [DropInvalid(), ConsistencyFilter(sources=["crwod"])])
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # a source an earlier stage removed entirely is no error there: the report lists it
+    rows.append({**rows[1], "source": "synthetic", "rejected": rows[1]["chosen"]})  # invalid: dropped at stage 1
+    pool_file = write_rows(tmp_path / "scored.jsonl", rows)
+    summary = run_pipeline(str(pool_file), str(tmp_path / "out"), [DropInvalid(), ConsistencyFilter(sources=["synthetic"])])
+    assert summary["steps"][1]["details"]["listed_sources_without_rows"] == ["synthetic"]
+
+
+def test_a_pair_mixing_a_message_list_and_a_string_needs_a_prompt_in_both_validators():
+    from datamodules.preference import PreferenceData
+    from modules.lm import load_tokenizer
+
+    row = {"chosen": [{"role": "user", "content": "Compute 2+2."}, {"role": "assistant", "content": "4"}],
+           "rejected": "Compute 2+2. 5"}
+    problem = pair_problem(row, 3, "pool.jsonl")
+    assert str(problem).startswith("pool.jsonl: row 3, field 'prompt': missing: 'chosen' is a message list and "
+                                   "'rejected' a string")
+    data = PreferenceData(tokenizer="tiny", max_length=512)
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError) as raised:
+        data.encode(row, "train", "pool.jsonl", 3)
+    assert str(raised.value) == str(problem)
+    kept, report = apply_step(DropInvalid(), [row], origin="pool.jsonl")
+    assert kept == [] and report["removed_rows"] == 1
+    assert pair_problem({**row, "prompt": "Compute 2+2."}, 3, "pool.jsonl") is None  # with a prompt it is fine
+    with pytest.raises(DataError, match=r"eval.jsonl: row 7, field 'prompt': missing: the row mixes a message list"):
+        pair_text(row, origin="eval.jsonl", index=7)
+
+
+def test_scoring_output_path_is_checked_before_scoring(tmp_path):
+    """setup (before the weights load and any pair is scored) refuses an output path that cannot be written."""
+    from modules.reward_scoring import RewardScorer
+
+    def setup_scorer(output_file, **kwargs):
+        RewardScorer(output_file=str(output_file), model="tiny", **kwargs).setup("predict")
+
+    a_file = tmp_path / "good.jsonl"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=r"output_file .*good.jsonl/scored.jsonl: .*good.jsonl is a file, not a folder"):
+        setup_scorer(a_file / "scored.jsonl")
+    with pytest.raises(ValueError, match=r"output_file .*sub/a/b.jsonl: .*good.jsonl is a file, so the folder"):
+        setup_scorer(a_file / "sub" / "a" / "b.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"output_file .*dir.jsonl is a folder"):
+        setup_scorer(tmp_path / "dir.jsonl")
+    with pytest.raises(ValueError, match=r"output_file .*scored.csv: write .jsonl, .json or .parquet"):
+        setup_scorer(tmp_path / "scored.csv")
+    with pytest.raises(ValueError, match=r"report_file .*dir.jsonl is a folder"):
+        setup_scorer(tmp_path / "new" / "scored.jsonl", report_file=str(tmp_path / "dir.jsonl"))
+    setup_scorer(tmp_path / "new" / "deeper" / "scored.jsonl")  # folders still to be made are fine
+    assert not (tmp_path / "new").exists()  # and the check creates nothing
+
+
+def test_a_later_stage_error_names_the_input_row_and_blames_the_scores_only_when_missing(tmp_path):
+    rows = [scored("a", 2.0, 1.0, "crowd"), {**scored("b", 1.0, 0.0, "crowd"), "rejected": "good answer"},
+            scored("c", 2.0, 1.0, "crowd"), scored("d", float("nan"), 1.0, "crowd")]
+    pool_file = write_rows(tmp_path / "pool.jsonl", rows)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as raised:
+        run_pipeline(str(pool_file), str(out), [DropInvalid(), ConsistencyFilter()])
+    message = str(raised.value)
+    assert message.startswith(f"{pool_file}: row 3 (row 2 of {out / '01_drop_invalid.jsonl'}, the output of stage 1 "
+                              f"'drop_invalid'), field 'score_chosen': expected a finite score, got nan")
+    assert "scoring stage" not in message  # the column is there: the NaN is in the data
+    with pytest.raises(DataError, match=r"pool.jsonl: row 0 .*field 'judge_chosen': expected a finite score, got None "
+                                        r"\(the row has no such column: run the scoring stage first"):
+        run_pipeline(str(pool_file), str(out), [DropInvalid(), ConsistencyFilter(score_prefix="judge")])

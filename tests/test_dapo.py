@@ -261,6 +261,92 @@ def test_bad_rollout_row_names_file_row_and_field(tmp_path):
         read_rollouts(text_file)
 
 
+def write_rows(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def rollout_row(problem_id: str = "a", num_correct: int = 1) -> dict:
+    return {"problem_id": problem_id, "prompt_text": "Q", "states": [
+        {"prefix": "", "mc_value": num_correct / 2, "num_completions": 2, "num_correct": num_correct,
+         "candidates": [{"action": "x\n", "terminal": False, "count": 2, "num_correct": num_correct}]}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(num_correct=99, mc_value=1.0),
+     r"field 'states\[0\].num_correct': must be in \[0, num_completions=2\], got 99"),
+    (lambda s: s.update(num_correct=-3), r"field 'states\[0\].num_correct': must be in \[0, num_completions=2\], got -3"),
+    (lambda s: s.update(mc_value=0.9), r"field 'states\[0\].mc_value': 0.9 is not num_correct / num_completions = 1/2"),
+    (lambda s: s.update(mc_value=float("nan")), r"field 'states\[0\].mc_value': nan is not"),
+    (lambda s: s["candidates"][0].update(count=0), r"field 'states\[0\].candidates\[0\].count': must be at least 1"),
+    (lambda s: s["candidates"][0].update(count=-5), r"field 'states\[0\].candidates\[0\].count': must be at least 1"),
+    (lambda s: s["candidates"][0].update(num_correct=3),
+     r"field 'states\[0\].candidates\[0\].num_correct': must be in \[0, count=2\], got 3"),
+    (lambda s: s.update(candidates=[]), r"field 'states\[0\].candidates': empty"),
+])
+def test_rollout_counts_must_be_possible_and_agree(tmp_path, change, message):
+    bad = rollout_row("b")
+    change(bad["states"][0])
+    path = write_rows(tmp_path / "rollouts.jsonl", [rollout_row("a"), bad])
+    with pytest.raises(DataError, match=r"rollouts.jsonl: row 1, " + message):
+        read_rollouts(path)
+
+
+def test_rollout_problem_ids_must_be_unique(tmp_path):
+    path = write_rows(tmp_path / "rollouts.jsonl", [rollout_row("a"), rollout_row("b"), rollout_row("a", 2)])
+    with pytest.raises(DataError, match=r"rollouts.jsonl: row 2, field 'problem_id': 'a' is also the problem_id of row 0"):
+        read_rollouts(path)
+
+
+def test_problem_answers_are_checked_when_loaded(tmp_path):
+    rows = [{"id": "ok-int", "prompt": "Compute 1+2.", "answer": 3},
+            {"id": "ok-text", "prompt": "Compute 1+2.", "answer": " -3 "},
+            {"id": "ok-float", "prompt": "Compute 1+2.", "answer": 3.0},
+            {"id": "fraction", "prompt": "Compute 1+2.", "answer": 3.7},
+            {"id": "bool", "prompt": "Compute 1+2.", "answer": True},
+            {"id": "text", "prompt": "Compute 1+2.", "answer": "abc"},
+            {"id": "list", "prompt": "Compute 1+2.", "answer": [3]}]
+    path = write_rows(tmp_path / "problems.jsonl", rows)
+    with pytest.raises(DataError, match=r"problems.jsonl: row 3, field 'answer': an arithmetic answer must be an "
+                                        r"integer, got 3.7"):
+        DAPOProblems(train_file=str(path), tokenizer="tiny").setup("predict")
+    problems = DAPOProblems(train_file=str(path), tokenizer="tiny", invalid_rows="drop")
+    problems.setup("predict")
+    assert [item["reference"] for item in problems.datasets["predict"]] == [3, -3, 3]  # what check_answer expects
+    assert problems.report.dropped["predict"] == {"answer: an arithmetic answer must be an integer": 4}
+    # a math answer is text; a number is accepted as its text, a list is not
+    math_rows = write_rows(tmp_path / "math.jsonl", [{"prompt": "p", "answer": 0.5}, {"prompt": "p", "answer": ["1"]}])
+    with pytest.raises(DataError, match=r"math.jsonl: row 1, field 'answer': a math answer must be"):
+        DAPOProblems(task_kind="math", train_file=str(math_rows), tokenizer="tiny").setup("predict")
+    twice = write_rows(tmp_path / "twice.jsonl", [rows[0], rows[1], {**rows[2], "id": "ok-int"}])
+    with pytest.raises(DataError, match=r"twice.jsonl: row 2, field 'id': 'ok-int' is also the id of row 0"):
+        DAPOProblems(train_file=str(twice), tokenizer="tiny").setup("predict")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(gap=None), r"field 'gap': missing"),
+    (lambda r: r.update(gap="big"), r"field 'gap': expected float, got str"),
+    (lambda r: r.update(gap=float("nan")), r"field 'gap': expected a finite number >= 0, got nan"),
+    (lambda r: r.pop("kept"), r"field 'kept': missing"),
+    (lambda r: r.update(kept="false"), r"field 'kept': expected bool, got str"),
+    (lambda r: r["candidates"].__setitem__(0, 5), r"field 'candidates\[0\]': expected an object, got int"),
+    (lambda r: r["candidates"][1].update(terminal="no"), r"field 'candidates\[1\].terminal': expected bool, got str"),
+    (lambda r: r.update(state_id="p0/0"), r"field 'state_id': 'p0/0' is also the state_id of row 0"),
+    (lambda r: r["candidates"][1].update(ref_logprob=0.5),
+     r"field 'candidates\[1\].ref_logprob': 0.5 > 0 is not a log-probability"),
+])
+def test_actor_data_checks_the_types_of_gap_kept_and_candidates(tmp_path, change, message):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([2, 2])
+    change(rows[1])
+    path = write_rows(tmp_path / "advantages.jsonl", rows)
+    data = ActorData(str(path), val_fraction=0.0)
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match=r"advantages.jsonl: row 1, " + message):
+        data.setup("fit")
+
+
 def test_actor_data_rejects_a_missing_reference_logprob(tmp_path):
     from modules.lm import load_tokenizer
 
@@ -286,6 +372,12 @@ def test_actor_data_counts_the_states_it_drops(tmp_path):
     data.setup("fit")
     assert data.report.rows["train"] == 1
     assert data.report.dropped["train"] == {"advantage gap below 0.1": 1, "fewer than 2 candidates": 1}
+    rows[1]["kept"] = False  # a large gap, but stage 3 did not keep the state: not reported as a small gap
+    data = ActorData(str(write_rows(path, rows)), val_fraction=0.0, min_gap=0.05)
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match="no state left for training"):
+        data.setup("fit")
+    assert data.report.dropped["train"] == {"kept is false in the advantage file": 2, "fewer than 2 candidates": 1}
 
 
 def test_problems_hold_out_exactly_the_sft_test_split():
@@ -379,3 +471,59 @@ def test_writer_merges_shards_skips_done_keys_and_ignores_a_cut_line(tmp_path):
     merged = [json.loads(line) for line in writer.merge().read_text().splitlines()]
     assert [row["problem_id"] for row in merged] == ["a", "b", "d"]
     assert merged[0]["v"] == 2  # one row per key
+
+
+def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from callbacks.rollout_writer import ShardedJsonlWriter
+    from modules.dapo import DAPORollouts
+
+    module = DAPORollouts(model="tiny", n1=3, n=2, m=2)
+    trainer = SimpleNamespace(global_rank=0)
+    output = tmp_path / "rollouts.jsonl"
+    done = dict(rollout_row("a"), policy="tiny", num_samples=3, sample_accuracy=0.5)
+    done["states"][0]["candidates"][0]["truncated"] = 0
+    for change, field, recorded in [({"policy": "runs/dapo/sft/export"}, "policy", "'runs/dapo/sft/export'"),
+                                    ({"num_samples": 16}, "num_samples", "16")]:
+        write_rows(output, [done, dict(done, problem_id="b", **change)])
+        with pytest.raises(DataError, match=rf"rollouts.jsonl: row 1, field '{field}': written by an earlier run with "
+                                            rf"{recorded}, .*Delete .*rollouts.jsonl .*or choose another output"):
+            ShardedJsonlWriter(str(output)).setup(trainer, module, "predict")
+    other_m = json.loads(json.dumps(done))
+    other_m["states"][0]["num_completions"] = 8
+    write_rows(output, [done])
+    writer = ShardedJsonlWriter(str(output))
+    writer.shard_dir.mkdir()
+    write_rows(writer.shard_path(1), [dict(other_m, problem_id="c")])  # a shard of another process counts too
+    with pytest.raises(DataError, match=r"rank1.jsonl: row 0, field 'states\[0\].num_completions'"):
+        writer.setup(trainer, module, "predict")
+
+    writer.shard_path(1).unlink()
+    with caplog.at_level(logging.INFO):
+        writer.setup(trainer, module, "predict")  # the same settings: resume
+        assert module.skip_keys == {"a"}
+        module.predict_step({"problem_id": ["a"]}, 0)  # nothing left to do: no generation
+        assert module.num_skipped == 1
+        strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor, barrier=lambda: None)
+        writer.on_predict_end(SimpleNamespace(global_rank=0, strategy=strategy), module)
+    assert "0 rows written, 1 problem_ids skipped (already written)" in caplog.text
+
+
+def test_advantage_rows_of_another_q_estimator_are_not_resumed(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.rollout_writer import ShardedJsonlWriter
+    from modules.dapo import DAPOAdvantages
+
+    row = dict(advantage_rows([2])[0], critic="tiny", reference_policy="tiny")
+    for candidate, source in zip(row["candidates"], ("reward", "critic")):
+        candidate["q_source"] = source
+    output = write_rows(tmp_path / "advantages.jsonl", [row])
+    writer = ShardedJsonlWriter(str(output), key="state_id")
+    module = DAPOAdvantages(critic="tiny", reference="tiny", q_estimator="monte_carlo")
+    with pytest.raises(DataError, match=r"advantages.jsonl: row 0, field 'candidates\[1\].q_source': written by an "
+                                        r"earlier run with 'critic', this run has 'monte_carlo'"):
+        writer.setup(SimpleNamespace(global_rank=0), module, "predict")
+    assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(row) is None

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from datamodules.common import DataError
 from datamodules.dapo_data import (
     ADVANTAGE_COLUMNS,
     ROLLOUT_COLUMNS,
@@ -102,7 +103,13 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
     cli = run_cli("predict", "configs/dapo/rollouts.yaml", *ROLLOUTS, f"--trainer.callbacks.init_args.output={rollouts}",
                   name="rollouts_again")
     [writer] = [c for c in cli.trainer.callbacks if type(c).__name__ == "ShardedJsonlWriter"]
-    assert writer.rows_written == 1
+    assert writer.rows_written == 1 and cli.model.num_skipped == 2
+    assert read_rollouts(rollouts) == rows
+    # rows sampled with other settings are not reused: the rerun is refused before any generation
+    with pytest.raises(DataError, match=r"rollouts.jsonl: row 0, field 'num_samples': written by an earlier run with 3, "
+                                        r"this run has 4\. Delete .*rollouts.jsonl"):
+        run_cli("predict", "configs/dapo/rollouts.yaml", *ROLLOUTS, "--model.init_args.n1=4",
+                f"--trainer.callbacks.init_args.output={rollouts}", name="rollouts_other_n1")
     assert read_rollouts(rollouts) == rows
 
     # 2. critic
