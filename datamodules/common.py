@@ -4,13 +4,14 @@ an epoch-seeded sampler (so a resumed run sees the same order), and padding."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -181,6 +182,71 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+def batches_done_in_epoch(trainer: Any) -> int:
+    """Training batches of the current epoch already consumed before this fit (re)started: nonzero only
+    when it resumed from a checkpoint written mid-epoch. Computed from the restored global step, with
+    ``ceil(batches / accumulation)`` optimizer steps per epoch; 0 at an epoch boundary."""
+    if trainer is None:
+        return 0
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:  # not known yet, or an infinite iterable
+        return 0
+    accumulation = trainer.accumulate_grad_batches
+    steps_per_epoch = math.ceil(batches / accumulation)
+    done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * accumulation
+    return done if 0 < done < batches else 0
+
+
+class _SkipAtFirstBatch:
+    """Wraps a DataLoader iterator; at the first batch asked for, drops ``skip()`` batches. Lazily,
+    because Lightning creates the first epoch's iterator before it restores the checkpoint's step."""
+
+    def __init__(self, iterator: Iterator, skip: Callable[[], int]):
+        self.iterator, self.skip = iterator, skip
+
+    def __iter__(self) -> _SkipAtFirstBatch:
+        return self
+
+    def __next__(self) -> Any:
+        if self.skip is not None:
+            skip, self.skip = self.skip(), None
+            for _ in range(skip):
+                next(self.iterator)
+        return next(self.iterator)
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader that starts a resumed epoch where its checkpoint left it.
+
+    Lightning resumes a fit from a checkpoint written mid-epoch (the main job validates and checkpoints
+    every 200 of 250 steps) by iterating the epoch's data from its first batch again, so the resumed run
+    would see other batches than an uninterrupted one. With ``EpochSeededSampler`` the epoch's order is
+    known; this loader skips the batches the checkpoint had consumed (``batches_done_in_epoch``, read
+    from the trainer when an epoch's iteration starts), which makes a resumed run identical to an
+    uninterrupted one. The skipped batches are loaded and dropped (collation only: the data are
+    tokenized already). Skipping per batch, after Lightning's distributed sampler has split the indices,
+    gives each process its own next batch.
+
+    ``state_dict``/``load_state_dict`` make Lightning treat the loader as resumable; there is nothing to
+    store, since the position follows from the restored global step."""
+
+    def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+
+    def __iter__(self):
+        return _SkipAtFirstBatch(super().__iter__(), lambda: batches_done_in_epoch(self.trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:

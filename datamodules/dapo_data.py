@@ -553,13 +553,13 @@ class CriticData(_StatesData):
         }
 
     def train_dataloader(self) -> DataLoader:
-        from datamodules.common import EpochSeededSampler
+        from datamodules.common import EpochSeededSampler, ResumableDataLoader
 
         trainer = self.trainer
         sampler = EpochSeededSampler(len(self.datasets["train"]), self.seed,
                                      epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
+                                   collate_fn=self.collate, num_workers=self.num_workers, trainer=trainer)
 
     def val_dataloader(self):
         if not self.datasets.get("val"):

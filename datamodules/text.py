@@ -17,7 +17,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.common import DataError, DataReport, EpochSeededSampler, check_side, read_rows, shards_parameters
+from datamodules.common import (
+    DataError,
+    DataReport,
+    EpochSeededSampler,
+    ResumableDataLoader,
+    check_side,
+    read_rows,
+    shards_parameters,
+)
 
 SPLITS = ("train", "val", "test", "predict")
 
@@ -128,12 +136,14 @@ class TextDataModule(pl.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------------------
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
-        sampler = None
-        if shuffle:
+        if shuffle:  # training: a seeded order per epoch, resumable mid-epoch
             trainer = self.trainer
             sampler = EpochSeededSampler(len(data), self.seed,
                                          epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+            return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                       trainer=trainer)
+        return DataLoader(data, batch_size=batch_size, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import tofu_data as td
-from datamodules.common import DataError, DataReport, EpochSeededSampler, pad_sequences
+from datamodules.common import DataError, DataReport, EpochSeededSampler, ResumableDataLoader, pad_sequences
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -342,12 +342,14 @@ class TofuQAData(pl.LightningDataModule):
         return batch
 
     def _loader(self, data, batch_size: int, shuffle: bool, collate) -> DataLoader:
-        sampler = None
-        if shuffle:
+        if shuffle:  # training: a seeded order per epoch, resumable mid-epoch
             trainer = self.trainer
             sampler = EpochSeededSampler(len(data), self.seed,
                                          epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+            return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                       trainer=trainer)
+        return DataLoader(data, batch_size=batch_size, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

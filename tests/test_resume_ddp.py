@@ -47,6 +47,27 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 18
 
 
+def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopped(tmp_path):
+    """The main job checkpoints mid-epoch (every 200 of 250 steps): the resumed epoch must go on with the
+    batches the checkpoint had not consumed, not start the epoch's data over."""
+    mid_epoch = [*EPOCHS, "--trainer.val_check_interval=4", "--trainer.check_val_every_n_epoch=null"]
+    straight = cli(tmp_path, "straight", *mid_epoch)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = cli(tmp_path, "resumed", *mid_epoch, "--trainer.callbacks+=sigkill_callback.SigkillAtStep",
+                 "--trainer.callbacks.step=9")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (8, 1)  # 2 of epoch two's 6 batches done
+    resumed = cli(tmp_path, "resumed", *mid_epoch, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
+    expected, actual = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    # last.ckpt is written at each validation (every 4 steps): step 16, two epochs after the resumed one
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 16
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     run = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--model.init_args.model=tiny",
               "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
