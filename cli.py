@@ -37,7 +37,9 @@ from callbacks import (  # noqa: E402
 class TrainerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        # a rerun of a config replaces best.ckpt / last.ckpt instead of writing best-v1.ckpt beside them,
+        # so commands and recipes that name best.ckpt get the latest run's model
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")
         parser.add_lightning_class_args(ExportPretrained, "export")
@@ -56,8 +58,12 @@ class TrainerCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
-        if self.datamodule is not None and not is_overridden("test_dataloader", self.datamodule, pl.LightningDataModule):
-            rank_zero_warn(f"test_after_fit skipped: {type(self.datamodule).__name__} has no test data")
+        has_split = getattr(self.datamodule, "has_split", None)
+        if self.datamodule is not None and (not is_overridden("test_dataloader", self.datamodule, pl.LightningDataModule)
+                                            or (has_split is not None and not has_split("test"))):
+            # a warning, not an error: the trained model and its export are there and fine
+            rank_zero_warn(f"test_after_fit skipped: {type(self.datamodule).__name__} has no test data "
+                           f"(set its test_file or test_split, or --test_after_fit=false)")
             return
         callback = self.trainer.checkpoint_callback
         ckpt = "best" if callback is not None and callback.best_model_path else None
@@ -87,6 +93,9 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
         subclass_mode_model=True, subclass_mode_data=True,
         trainer_defaults=trainer_defaults(), seed_everything_default=0,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+        # an option is matched whole: a typo such as --trainer.max_step must not pass for max_steps
+        parser_kwargs={"allow_abbrev": False,
+                       **{subcommand: {"allow_abbrev": False} for subcommand in ("fit", "validate", "test", "predict")}},
         args=args, run=run,
     )
 
@@ -112,13 +121,42 @@ def presets_main(argv: list[str]) -> None:
         print(f"preset {name}: {resolve_model_path(name)}" + (" (already built)" if ready else " (built)"), flush=True)
 
 
+def missing_input_hint(error: BaseException, argv: list[str]) -> str:
+    """For a missing file or folder, the other configs that name it: usually the earlier stage writing it."""
+    import re
+    from pathlib import Path
+
+    match = re.search(r"not found: (\S+)", str(error))
+    if match is None:
+        return ""
+    missing = match.group(1)
+    running = {str(Path(value).resolve()) for value in argv[argv.index("--config") + 1:][:1]} if "--config" in argv else set()
+    root = Path(__file__).resolve().parent
+    naming = sorted(str(path.relative_to(root)) for path in (root / "configs").rglob("*.yaml")
+                    if str(path.resolve()) not in running and missing in path.read_text(encoding="utf-8"))
+    if naming:
+        return (f"\nhint: {missing} is also named in {', '.join(naming)}: run the stage that writes it first "
+                f"(each config's header says what it reads and writes; recipes/ chain the stages)")
+    return "\nhint: run the stage or recipe that writes it first, or point the config at an existing path"
+
+
 if __name__ == "__main__":
+    from datamodules.common import DataError
+
     commands = {"export": export_main, "presets": presets_main}
-    if len(sys.argv) > 1 and sys.argv[1] in commands:
-        commands[sys.argv[1]](sys.argv[2:])
-        sys.exit(0)
     try:
-        main()
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if len(sys.argv) > 1 and sys.argv[1] in commands:
+            commands[sys.argv[1]](sys.argv[2:])
+        else:
+            main()
+    except Exception as raised:
+        # bad input or a missing earlier stage (also when jsonargparse wraps it while building a class): the
+        # message says what and where; a traceback would bury it
+        error: BaseException | None = raised
+        while error is not None and not isinstance(error, (NonFiniteLossError, DataError, FileNotFoundError)):
+            error = error.__cause__ or error.__context__
+        if error is None or os.environ.get("CLI_TRACEBACK"):
+            raise
+        print(f"error: {error}{missing_input_hint(error, sys.argv)}\n(CLI_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
         sys.exit(1)

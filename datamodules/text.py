@@ -78,7 +78,15 @@ class TextDataModule(pl.LightningDataModule):
                 f"{self.dataset}[{self.hub_splits[split]}]"
         if self.files["train"] or self.dataset:
             return None, ""  # a user-provided dataset without this split
-        return self.embedded_rows(split), f"embedded:{type(self).__name__}[{split}]"
+        return self.embedded_rows(split) or None, f"embedded:{type(self).__name__}[{split}]"  # size 0: no split
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` has a source (a file, a hub split or the embedded data); reads no file."""
+        if self.files.get(split):
+            return True
+        if self.files["train"] or self.dataset:
+            return bool(self.dataset and self.hub_splits.get(split))
+        return bool(self.embedded_rows(split))
 
     def resolve_tokenizer(self):
         if self.tokenizer is not None:

@@ -219,6 +219,25 @@ class TrainableModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
+def check_fsdp_wraps_layers(trainer: Any, model: torch.nn.Module) -> None:
+    """Under FSDP with a layer-class wrap policy, refuse a model none of whose modules is of those classes:
+    FSDP would make the whole model one unit (no per-layer sharding, and no activation checkpointing from
+    the same list), silently."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    classes = getattr(strategy.kwargs.get("auto_wrap_policy"), "_module_classes", None)
+    if not classes or any(isinstance(module, tuple(classes)) for module in model.modules()):
+        return  # a callable or size-based policy cannot be checked this way
+    layers = getattr(model, "_no_split_modules", None) or "see the model's modeling file"
+    raise ValueError(f"FSDP auto_wrap_policy names {sorted(c.__name__ for c in classes)}, but {type(model).__name__} "
+                     f"has none of them, so FSDP would not shard it layer by layer. Add its decoder layer class "
+                     f"({layers}) to the strategy's auto_wrap_policy and activation_checkpointing_policy "
+                     f"(configs/trainer/fsdp.yaml)")
+
+
 class HFModule(TrainableModule):
     """A method around one Hugging Face model, created in ``configure_model`` (so FSDP can shard it)."""
 
@@ -252,6 +271,7 @@ class HFModule(TrainableModule):
                                    **self.load_kwargs, **self.extra_model_kwargs())
         self.model.train(self.training)  # from_pretrained returns eval mode; follow the LightningModule
         self.model_flops_shape = lm.flops_shape(self.model)  # before any strategy shards the parameters
+        check_fsdp_wraps_layers(self._trainer, self.model)
         if self.compile:
             self.model.forward = torch.compile(self.model.forward)
 

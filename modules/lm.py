@@ -128,6 +128,11 @@ def resolve_model_path(name_or_path: str) -> str:
                 if not (path / "config.json").exists():  # another process won the race
                     raise
         return str(path)
+    from datamodules.common import looks_like_local_path
+
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        # else transformers takes it for a hub repo id and fails with a message about repo id syntax
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (a local path, so not a hub model name)")
     return name_or_path
 
 
@@ -360,6 +365,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     import lightning.pytorch as pl
 
     ckpt_path = str(ckpt_path)
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
     if os.path.isdir(ckpt_path):  # DeepSpeed writes a folder of shards
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 

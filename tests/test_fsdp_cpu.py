@@ -159,3 +159,23 @@ def test_dapo_generation_refuses_sharded_parameters_with_a_clear_error(tmp_path)
     assert run.returncode != 0
     assert "DAPOPolicy generates or scores a data-dependent number of forwards" in run.stderr
     assert "Use one device or DDP" in run.stderr
+
+
+def test_a_model_without_any_of_the_wrapped_layer_classes_is_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from modules import lm
+    from modules.base import check_fsdp_wraps_layers
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy={Qwen2DecoderLayer}))
+    check_fsdp_wraps_layers(trainer, lm.load_model("tiny"))  # a Qwen2: wrapped layer by layer
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"names \['Qwen2DecoderLayer'\], but LlamaForCausalLM has none of them.*"
+                                         r"LlamaDecoderLayer"):
+        check_fsdp_wraps_layers(trainer, llama)
+    check_fsdp_wraps_layers(SimpleNamespace(strategy=None), llama)  # other strategies: nothing to check

@@ -289,3 +289,44 @@ def test_throughput_leaves_validation_out_and_counts_accumulated_batches(run_cli
     throughput = read_summary(tmp_path)["stages"]["fit"]["throughput"]
     assert throughput["steps"] == 4 and throughput["sequences"] == 4 * 2 * 16
     assert throughput["seconds"] < 4.0  # 6 s of validation would be counted otherwise
+
+
+def test_a_rerun_replaces_best_and_last_instead_of_versioning_them(run_cli, tmp_path):
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=8")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 8  # the second run's
+
+
+def test_test_after_fit_without_test_data_is_skipped_with_a_warning(run_cli, tmp_path):
+    from datamodules import arithmetic
+
+    problems = arithmetic.generate_splits({"train": 40}, seed=0)["train"]
+    rows = arithmetic.preference_rows(problems, ("format",), seed=0)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.warns(UserWarning, match="test_after_fit skipped: PreferenceData has no test data"):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, f"--data.init_args.train_file={path}",
+                f"--data.init_args.val_file={path}", "--test_after_fit=true")
+    assert set(read_summary(tmp_path)["stages"]) == {"fit"}
+
+
+def test_abbreviated_options_are_refused(run_cli):
+    with pytest.raises(SystemExit):  # argparse would take --trainer.max_step for --trainer.max_steps
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_step=5")
+
+
+def test_a_missing_earlier_stage_is_one_error_line_naming_the_config_that_writes_it(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs/dapo/critic.yaml"),
+                          "--model.init_args.model=tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert "error: data file not found: runs/dapo/rollouts.jsonl" in run.stderr
+    assert "hint: runs/dapo/rollouts.jsonl is also named in configs/dapo/advantages.yaml, configs/dapo/rollouts.yaml" \
+        in run.stderr
