@@ -8,11 +8,15 @@ presets ahead of time (``setup.sh`` runs it, as one would download a base model)
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes (imported by transformers) warns on every start that an optional 4-bit CPU kernel package is
+# missing; no method here uses 4-bit kernels
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -77,6 +81,19 @@ class TrainerCLI(LightningCLI):
             self.model = self._get(self.parser.instantiate_classes(self.config), "model")  # frees the fitted one
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
+    def _warn_if_untrained(self) -> None:
+        """Testing, validating or predicting without --ckpt_path uses the configured model's own weights;
+        where some were newly initialised (a reward model's score head on a causal LM), say so."""
+        if self.config[self.subcommand].get("ckpt_path"):
+            return
+        fresh = getattr(getattr(self.model, "model", None), "newly_initialized_weights", None)
+        if fresh:
+            rank_zero_warn(f"{self.subcommand} ran without --ckpt_path on {self.model.model_name_or_path}, whose "
+                           f"{', '.join(fresh[:3])}{' ...' if len(fresh) > 3 else ''} were newly initialised (not "
+                           f"trained): pass --ckpt_path (e.g. the fit's best.ckpt) or an exported model")
+
+    after_test = after_validate = after_predict = _warn_if_untrained
+
 
 def trainer_defaults() -> dict:
     return {
@@ -94,7 +111,9 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
         trainer_defaults=trainer_defaults(), seed_everything_default=0,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
         # an option is matched whole: a typo such as --trainer.max_step must not pass for max_steps
-        parser_kwargs={"allow_abbrev": False,
+        parser_kwargs={"allow_abbrev": False, "epilog": "other commands: 'python cli.py export CHECKPOINT OUT_DIR' "
+                       "writes a trained checkpoint as a save_pretrained folder; 'python cli.py presets [NAME ...]' "
+                       "builds the embedded presets",
                        **{subcommand: {"allow_abbrev": False} for subcommand in ("fit", "validate", "test", "predict")}},
         args=args, run=run,
     )
@@ -103,8 +122,9 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
 def export_main(argv: list[str]) -> None:
     from modules.lm import export_checkpoint
 
-    if len(argv) != 2:
-        sys.exit("usage: python cli.py export CHECKPOINT OUT_DIR")
+    if len(argv) != 2 or any(arg in ("-h", "--help") for arg in argv):
+        sys.exit("usage: python cli.py export CHECKPOINT OUT_DIR: the Hugging Face model of a checkpoint written "
+                 "by cli.py fit, as a save_pretrained folder")
     out = export_checkpoint(argv[0], argv[1])
     print(f"exported {argv[0]} -> {out}")
 
@@ -113,6 +133,9 @@ def presets_main(argv: list[str]) -> None:
     from modules.lm import PRESETS, TRAINED_PRESETS, presets_root, resolve_model_path
 
     known = [*PRESETS, *TRAINED_PRESETS]
+    if any(name in ("-h", "--help") for name in argv):
+        sys.exit(f"usage: python cli.py presets [NAME ...]: build the embedded presets (default: all of {known}) "
+                 f"into .cache/presets")
     unknown = [name for name in argv if name not in known]
     if unknown:
         sys.exit(f"unknown preset(s) {unknown}; choose from {known}")

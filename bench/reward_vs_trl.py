@@ -10,7 +10,7 @@ so machine load hits both alike; the table gives each run, the median and the be
 throughput per CPU-second of the process (a shared CPU's load changes wall time far more than CPU time).
 
     python bench/reward_vs_trl.py                       # CPU: the tiny preset, arithmetic pairs, ~3-5 minutes
-    python bench/reward_vs_trl.py --gpu-qwen2-0.5b      # GPU: the PERFORMANCE.md shape, random weights/tokens
+    python bench/reward_vs_trl.py --gpu-qwen2-0.5b      # GPU: the Qwen2-0.5B shape, random weights/tokens
     python bench/reward_vs_trl.py --gpu-qwen2-0.5b --compile --bf16-weights
 
 GPU mode: Qwen2-0.5B shape (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151,936, tied embeddings),
@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, as PERFORMANCE.md's MFU formula
+PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, the usual MFU denominator
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151_936, tie_word_embeddings=True, max_position_embeddings=32768,
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6)
@@ -259,7 +259,7 @@ def non_embedding_parameters(model_dir: Path) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu-qwen2-0.5b", dest="gpu_qwen2_05b", action="store_true",
-                        help="the Qwen2-0.5B shape of PERFORMANCE.md on a GPU")
+                        help="the Qwen2-0.5B shape (hidden 896, 24 layers) on a GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     parser.add_argument("--bf16-weights", action="store_true", help="bf16 parameters, no autocast (GPU)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; ours has none")

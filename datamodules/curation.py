@@ -986,6 +986,9 @@ def curation_data_from_config(argv: list[str]) -> CuratedPreferenceData:
             continue
         if argument.startswith("--config="):
             configs.append(argument.split("=", 1)[1])
+        elif argument.startswith("--data") and "=" not in argument and position + 1 < len(argv):
+            overrides += [argument, argv[position + 1]]  # the space-separated form: --data.init_args.KEY VALUE
+            position += 1
         elif argument.startswith("--data"):
             overrides.append(argument)
         else:

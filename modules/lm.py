@@ -203,12 +203,15 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
         model = auto.from_config(config, **kwargs)
     elif Path(path).is_dir():
         try:
-            model = auto.from_pretrained(path, **kwargs)
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
         except Exception as error:  # a damaged folder fails deep inside safetensors or transformers
             raise ValueError(f"{path}: cannot load the model from this folder ({type(error).__name__}: {error}); "
                              f"is it a complete save_pretrained folder? Export it again") from error
     else:
-        model = auto.from_pretrained(path, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    # a sequence classifier built on a causal LM starts with a random head: evaluating it untrained is a
+    # mistake worth a warning (cli.py), training it is the point
+    model.newly_initialized_weights = sorted(info.get("missing_keys", ())) if not has_config_only(path) else []
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
@@ -382,7 +385,15 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     import importlib
 
     module_cls: type[pl.LightningModule] = getattr(importlib.import_module(module_name), class_name)
-    module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    from transformers.utils import logging as transformers_logging
+
+    # quiet the base model's "newly initialised head" notice: the checkpoint's weights replace every tensor
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     if not hasattr(module, "export_pretrained"):
         raise ValueError(f"{class_path} has no Hugging Face model to export")
     out = Path(out_dir)

@@ -403,7 +403,8 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "load_tokenizer", lambda *a, **k: pytest.fail("curation-only must not load a model"))
     steps = ("[{class_path: datamodules.curation.DropInvalid}, {class_path: datamodules.curation.Deduplicate}, "
              "{class_path: datamodules.curation.Decontaminate, init_args: {eval_files: [" + str(EVAL) + "]}}]")
-    summary = curation.main(["--config", str(ROOT / "configs/curation/clean.yaml"), f"--data.init_args.train_file={POOL}",
+    # both override forms: --key=value and --key value (the form the configs' headers show)
+    summary = curation.main(["--config", str(ROOT / "configs/curation/clean.yaml"), "--data.init_args.train_file", str(POOL),
                              f"--data.init_args.curation_dir={tmp_path / 'clean'}", f"--data.init_args.curation_steps={steps}"])
     assert summary["output_rows"] == 6 and [step["step"] for step in summary["steps"]] == [
         "drop_invalid", "deduplicate", "decontaminate"]

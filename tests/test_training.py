@@ -330,3 +330,9 @@ def test_a_missing_earlier_stage_is_one_error_line_naming_the_config_that_writes
     assert "error: data file not found: runs/dapo/rollouts.jsonl" in run.stderr
     assert "hint: runs/dapo/rollouts.jsonl is also named in configs/dapo/advantages.yaml, configs/dapo/rollouts.yaml" \
         in run.stderr
+
+
+def test_testing_a_reward_model_without_a_checkpoint_warns_that_its_head_is_untrained(run_cli):
+    with pytest.warns(UserWarning, match=r"test ran without --ckpt_path on tiny, whose score.weight were newly "
+                                         r"initialised"):
+        run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.limit_test_batches=1")
