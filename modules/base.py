@@ -293,6 +293,14 @@ class HFModule(TrainableModule):
         self.configure_model()
         return lm.replace_folder_atomically(self.write_export, out_dir)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints carry the model's config and the tokenizer's files (``lm.MODEL_FILES_KEY``), so
+        ``cli.py export`` needs neither the base model nor the run's working directory."""
+        if self.model is not None:
+            if getattr(self, "_model_files", None) is None:  # neither changes during a run
+                self._model_files = lm.model_files(self.model.config, self.tokenizer)
+            checkpoint[lm.MODEL_FILES_KEY] = self._model_files
+
     def write_export(self, folder: Path) -> None:
         """What an export folder holds; subclasses add their own files."""
         self.model.save_pretrained(folder)

@@ -373,6 +373,7 @@ class FlatUnlearner(HFModule):
             self.precompute_reference()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.reference_logps is not None:  # a resumed run's weights are no longer the reference
             checkpoint["reference_logps"] = self.reference_logps
 

@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -359,11 +360,24 @@ def replace_folder_atomically(write: Callable[[Path], None], out: str | os.PathL
     return out
 
 
+MODEL_FILES_KEY = "hf_model_files"  # checkpoint entry: {file name: bytes} of config.json and the tokenizer
+
+
+def model_files(config, tokenizer) -> dict[str, bytes]:
+    """config.json and the tokenizer's files as bytes: with a state dict, all a model folder needs."""
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
 def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     """Write the HF model inside a Lightning checkpoint as a ``save_pretrained`` folder.
 
     Rebuilds the LightningModule from the hyper-parameters stored in the checkpoint on one process,
     loads the weights (a DeepSpeed checkpoint folder is consolidated first) and saves model and tokenizer.
+    The model is built from the config and tokenizer the checkpoint carries (``MODEL_FILES_KEY``), so the
+    base model it was trained from need not exist here; checkpoints without them rebuild from the base.
     """
     import lightning.pytorch as pl
 
@@ -390,14 +404,24 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     # quiet the base model's "newly initialised head" notice: the checkpoint's weights replace every tensor
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
-    try:
-        module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu")
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    if not hasattr(module, "export_pretrained"):
-        raise ValueError(f"{class_path} has no Hugging Face model to export")
-    out = Path(out_dir)
-    module.export_pretrained(out)
+    with tempfile.TemporaryDirectory() as carried:
+        overrides: dict[str, Any] = {}
+        base_model = checkpoint["hyper_parameters"].get("model")
+        if MODEL_FILES_KEY in checkpoint:  # config.json and tokenizer, no weights: built fresh, then loaded
+            for name, data in checkpoint[MODEL_FILES_KEY].items():
+                (Path(carried) / name).write_bytes(data)
+            overrides["model"] = carried
+        del checkpoint  # load_from_checkpoint reads the file again; do not hold two copies
+        try:
+            module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        if not hasattr(module, "export_pretrained"):
+            raise ValueError(f"{class_path} has no Hugging Face model to export")
+        if overrides and base_model is not None:  # an export records the run's base model as its source
+            module.model_name_or_path = base_model
+        out = Path(out_dir)
+        module.export_pretrained(out)
     if out.joinpath("consolidated.ckpt").exists():
         out.joinpath("consolidated.ckpt").unlink()
     return out

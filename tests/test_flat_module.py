@@ -54,6 +54,15 @@ def probabilities(module: FlatUnlearner, batch) -> tuple[float, float]:
     return stats["template"]["p"].mean().item(), stats["forget"]["p"].mean().item()
 
 
+def take_adam_steps(module: FlatUnlearner, batch, steps: int = 3, lr: float = 1e-3) -> None:
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss, _ = module.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("divergence", ["kl", "js", "pearson", "tv"])
 def test_a_few_flat_steps_lower_p_forget_and_raise_p_template(unlearn_data, memorised, divergence):
     module = make_module(memorised, loss="flat", divergence=divergence)
@@ -100,12 +109,7 @@ def test_kl_regularised_ga_starts_at_gradient_ascent_and_holds_retain_prediction
     ga = make_module(memorised, loss="ga").compute_loss(batch)[0]
     assert metrics["retain_kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(ga.item(), abs=1e-5)
-    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
-    for _ in range(3):
-        loss, _ = module.compute_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    take_adam_steps(module, batch)
     stats = module.score_parts(module.model, batch, module._parts(), logits_of="retain")
     retain = stats["retain"]
     kl = flat.reference_kl(retain["shifted_logits"], module.reference_retain_logits(batch), retain["shifted_mask"])
@@ -128,12 +132,7 @@ def test_gradient_ascent_lowers_p_forget(unlearn_data, memorised):
     module = make_module(memorised, loss="ga")
     batch = next(iter(unlearn_data.reference_dataloader()))
     _, p_f0 = probabilities(module, batch)
-    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
-    for _ in range(3):
-        loss, _ = module.compute_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    take_adam_steps(module, batch)
     assert probabilities(module, batch)[1] < p_f0
 
 

@@ -336,3 +336,24 @@ def test_testing_a_reward_model_without_a_checkpoint_warns_that_its_head_is_untr
     with pytest.warns(UserWarning, match=r"test ran without --ckpt_path on tiny, whose score.weight were newly "
                                          r"initialised"):
         run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.limit_test_batches=1")
+
+
+def test_export_needs_neither_the_base_model_nor_the_working_directory(run_cli, tmp_path):
+    """A checkpoint carries its model's config and tokenizer: exporting it after the base model folder is
+    gone gives the checkpoint's weights, without rebuilding or reading the base model."""
+    import shutil
+
+    from modules import lm
+
+    base = lm.build_preset("tiny", tmp_path / "base")
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, f"--model.init_args.model={base}")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    shutil.rmtree(base)
+    out = lm.export_checkpoint(str(checkpoint), str(tmp_path / "exported"))
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    exported = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
+    assert AutoTokenizer.from_pretrained(out).chat_template
