@@ -50,6 +50,10 @@ class TrainerCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="put this run's logs (RUN_DIR/version_N), checkpoints (RUN_DIR/checkpoints) and "
+                                 "export (RUN_DIR/export) under RUN_DIR instead of the config's paths: an ablation "
+                                 "by overrides then leaves the config's own run untouched")
         parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
                             help="torch.set_float32_matmul_precision: 'high' lets float32 matmuls use TF32 tensor "
                                  "cores on NVIDIA GPUs (and oneDNN's reduced-precision float32 on CPUs that have "
@@ -58,6 +62,14 @@ class TrainerCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
+        run_dir = config.get("run_dir")
+        if run_dir:
+            logger = config.trainer.get("logger")
+            if logger and getattr(logger, "init_args", None) is not None and "save_dir" in logger.init_args:
+                logger.init_args.save_dir, logger.init_args.name = run_dir, ""
+            config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+            if config.export.get("dirpath"):  # only configs that export
+                config.export.dirpath = os.path.join(run_dir, "export")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

@@ -357,3 +357,17 @@ def test_export_needs_neither_the_base_model_nor_the_working_directory(run_cli, 
     for name, value in exported.items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
     assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_run_dir_moves_logs_checkpoints_and_export_together(tmp_path):
+    from conftest import ROOT
+
+    import cli
+
+    run_dir = tmp_path / "ablation"
+    cli.main(["fit", "--config", str(ROOT / "configs/reward/bt.yaml"), *SMALL_REWARD, f"--run_dir={run_dir}",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run_dir / "export" / "config.json").exists()
+    [summary] = list(run_dir.glob("version_*/summary.json"))
+    assert json.loads(summary.read_text())["stages"]["fit"]
