@@ -64,9 +64,12 @@ class TrainerCLI(LightningCLI):
         torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
         run_dir = config.get("run_dir")
         if run_dir:
-            logger = config.trainer.get("logger")
-            if logger and getattr(logger, "init_args", None) is not None and "save_dir" in logger.init_args:
-                logger.init_args.save_dir, logger.init_args.name = run_dir, ""
+            loggers = config.trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                if logger and getattr(logger, "init_args", None) is not None and "save_dir" in logger.init_args:
+                    logger.init_args.save_dir = run_dir
+                    if "name" in logger.init_args:
+                        logger.init_args.name = ""
             config.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
             if config.export.get("dirpath"):  # only configs that export
                 config.export.dirpath = os.path.join(run_dir, "export")
@@ -165,7 +168,8 @@ def missing_input_hint(error: BaseException, argv: list[str]) -> str:
     if match is None:
         return ""
     missing = match.group(1)
-    running = {str(Path(value).resolve()) for value in argv[argv.index("--config") + 1:][:1]} if "--config" in argv else set()
+    running = {str(Path(argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]).resolve())
+               for i, arg in enumerate(argv) if (arg == "--config" and i + 1 < len(argv)) or arg.startswith("--config=")}
     root = Path(__file__).resolve().parent
     naming = sorted(str(path.relative_to(root)) for path in (root / "configs").rglob("*.yaml")
                     if str(path.resolve()) not in running and missing in path.read_text(encoding="utf-8"))
@@ -188,8 +192,11 @@ if __name__ == "__main__":
         # bad input or a missing earlier stage (also when jsonargparse wraps it while building a class): the
         # message says what and where; a traceback would bury it
         error: BaseException | None = raised
-        while error is not None and not isinstance(error, (NonFiniteLossError, DataError, FileNotFoundError)):
-            error = error.__cause__ or error.__context__
+        # follow explicit chaining only ("raise ... from"): an error merely raised while handling another is
+        # not its cause
+        while error is not None and not isinstance(error, (NonFiniteLossError, DataError, FileNotFoundError,
+                                                           FileExistsError)):
+            error = error.__cause__
         if error is None or os.environ.get("CLI_TRACEBACK"):
             raise
         print(f"error: {error}{missing_input_hint(error, sys.argv)}\n(CLI_TRACEBACK=1 shows the traceback)",

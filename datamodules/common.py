@@ -4,7 +4,6 @@ an epoch-seeded sampler (so a resumed run sees the same order), and padding."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +33,9 @@ UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".bz2", ".zip", ".xz", ".
 
 
 def looks_like_local_path(source: str) -> bool:
-    """A path rather than a hub name ("owner/name" or "name"): absolute, relative with ./ or ../, ~, with
-    more than one folder level, or "folder/name" where that folder exists here."""
-    if source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1 or "\\" in source:
-        return True
-    return "/" in source and Path(source.split("/")[0]).is_dir()
+    """A path rather than a hub name ("owner/name" or "name"): absolute, relative with ./ or ../, ~, or with
+    more than one folder level. "folder/name" stays a hub name even where that folder exists here."""
+    return source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1 or "\\" in source
 
 
 def unique_keys(source: str, line_number: int | None) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
@@ -185,39 +182,37 @@ class EpochSeededSampler(Sampler[int]):
 
 
 def batches_done_in_epoch(trainer: Any) -> int:
-    """Training batches of the current epoch already consumed before this fit (re)started: nonzero only
-    when it resumed from a checkpoint written mid-epoch. Computed from the restored global step, with
-    ``ceil(batches / accumulation)`` optimizer steps per epoch; 0 at an epoch boundary."""
+    """Training batches of the current epoch that Lightning counts as already consumed: nonzero only when
+    a fit resumed from a checkpoint written mid-epoch (its restored batch progress)."""
     if trainer is None:
         return 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
     batches = trainer.num_training_batches
-    if not isinstance(batches, int) or batches <= 0:  # not known yet, or an infinite iterable
-        return 0
-    accumulation = trainer.accumulate_grad_batches
-    steps_per_epoch = math.ceil(batches / accumulation)
-    done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * accumulation
-    return done if 0 < done < batches else 0
+    return done if isinstance(batches, int) and 0 < done < batches else 0
 
 
 class _SkipAtFirstBatch:
-    """Wraps a DataLoader iterator; at the first batch asked for, drops ``skip()`` batches. Lazily,
-    because Lightning creates the first epoch's iterator before it restores the checkpoint's step."""
+    """The iterator of a ``ResumableDataLoader``. The loader's own iterator is made at the first batch
+    asked for, and ``skip()`` batches are dropped then: Lightning makes the first epoch's iterator before
+    it restores the checkpoint's progress and epoch, and worker processes would start prefetching at once
+    (with the sampler reading epoch 0)."""
 
-    def __init__(self, iterator: Iterator, skip: Callable[[], int]):
-        self.iterator, self.skip = iterator, skip
+    def __init__(self, loader: DataLoader, make_iterator: Callable[[], Iterator], skip: Callable[[], int]):
+        self.loader, self.make_iterator, self.skip = loader, make_iterator, skip
+        self.iterator: Iterator | None = None
 
     def __iter__(self) -> _SkipAtFirstBatch:
         return self
 
     def __next__(self) -> Any:
-        if self.skip is not None:
-            skip, self.skip = self.skip(), None
-            for _ in range(skip):
+        if self.iterator is None:
+            self.iterator = self.make_iterator()
+            for _ in range(self.skip()):
                 next(self.iterator)
         return next(self.iterator)
 
     def __len__(self) -> int:
-        return len(self.iterator)
+        return len(self.loader)
 
 
 class ResumableDataLoader(DataLoader):
@@ -227,20 +222,23 @@ class ResumableDataLoader(DataLoader):
     every 200 of 250 steps) by iterating the epoch's data from its first batch again, so the resumed run
     would see other batches than an uninterrupted one. With ``EpochSeededSampler`` the epoch's order is
     known; this loader skips the batches the checkpoint had consumed (``batches_done_in_epoch``, read
-    from the trainer when an epoch's iteration starts), which makes a resumed run identical to an
-    uninterrupted one. The skipped batches are loaded and dropped (collation only: the data are
-    tokenized already). Skipping per batch, after Lightning's distributed sampler has split the indices,
-    gives each process its own next batch.
+    when the epoch's first batch is asked for), so the resumed epoch goes on with the batches an
+    uninterrupted run would train next. The result is the uninterrupted run's exactly when the checkpoint
+    fell on an optimizer step (always without gradient accumulation); a checkpoint inside an accumulation
+    window does not hold the gradients summed so far, so those batches' share of the next step is lost.
+    The skipped batches are loaded and dropped (collation only: the data are tokenized already). Skipping
+    per batch, after Lightning's distributed sampler has split the indices, gives each process its own
+    next batch.
 
     ``state_dict``/``load_state_dict`` make Lightning treat the loader as resumable; there is nothing to
-    store, since the position follows from the restored global step."""
+    store, since the position follows from Lightning's restored batch progress."""
 
     def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.trainer = trainer
 
     def __iter__(self):
-        return _SkipAtFirstBatch(super().__iter__(), lambda: batches_done_in_epoch(self.trainer))
+        return _SkipAtFirstBatch(self, super().__iter__, lambda: batches_done_in_epoch(self.trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -759,20 +759,35 @@ def run_step(step: CurationStep, input_file: str, output_file: str, report_file:
     return report
 
 
-# The names run_pipeline writes into its output folder (with the ``.tmp<pid>`` files of an interrupted
-# write_rows/write_json): NN_<stage><suffix>, NN_<stage>.report.json, curated<suffix>, report.json.
-PIPELINE_FILE = re.compile(r"(?:\d{2,}_\w+(?:\.report\.json|\.jsonl|\.json|\.parquet)|curated\.(?:jsonl|json|parquet)"
-                           r"|report\.json)(?:\.tmp\d+)?")
+def _stage_names() -> set[str]:
+    """The ``name`` of every curation stage class defined so far (a user's own subclasses included)."""
+    names, pending = set(), [CurationStep]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.name)
+        pending.extend(cls.__subclasses__())
+    return names
 
 
-def clear_pipeline_outputs(output_dir: str | Path) -> list[Path]:
-    """Delete the files an earlier ``run_pipeline`` wrote into ``output_dir`` (names of ``PIPELINE_FILE``
-    only; other files stay). ``report.json`` goes first and then ``curated.*``, so even a run killed while
-    deleting leaves no report that looks complete."""
+def pipeline_file_pattern() -> re.Pattern:
+    """The names run_pipeline writes into its output folder (with the ``.tmp<pid>`` files of an interrupted
+    write_rows/write_json): NN_<stage><suffix>, NN_<stage>.report.json, curated<suffix>, report.json, where
+    <stage> is a stage's name, so a user's own "2024_pairs.jsonl" there is never taken for one."""
+    stages = "|".join(sorted(re.escape(name) for name in _stage_names()))
+    return re.compile(rf"(?:\d{{2,}}_(?:{stages})(?:\.report\.json|\.jsonl|\.json|\.parquet)"
+                      rf"|curated\.(?:jsonl|json|parquet)|report\.json)(?:\.tmp\d+)?")
+
+
+def clear_pipeline_outputs(output_dir: str | Path, keep: str | Path | None = None) -> list[Path]:
+    """Delete the files an earlier ``run_pipeline`` wrote into ``output_dir`` (names of
+    ``pipeline_file_pattern`` only; other files, and ``keep`` (the run's input), stay). ``report.json`` goes
+    first and then ``curated.*``, so even a run killed while deleting leaves no report that looks complete."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [path for path in output_dir.iterdir() if PIPELINE_FILE.fullmatch(path.name) and path.is_file()]
+    pattern, kept = pipeline_file_pattern(), Path(keep).resolve() if keep is not None else None
+    found = [path for path in output_dir.iterdir()
+             if pattern.fullmatch(path.name) and path.is_file() and path.resolve() != kept]
     found.sort(key=lambda path: (path.name != "report.json", not path.name.startswith("curated."), path.name))
     for path in found:
         path.unlink()
@@ -829,10 +844,10 @@ def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep]
     out = Path(output_dir)
     suffix = output_suffix or Path(input_file).suffix or ".jsonl"
     check_output_path(out / f"curated{suffix}", "curation output")
-    clear_pipeline_outputs(out)
-    rows = read_rows(input_file)
+    rows = read_rows(input_file)  # before clearing: the input may be an earlier run's output in the same folder
     if not rows:
         raise DataError(f"{input_file}: no rows to curate")
+    clear_pipeline_outputs(out, keep=input_file)
     origin = str(input_file)
     for step in steps:
         step.check(rows, fields, origin)

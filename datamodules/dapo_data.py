@@ -240,8 +240,9 @@ def _field(row: dict, source: str, index: int, name: str, kind: type | tuple[typ
 def _check_unique(first_rows: dict[str, int], key: str, source: str, index: int, name: str) -> None:
     """Raise when ``key`` was already seen: later stages key their output rows by it, so one would be lost."""
     first = first_rows.setdefault(key, index)
-    if first != index:
-        raise row_error(source, index, name, f"'{key}' is also the {name} of row {first}")
+    if first != index:  # one drop reason for every repeat, not one per id
+        raise DataError(f"{source}: row {index}, field '{name}': '{key}' is also the {name} of row {first}",
+                        reason=f"{name}: repeats an earlier row's")
 
 
 def _count(row: dict, source: str, index: int, name: str, where: str, low: int,
@@ -775,8 +776,12 @@ class ActorData(_StatesData):
         sampler = StateBatchSampler(len(self.datasets[split]), self.batch_size if shuffle else self.eval_batch_size,
                                     num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
         epoch_source = (lambda: trainer.current_epoch) if trainer is not None and shuffle else None
-        return DataLoader(_StateBatches(self.datasets[split], sampler, self.collate, epoch_source), batch_size=None,
-                          num_workers=0)
+        batches = _StateBatches(self.datasets[split], sampler, self.collate, epoch_source)
+        if shuffle:  # training: resumable mid-epoch
+            from datamodules.common import ResumableDataLoader
+
+            return ResumableDataLoader(batches, batch_size=None, num_workers=0, trainer=trainer)
+        return DataLoader(batches, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -298,7 +298,7 @@ class HFModule(TrainableModule):
         ``cli.py export`` needs neither the base model nor the run's working directory."""
         if self.model is not None:
             if getattr(self, "_model_files", None) is None:  # neither changes during a run
-                self._model_files = lm.model_files(self.model.config, self.tokenizer)
+                self._model_files = lm.model_files(self.model, self.tokenizer)
             checkpoint[lm.MODEL_FILES_KEY] = self._model_files
 
     def write_export(self, folder: Path) -> None:

@@ -624,7 +624,7 @@ def save_settings(folder: str | os.PathLike, settings: EcoSettings, gate: Prompt
             gate.save(tmp / CLASSIFIER_DIR)
         (tmp / SETTINGS_FILE).write_text(json.dumps(body, indent=1))
 
-    return lm.replace_folder_atomically(write, folder)
+    return lm.replace_folder_atomically(write, folder, marker=SETTINGS_FILE)
 
 
 def load_settings(folder: str | os.PathLike) -> tuple[EcoSettings, PromptGate | None]:

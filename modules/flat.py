@@ -151,11 +151,12 @@ def reference_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, ma
     """Per-sample KL(pi_ref || pi_theta) of the next-token distributions, averaged over the positions where
     ``mask`` (B, T) is true. Logits (B, T, V) are aligned with the mask (already shifted); computed in
     float32. The direction is TOFU's "KL" baseline's: the reference's distribution weighs the log-ratio."""
-    policy = F.log_softmax(policy_logits.float(), dim=-1)
-    reference = F.log_softmax(reference_logits.float(), dim=-1)
+    rows = mask.nonzero()[:, 0]  # only the answer positions: full-vocabulary float32 tensors are large
+    policy = F.log_softmax(policy_logits[mask].float(), dim=-1)
+    reference = F.log_softmax(reference_logits[mask].float(), dim=-1)
     per_position = (reference.exp() * (reference - policy)).sum(-1)
-    mask = mask.to(per_position.dtype)
-    return (per_position * mask).sum(-1) / mask.sum(-1)
+    totals = torch.zeros(mask.shape[0], dtype=per_position.dtype, device=per_position.device)
+    return totals.index_add(0, rows, per_position) / mask.sum(-1).to(per_position.dtype)
 
 
 def kl_regularised_ga_loss(forget_logp: torch.Tensor, retain_kl: torch.Tensor,

@@ -202,12 +202,16 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
                                             **({"num_labels": num_labels} if kind == "sequence_classification" else {}))
         kwargs.pop("num_labels", None)
         model = auto.from_config(config, **kwargs)
+        if (Path(path) / "generation_config.json").exists():  # else from_config derives one from config.json
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
     elif Path(path).is_dir():
         try:
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
         except Exception as error:  # a damaged folder fails deep inside safetensors or transformers
             raise ValueError(f"{path}: cannot load the model from this folder ({type(error).__name__}: {error}); "
-                             f"is it a complete save_pretrained folder? Export it again") from error
+                             f"if the folder is an incomplete export, export it again") from error
     else:
         model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     # a sequence classifier built on a causal LM starts with a random head: evaluating it untrained is a
@@ -335,13 +339,19 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
 # Export
 
 
-def replace_folder_atomically(write: Callable[[Path], None], out: str | os.PathLike) -> Path:
+def replace_folder_atomically(write: Callable[[Path], None], out: str | os.PathLike,
+                              marker: str = "config.json") -> Path:
     """Run ``write(folder)`` on a temporary sibling of ``out``, then swap it in with renames.
 
     A killed or failed export never leaves a half-written folder where the next stage looks: a folder
     holding only config.json would load with fresh weights (``has_config_only``), and a cut weights file
-    fails deep inside safetensors. Between the two renames ``out`` is briefly absent, never partial."""
-    out = Path(out)
+    fails deep inside safetensors. Between the two renames ``out`` is briefly absent, never partial.
+    An existing ``out`` is replaced only if it is empty or an earlier output of the same kind (it holds
+    ``marker``): exporting into a run's folder by mistake must not delete its checkpoints."""
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise FileExistsError(f"{out} exists and is not an earlier output of this kind (no {marker}); "
+                              f"choose a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -360,13 +370,16 @@ def replace_folder_atomically(write: Callable[[Path], None], out: str | os.PathL
     return out
 
 
-MODEL_FILES_KEY = "hf_model_files"  # checkpoint entry: {file name: bytes} of config.json and the tokenizer
+MODEL_FILES_KEY = "hf_model_files"  # checkpoint entry: {file name: bytes} of the configs and the tokenizer
 
 
-def model_files(config, tokenizer) -> dict[str, bytes]:
-    """config.json and the tokenizer's files as bytes: with a state dict, all a model folder needs."""
+def model_files(model: torch.nn.Module, tokenizer) -> dict[str, bytes]:
+    """config.json, generation_config.json (stop tokens, sampling defaults) and the tokenizer's files as
+    bytes: with a state dict, all a model folder needs."""
     with tempfile.TemporaryDirectory() as folder:
-        config.save_pretrained(folder)
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
 
@@ -384,34 +397,39 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
     ckpt_path = str(ckpt_path)
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    if os.path.isdir(ckpt_path):  # DeepSpeed writes a folder of shards
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    out = Path(out_dir)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    # beside the output (a consolidated checkpoint can be larger than /tmp): the carried model files, and
+    # for a DeepSpeed folder of shards its consolidated checkpoint
+    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=f".{out.resolve().name}.export") as work:
+        if os.path.isdir(ckpt_path):
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-        consolidated = os.path.join(out_dir, "consolidated.ckpt")
-        os.makedirs(out_dir, exist_ok=True)
-        convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, consolidated)
-        ckpt_path = consolidated
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise ValueError(f"{ckpt_path}: no '_class_path' in hyper_parameters; was it written by cli.py?")
-    module_name, _, class_name = class_path.rpartition(".")
-    import importlib
+            consolidated = os.path.join(work, "consolidated.ckpt")
+            convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, consolidated)
+            ckpt_path = consolidated
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
+        if class_path is None:
+            raise ValueError(f"{ckpt_path}: no '_class_path' in hyper_parameters; was it written by cli.py?")
+        module_name, _, class_name = class_path.rpartition(".")
+        import importlib
 
-    module_cls: type[pl.LightningModule] = getattr(importlib.import_module(module_name), class_name)
-    from transformers.utils import logging as transformers_logging
-
-    # quiet the base model's "newly initialised head" notice: the checkpoint's weights replace every tensor
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as carried:
+        module_cls: type[pl.LightningModule] = getattr(importlib.import_module(module_name), class_name)
         overrides: dict[str, Any] = {}
         base_model = checkpoint["hyper_parameters"].get("model")
-        if MODEL_FILES_KEY in checkpoint:  # config.json and tokenizer, no weights: built fresh, then loaded
+        if MODEL_FILES_KEY in checkpoint:  # configs and tokenizer, no weights: built fresh, then loaded
+            carried = Path(work) / "model"
+            carried.mkdir()
             for name, data in checkpoint[MODEL_FILES_KEY].items():
-                (Path(carried) / name).write_bytes(data)
-            overrides["model"] = carried
+                (carried / name).write_bytes(data)
+            overrides["model"] = str(carried)
         del checkpoint  # load_from_checkpoint reads the file again; do not hold two copies
+        from transformers.utils import logging as transformers_logging
+
+        # quiet the base model's "newly initialised head" notice: the checkpoint's weights replace every tensor
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
         try:
             module = module_cls.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
         finally:
@@ -420,8 +438,4 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
             raise ValueError(f"{class_path} has no Hugging Face model to export")
         if overrides and base_model is not None:  # an export records the run's base model as its source
             module.model_name_or_path = base_model
-        out = Path(out_dir)
-        module.export_pretrained(out)
-    if out.joinpath("consolidated.ckpt").exists():
-        out.joinpath("consolidated.ckpt").unlink()
-    return out
+        return module.export_pretrained(out)

@@ -64,6 +64,7 @@ class RewardScorer(RewardModel):
         if fresh and self.checkpoint is not None:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
             self.load_state_dict(state, strict=True)
+            self.model.newly_initialized_weights = []  # every weight, the head included, is the checkpoint's
 
     def on_predict_epoch_start(self) -> None:
         self._scores = []

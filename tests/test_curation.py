@@ -465,6 +465,15 @@ def test_consistency_filter_checks_only_the_listed_categories():
 
 # -- bad input: errors name the file, row and field; no run leaves a folder that mixes two runs ----------
 
+def test_a_rerun_on_an_earlier_runs_output_in_the_same_folder_keeps_its_input_and_the_users_files(tmp_path):
+    out = tmp_path / "cur"
+    run_pipeline(str(POOL), str(out), [DropInvalid(), Deduplicate()])
+    (out / "2024_pairs.jsonl").write_text(POOL.read_text())  # a user's file shaped like NN_<word>: not ours
+    summary = run_pipeline(str(out / "curated.jsonl"), str(out), [Decontaminate(eval_files=[str(EVAL)])])
+    assert summary["output_rows"] == 6 and (out / "2024_pairs.jsonl").read_text() == POOL.read_text()
+    assert not (out / "02_deduplicate.jsonl").exists()  # the earlier run's stage files went
+
+
 def test_a_failed_run_leaves_no_curated_file_or_report_and_readers_say_so(tmp_path):
     """A re-run first deletes the previous run's files and writes report.json last: a run that fails
     leaves no curated.*/report.json beside its partial stage files, and every rank's setup refuses it."""

@@ -240,9 +240,12 @@ def test_local_looking_paths_never_reach_the_hub(tmp_path, monkeypatch):
     (tmp_path / "folder.jsonl").mkdir()
     from datamodules.common import read_rows
 
-    for missing in ["data/pairs", "./pairs", str(tmp_path / "a" / "b"), "missing.csv"]:
+    for missing in ["./pairs", "data/more/pairs", str(tmp_path / "a" / "b"), "missing.csv"]:
         with pytest.raises((FileNotFoundError, DataError), match=r"not found|unsupported"):
             read_rows(missing)
+    from datamodules.common import looks_like_local_path
+
+    assert not looks_like_local_path("data/pairs")  # owner/name: a hub name, although ./data exists here
     with pytest.raises(DataError, match="is a folder"):
         read_rows("folder.jsonl")
     (tmp_path / "UPPER.JSONL").write_text('{"chosen": "a", "rejected": "b"}\n')

@@ -63,6 +63,15 @@ def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before  # not a config-only folder (fresh weights)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left behind
     lm.load_model(str(out), kind="sequence_classification")
+    # a folder that is not an earlier export (a run's folder, given by mistake) is never replaced
+    run_folder = tmp_path / "run"
+    (run_folder / "checkpoints").mkdir(parents=True)
+    del module.write_export
+    import pytest
+
+    with pytest.raises(FileExistsError, match=r"run exists and is not an earlier output of this kind"):
+        module.export_pretrained(run_folder)
+    assert (run_folder / "checkpoints").is_dir()
 
 
 def test_a_damaged_model_folder_is_a_clear_error(tmp_path):
@@ -71,7 +80,7 @@ def test_a_damaged_model_folder_is_a_clear_error(tmp_path):
     folder = lm.build_preset("tiny", tmp_path / "model")
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"model: cannot load the model from this folder .* Export it again"):
+    with pytest.raises(ValueError, match=r"model: cannot load the model from this folder .* export it again"):
         lm.load_model(str(folder))
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, quiet_run_args
 
@@ -47,25 +48,31 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 18
 
 
-def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("accumulate, kill_step, saved_step, last_step", [
+    (1, 9, 8, 16),  # checkpoints every 4 steps; killed in epoch two, 2 of its 6 batches done
+    (2, 5, 4, 8),   # 2 batches per step: checkpoints every 2 steps, on optimizer steps; the same batches
+])
+def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopped(
+        tmp_path, accumulate, kill_step, saved_step, last_step):
     """The main job checkpoints mid-epoch (every 200 of 250 steps): the resumed epoch must go on with the
     batches the checkpoint had not consumed, not start the epoch's data over."""
-    mid_epoch = [*EPOCHS, "--trainer.val_check_interval=4", "--trainer.check_val_every_n_epoch=null"]
+    mid_epoch = [*EPOCHS, "--trainer.val_check_interval=4", "--trainer.check_val_every_n_epoch=null",
+                 f"--trainer.accumulate_grad_batches={accumulate}"]
     straight = cli(tmp_path, "straight", *mid_epoch)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = cli(tmp_path, "resumed", *mid_epoch, "--trainer.callbacks+=sigkill_callback.SigkillAtStep",
-                 "--trainer.callbacks.step=9")
+                 f"--trainer.callbacks.step={kill_step}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert (checkpoint["global_step"], checkpoint["epoch"]) == (8, 1)  # 2 of epoch two's 6 batches done
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (saved_step, 1)  # batch 8 of 18: mid epoch two
     resumed = cli(tmp_path, "resumed", *mid_epoch, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
     expected, actual = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    # last.ckpt is written at each validation (every 4 steps): step 16, two epochs after the resumed one
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 16
+    # last.ckpt is written at each validation (every 4 batches): batch 16, two epochs after the resumed one
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == last_step
 
 
 def test_ddp_two_cpu_processes(tmp_path):

@@ -122,7 +122,7 @@ def test_hub_dataset_by_name_reads_the_filtered_split(monkeypatch):
     ("rewardbench_missing_subset.jsonl", r"rewardbench_missing_subset.jsonl: row 1, field 'subset': missing"),
     ("rewardbench_unknown_subset.jsonl",
      r"rewardbench_unknown_subset.jsonl: row 1, field 'subset': unknown subset 'alpacaeval-medium'"),
-    ("rewardbench_empty.jsonl", r"rewardbench_empty.jsonl: the evaluation set is empty"),
+    ("rewardbench_empty.jsonl", r"rewardbench_empty.jsonl: split 'test' has no rows"),
 ])
 def test_bad_evaluation_files_stop_with_a_clear_error(fixture, message):
     with pytest.raises(DataError, match=message):

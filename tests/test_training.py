@@ -371,3 +371,20 @@ def test_run_dir_moves_logs_checkpoints_and_export_together(tmp_path):
     assert (run_dir / "export" / "config.json").exists()
     [summary] = list(run_dir.glob("version_*/summary.json"))
     assert json.loads(summary.read_text())["stages"]["fit"]
+
+
+def test_export_from_a_checkpoint_keeps_the_generation_config(run_cli, tmp_path):
+    """Stop tokens and sampling defaults live in generation_config.json, which the rollout engine reads."""
+    import shutil
+
+    from modules import lm
+
+    base = lm.build_preset("tiny", tmp_path / "base")
+    generation = json.loads((base / "generation_config.json").read_text())
+    generation.update(eos_token_id=[1, 2], temperature=0.7, do_sample=True)  # not derivable from config.json
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    run_cli("fit", "configs/sft/arithmetic.yaml", *SMALL_SFT, f"--model.init_args.model={base}")
+    shutil.rmtree(base)
+    out = lm.export_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
+    exported = json.loads((out / "generation_config.json").read_text())
+    assert (exported["eos_token_id"], exported["temperature"], exported["do_sample"]) == ([1, 2], 0.7, True)
