@@ -906,7 +906,7 @@ def report_table(summary: dict[str, Any]) -> str:
 class CuratedPreferenceData(PreferenceData):
     """``PreferenceData`` that curates its training file first.
 
-    ``prepare_data`` (one process per node) runs ``curation_steps`` on ``train_file`` and writes every
+    ``prepare_data`` (one process in the whole job) runs ``curation_steps`` on ``train_file`` and writes every
     stage's output and report under ``curation_dir``; training then reads ``curation_dir/curated.*``. The
     curation report goes into the run's ``summary.json`` (``data_report['curation']``). ``setup``, on every
     rank, refuses a ``curation_dir`` whose last run did not finish or curated another file
@@ -922,6 +922,9 @@ class CuratedPreferenceData(PreferenceData):
         self.raw_train_file = self.files["train"]
         self.pair_fields = PairFields(self.prompt_field, self.chosen_field, self.rejected_field, source_field)
         self.curation_summary: dict[str, Any] | None = None
+        # one curation per job, not per node: nodes sharing a filesystem would clear and rewrite the same folder
+        # under each other (every rank then reads the result in setup, after Lightning's barrier)
+        self.prepare_data_per_node = False
 
     def curated_file(self) -> Path:
         return Path(self.curation_dir) / f"curated{Path(self.raw_train_file).suffix or '.jsonl'}"

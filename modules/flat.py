@@ -340,7 +340,8 @@ class FlatUnlearner(HFModule):
         forget, template = {}, {}
         for batch in datamodule.reference_dataloader():
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            # the training step's precision (bf16 autocast ...), so the first step's log-ratio is exactly 0
+            # the training step's precision (bf16 autocast ...): the first step's log-ratio is then 0 up to the
+            # rounding of a differently padded batch, not a float32-vs-bf16 difference
             with self.trainer.precision_plugin.forward_context():
                 scores = self._reference_scores(model, batch)
             for i, index in enumerate(batch["index"].tolist()):
