@@ -106,6 +106,13 @@ def read_rows(source: str, split: str = "train", name: str | None = None) -> lis
 
 
 def _json_rows(text: str, source: str, suffix: str) -> list[dict[str, Any]]:
+    return _checked_objects([row for _, row in json_rows_with_lines(text, source, suffix)], source)
+
+
+def json_rows_with_lines(text: str, source: str, suffix: str = ".json") -> list[tuple[int, Any]]:
+    """(line number, row) of a JSON file's text: a ``.json`` file may hold one list of rows (line 0 for
+    each) or one object per line, ``.jsonl`` one object per line. Invalid JSON and a key repeated within a
+    row are ``DataError``s naming ``source`` and the line."""
     stripped = text.lstrip()
     if suffix == ".json" and stripped.startswith(("[", "{")):
         try:
@@ -115,23 +122,23 @@ def _json_rows(text: str, source: str, suffix: str) -> list[dict[str, Any]]:
                 raise DataError(f"{source}: invalid JSON at line {error.lineno}: {error.msg}") from None
             rows = None  # not one JSON value: read it as one object per line below
         if isinstance(rows, dict) and len(stripped.rstrip().splitlines()) == 1:
-            return [rows]  # a one-row file of JSON Lines
+            return [(text[:len(text) - len(stripped)].count("\n") + 1, rows)]  # a one-row file of JSON Lines
         if isinstance(rows, dict):
             lists = [key for key, value in rows.items() if isinstance(value, list)]
             hint = f" (its list field(s): {lists}; save that list itself, or one object per line)" if lists else ""
             raise DataError(f"{source}: the file is one JSON object; expected a list of row objects or one row "
                             f"object per line{hint}")
         if rows is not None:
-            return _checked_objects(rows, source)
+            return [(0, row) for row in rows]
     rows = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line, object_pairs_hook=unique_keys(source, line_number)))
+            rows.append((line_number, json.loads(line, object_pairs_hook=unique_keys(source, line_number))))
         except json.JSONDecodeError as error:
             raise DataError(f"{source}: line {line_number} is not valid JSON: {error.msg}") from None
-    return _checked_objects(rows, source)
+    return rows
 
 
 def _checked_objects(rows: list[Any], source: str) -> list[dict[str, Any]]:

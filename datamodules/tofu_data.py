@@ -651,25 +651,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _read_json_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, row) pairs; a file holding one JSON array gives line 0 for every row. Bytes that are
-    not UTF-8 and repeated keys are errors naming the line (Arrow would fail on them later, obscurely)."""
-    from datamodules.common import DataError, read_utf8_text, unique_keys
+    not UTF-8, invalid JSON and repeated keys are errors naming the line (Arrow would fail on them later,
+    obscurely)."""
+    from datamodules.common import DataError, json_rows_with_lines, read_utf8_text
 
     try:
-        text = read_utf8_text(path, str(path))
-        if text.lstrip().startswith("["):
-            try:
-                return [(0, row) for row in json.loads(text, object_pairs_hook=unique_keys(str(path), None))]
-            except json.JSONDecodeError as err:
-                raise TofuDataError(f"{path}: not valid JSON: {err}") from None
-        out = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((line_number, json.loads(line, object_pairs_hook=unique_keys(str(path), line_number))))
-            except json.JSONDecodeError as err:
-                raise TofuDataError(f"{path}: line {line_number}: not valid JSON: {err}") from None
-        return out
+        return json_rows_with_lines(read_utf8_text(path, str(path)), str(path))
     except DataError as err:
         raise TofuDataError(str(err)) from None
 

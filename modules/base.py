@@ -260,6 +260,7 @@ class HFModule(TrainableModule):
         self.prepare_tokenizer(self.tokenizer)
         self.model: torch.nn.Module | None = None
         self.model_flops_shape: dict[str, int] | None = None
+        self._model_files: dict[str, bytes] | None = None  # what checkpoints carry for export (on_save_checkpoint)
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """Hook for methods that need special tokens (e.g. a distinct pad token)."""
@@ -297,7 +298,7 @@ class HFModule(TrainableModule):
         """Checkpoints carry the model's config and the tokenizer's files (``lm.MODEL_FILES_KEY``), so
         ``cli.py export`` needs neither the base model nor the run's working directory."""
         if self.model is not None:
-            if getattr(self, "_model_files", None) is None:  # neither changes during a run
+            if self._model_files is None:  # neither config nor tokenizer changes during a run
                 self._model_files = lm.model_files(self.model, self.tokenizer)
             checkpoint[lm.MODEL_FILES_KEY] = self._model_files
 

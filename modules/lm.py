@@ -193,6 +193,7 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
     if kind == "sequence_classification":
         kwargs["num_labels"] = num_labels
     path = resolve_model_path(name_or_path)
+    info: dict[str, Any] = {"missing_keys": []}  # a config-only model is fresh by request, not by accident
     if has_config_only(path):
         # a folder holding only config.json: a model of that shape with fresh weights (benchmarks,
         # from-scratch training); from_pretrained would refuse it
@@ -216,7 +217,7 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
         model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     # a sequence classifier built on a causal LM starts with a random head: evaluating it untrained is a
     # mistake worth a warning (cli.py), training it is the point
-    model.newly_initialized_weights = sorted(info.get("missing_keys", ())) if not has_config_only(path) else []
+    model.newly_initialized_weights = sorted(info.get("missing_keys", ()))
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
@@ -408,7 +409,9 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
             consolidated = os.path.join(work, "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, consolidated)
             ckpt_path = consolidated
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # mapped, not read: only the class path and the carried files are needed here, and
+        # load_from_checkpoint reads the weights
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
         if class_path is None:
             raise ValueError(f"{ckpt_path}: no '_class_path' in hyper_parameters; was it written by cli.py?")
@@ -424,7 +427,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> Path:
             for name, data in checkpoint[MODEL_FILES_KEY].items():
                 (carried / name).write_bytes(data)
             overrides["model"] = str(carried)
-        del checkpoint  # load_from_checkpoint reads the file again; do not hold two copies
+        del checkpoint
         from transformers.utils import logging as transformers_logging
 
         # quiet the base model's "newly initialised head" notice: the checkpoint's weights replace every tensor
