@@ -20,10 +20,11 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 
 import datamodules  # noqa: E402,F401  (registers the data modules)
@@ -34,6 +35,7 @@ from callbacks import (  # noqa: E402
     NonFiniteLossError,
     NonFiniteLossGuard,
     RunSummary,
+    StepAwareRichProgressBar,
     Throughput,
 )
 
@@ -95,6 +97,16 @@ class TrainerCLI(LightningCLI):
                 return
             self.model = self._get(self.parser.instantiate_classes(self.config), "model")  # frees the fitted one
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list[pl.Callback]) -> pl.Trainer:
+        # Lightning's own choice (rich where installed) but labelled for step-limited runs; a progress bar the
+        # user configured, or enable_progress_bar=false, is left alone
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if (config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+                and not any(isinstance(callback, ProgressBar) for callback in [*configured, *callbacks])):
+            callbacks = [*callbacks, StepAwareRichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _warn_if_untrained(self) -> None:
         """Testing, validating or predicting without --ckpt_path uses the configured model's own weights;

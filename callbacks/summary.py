@@ -4,6 +4,11 @@
 predict) and a manifest: package versions, world size, precision, effective batch size, seed, the
 resolved config, and the checkpoint evaluated. Results tables are rebuilt from these files.
 
+Each evaluation stage records how many batches it ran and the ``limit_*_batches`` in force, so a metric of a
+partial evaluation cannot pass for the full one. A run that fails before its first training step removes the
+log folder it had just created (holding nothing but an empty event file), so the next run of the config
+does not move on to ``version_N+1``.
+
 It also checks that a fit trained something: a sample of every trainable tensor is compared before and
 after, and a run in which nothing changed (zero learning rate, frozen weights) is reported loudly.
 """
@@ -14,6 +19,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +36,8 @@ from callbacks.throughput import Throughput
 PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "datasets", "bitsandbytes", "tokenizers",
             "jsonargparse", "tensorboard", "numpy")
 SAMPLES_PER_TENSOR = 64
+# the trainer's names for each stage's loop: limit_<key>_batches, num_<key>_batches
+STAGE_BATCH_KEYS = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -64,6 +73,7 @@ class RunSummary(pl.Callback):
         self.check_trained = check_trained
         self._param_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.warnings: list[str] = []
+        self._created_at = time.time()
 
     # -- did anything train? -------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,6 +153,8 @@ class RunSummary(pl.Callback):
         self._write(trainer, "fit", {
             **({"throughput": throughput} if throughput else {}),
             "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+            "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
+            "limit_train_batches": trainer.limit_train_batches, "limit_val_batches": trainer.limit_val_batches,
             "interrupted": trainer.interrupted,
             "best_checkpoint": getattr(callback, "best_model_path", None) or None,
             "best_score": _jsonable(getattr(callback, "best_model_score", None)),
@@ -150,7 +162,32 @@ class RunSummary(pl.Callback):
         })
 
     def _evaluated(self, trainer: pl.Trainer, stage: str) -> None:
-        self._write(trainer, stage, {"checkpoint": trainer.ckpt_path})
+        key = STAGE_BATCH_KEYS[stage]
+        batches = [_jsonable(float(count)) if count == float("inf") else int(count)
+                   for count in getattr(trainer, f"num_{key}_batches", None) or []]
+        self._write(trainer, stage, {"checkpoint": trainer.ckpt_path, "batches_per_dataloader": batches,
+                                     f"limit_{key}_batches": getattr(trainer, f"limit_{key}_batches", None)})
+
+    # -- a failed start leaves no folder behind ------------------------------------------------------------
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.global_step == 0:
+            self._remove_fresh_log_dir(trainer)
+
+    @rank_zero_only
+    def _remove_fresh_log_dir(self, trainer: pl.Trainer) -> None:
+        # the logger's own property, not trainer.log_dir: that one is a collective call, and the other ranks
+        # may not be raising
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if not log_dir or not Path(log_dir).is_dir():
+            return
+        files = [path for path in Path(log_dir).rglob("*") if path.is_file()]
+        # only what this process wrote (a rerun into a fixed version keeps the earlier run's files), and only
+        # what a start writes: event files, the saved config, hparams
+        fresh_start = all(path.stat().st_mtime >= self._created_at and path.name != self.filename
+                          and (path.name.startswith("events.out.tfevents") or path.name in ("config.yaml", "hparams.yaml"))
+                          for path in files)
+        if fresh_start:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":

@@ -117,12 +117,51 @@ def test_validate_test_and_predict_run_from_a_checkpoint(run_cli, tmp_path):
     run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
     ckpt = f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"
     for subcommand in ("validate", "test", "predict"):
-        run_cli(subcommand, "configs/reward/bt.yaml", *SMALL_REWARD, ckpt, name=subcommand)
+        run_cli(subcommand, "configs/reward/bt.yaml", *SMALL_REWARD, ckpt, "--data.init_args.eval_batch_size=8",
+                name=subcommand)
         stage = read_summary(tmp_path, subcommand)["stages"][subcommand]
         assert stage["checkpoint"].endswith("best.ckpt")
+        assert stage["batches_per_dataloader"] == [3]  # 24 rows in batches of 8
         if subcommand != "predict":
             metric = "val/accuracy" if subcommand == "validate" else "test/accuracy"
             assert 0.0 <= stage["metrics"][metric] <= 1.0
+
+
+def test_a_partial_evaluation_is_recorded_as_one(run_cli, tmp_path):
+    run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, "--data.init_args.eval_batch_size=8",
+            "--trainer.limit_test_batches=1")
+    stage = read_summary(tmp_path)["stages"]["test"]
+    assert stage["batches_per_dataloader"] == [1] and stage["limit_test_batches"] == 1
+
+
+def test_a_failed_start_leaves_no_log_folder_and_keeps_an_earlier_runs_files(run_cli, tmp_path):
+    from datamodules.common import DataError
+
+    missing = f"--data.init_args.train_file={tmp_path / 'missing.jsonl'}"
+    with pytest.raises((DataError, FileNotFoundError)):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, missing)
+    assert list((tmp_path / "run").glob("version_*")) == []  # the next run is version_0 again
+    # a rerun into a fixed version folder holding an earlier run's files removes nothing
+    earlier = tmp_path / "run" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "events.out.tfevents.earlier").write_text("earlier run")
+    with pytest.raises((DataError, FileNotFoundError)):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, missing, "--trainer.logger.init_args.version=0")
+    assert (earlier / "events.out.tfevents.earlier").read_text() == "earlier run"
+
+
+def test_step_limited_runs_get_a_progress_bar_without_a_negative_epoch_count(tmp_path):
+    from conftest import ROOT, quiet_run_args
+
+    import cli
+    from callbacks.progress import StepAwareRichProgressBar, train_description
+
+    assert train_description(0, -1, 800) == "Epoch 0 (step limit 800)"  # Lightning's rich bar: "Epoch 0/-2"
+    assert train_description(2, 5, -1) == "Epoch 2/4"
+    args = ["--config", str(ROOT / "configs/reward/bt.yaml"), *quiet_run_args(tmp_path), *SMALL_REWARD]
+    shown = cli.main([*args, "--trainer.enable_progress_bar=true"], run=False)
+    assert isinstance(shown.trainer.progress_bar_callback, StepAwareRichProgressBar)
+    assert cli.main(args, run=False).trainer.progress_bar_callback is None  # enable_progress_bar=false holds
 
 
 def test_eval_rows_keep_each_row_once_and_number_rows_without_ids():
@@ -335,7 +374,8 @@ def test_a_missing_earlier_stage_is_one_error_line_naming_the_config_that_writes
 def test_testing_a_reward_model_without_a_checkpoint_warns_that_its_head_is_untrained(run_cli):
     with pytest.warns(UserWarning, match=r"test ran without --ckpt_path on tiny, whose score.weight were newly "
                                          r"initialised"):
-        run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.limit_test_batches=1")
+        run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, "--data.init_args.eval_batch_size=8",
+            "--trainer.limit_test_batches=1")
 
 
 def test_export_needs_neither_the_base_model_nor_the_working_directory(run_cli, tmp_path):
