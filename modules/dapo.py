@@ -44,10 +44,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -65,6 +68,8 @@ from datamodules.dapo_data import (
 )
 from modules import lm
 from modules.base import EvalRows, HFModule
+
+TEST_GENERATIONS_FILE = "test_generations.jsonl"  # DAPOPolicy's per-problem test results, in the log folder
 
 # ====================================================================================================
 # Losses and metrics (pure)
@@ -371,15 +376,42 @@ class DAPOPolicy(HFModule):
                 out[i] = value
         return out
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[dict[str, Any]] = []
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generations = [g[0] for g in self.engine.generate(batch["prompt_ids"], 1, self.max_new_tokens, temperature=0.0)]
         correct = self.rewards(batch["task_kind"], [g.text for g in generations], batch["reference"])
-        size = len(generations)
-        self.log("test/accuracy", torch.tensor(correct).mean(), batch_size=size, sync_dist=True, prog_bar=True)
-        self.log("test/finished", torch.tensor([float(g.finished) for g in generations]).mean(), batch_size=size,
-                 sync_dist=True)
-        self.log("test/response_tokens", torch.tensor([float(len(g.token_ids)) for g in generations]).mean(),
-                 batch_size=size, sync_dist=True)
+        self._test_rows += [{"problem_id": problem_id, "correct": bool(value), "finished": g.finished,
+                             "response_tokens": len(g.token_ids), "response": g.text}
+                            for problem_id, value, g in zip(batch["problem_id"], correct, generations)]
+
+    def on_test_epoch_end(self) -> None:
+        """Logs pass@1 over the distinct problems of all processes and writes ``<log_dir>/test_generations.jsonl``:
+        per problem the greedy response and whether it was correct, for reading the answers and for paired
+        comparisons of two policies on the same problems."""
+        rows = self._test_rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            shares: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, rows)
+            # the distributed sampler repeats problems to even out the processes: count each once
+            first: dict[str, dict[str, Any]] = {}
+            for share in shares:
+                for row in share:
+                    first.setdefault(row["problem_id"], row)
+            rows = list(first.values())
+        if rows:
+            # equal on every process already; sync_dist keeps Lightning's epoch-end check quiet
+            for key, name in (("correct", "accuracy"), ("finished", "finished"), ("response_tokens", "response_tokens")):
+                self.log(f"test/{name}", sum(float(row[key]) for row in rows) / len(rows), sync_dist=True,
+                         prog_bar=name == "accuracy")
+        log_dir = self.trainer.log_dir  # on every process: a collective call under DDP
+        if self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / TEST_GENERATIONS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".tmp")
+            partial.write_text("".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda row: row["problem_id"])))
+            os.replace(partial, path)
 
 
 class DAPORollouts(DAPOPolicy):

@@ -17,6 +17,13 @@ exists is skipped, so an interrupted recipe continues where it stopped (``--fres
     python recipes/dapo_arithmetic.py                  # 10 min measured on the shared 2-core CPU (load 2-4)
     python recipes/dapo_arithmetic.py --rounds 2       # +7 min
     python recipes/dapo_arithmetic.py --eval-split val  # tuning: evaluate on the SFT validation split
+    python recipes/dapo_arithmetic.py --seeds 0,1,2    # stages 1-5 and RFT once per seed, one stage-0 policy
+
+Every evaluation writes its per-problem answers (``test_generations.jsonl`` in its log folder), and the
+results pair the policies on the same problems: problems won and lost, and the exact McNemar p-value.
+With several ``--seeds``, stage 0 runs once and each seed (rollout sampling, critic and actor data order,
+the critic's validation problems, RFT data order) gets ``<out>/seed<S>/`` with its own results; the
+top-level results add a row per seed and the mean and spread of the differences over seeds.
 """
 
 from __future__ import annotations
@@ -35,6 +42,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/dapo")
@@ -44,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--sft-target-accuracy", type=float, default=0.5,
                    help="stage 0 keeps the checkpoint whose validation accuracy is nearest this: a clearly "
                         "imperfect policy whatever the machine's numerics")
+    p.add_argument("--seeds", type=seed_list, default=[0],
+                   help="comma-separated seeds of everything after stage 0 (one: <out> itself; several: <out>/seed<S>)")
     p.add_argument("--rounds", type=int, default=1, choices=(1, 2))
     p.add_argument("--problems", type=int, default=256, help="rollout problems per round")
     p.add_argument("--n1", type=int, default=16)
@@ -80,6 +99,8 @@ class Recipe:
         self.python = sys.executable
         self.timings: dict[str, dict] = {}
         self.redo = {s for s in args.redo.split(",") if s}
+        self.seed = args.seeds[0]
+        self.policy_deps: tuple[str, ...] = ()  # the stages behind --policy, when a multi-seed run passes its own
 
     # -- running stages ------------------------------------------------------------------------------
     def done_marker(self, name: str) -> Path:
@@ -141,6 +162,11 @@ class Recipe:
             command += ["--return_predictions", "false"]
         return command + list(overrides)
 
+    def seed_overrides(self, holder: str) -> list[str]:
+        """The run's seed for a stage after stage 0: Lightning's, and the sampling seed of the rollout module or
+        the data order (and validation split) seed of the data module. Seed 0 repeats the configs' own."""
+        return [f"--seed_everything={self.seed}", f"--{holder}.init_args.seed={self.seed}"]
+
     def export(self, name: str, checkpoint: Path, target: Path, depends: tuple[str, ...]) -> Path:
         self.stage(name, [self.python, "cli.py", "export", str(checkpoint), str(target)], depends, (target,))
         return target
@@ -192,7 +218,7 @@ class Recipe:
         # 0. the policy
         if args.policy:
             policy = args.policy
-            sft_deps: tuple[str, ...] = ()
+            sft_deps: tuple[str, ...] = self.policy_deps
         else:
             self.stage("sft", self.cli("fit", "configs/sft/arithmetic.yaml", "sft",
                                        f"--trainer.max_steps={args.sft_steps}",
@@ -215,6 +241,9 @@ class Recipe:
         results["policy"] = policy
         if args.sft_only:
             return self.finish(results, started, load_start)
+        if len(args.seeds) > 1:
+            return self.run_seeds(policy, sft_deps, results, started, load_start)
+        results["seed"] = self.seed
 
         reference, reference_deps = policy, sft_deps
         critic_init, critic_deps = policy, sft_deps
@@ -227,13 +256,56 @@ class Recipe:
                 results["policies"]["RFT baseline (round-1 rollouts)"] = self.rft(policy, sft_deps)
         return self.finish(results, started, load_start)
 
+    def run_seeds(self, policy: str, policy_deps: tuple[str, ...], results: dict, started: float, load_start) -> dict:
+        """Stages 1-5 and RFT once per seed from the one stage-0 policy, each in ``<out>/seed<S>``."""
+        per_seed = {}
+        for seed in self.args.seeds:
+            print(f"[seed] {seed}", flush=True)
+            sub = Recipe(argparse.Namespace(**{**vars(self.args), "out": str(self.out / f"seed{seed}"), "policy": policy,
+                                               "seeds": [seed], "fresh": False}))
+            sub.redo, sub.policy_deps = self.redo, policy_deps  # a redone stage 0 redoes every seed's stages
+            per_seed[seed] = sub.run()
+        results["seeds"] = {seed: {"policies": r["policies"], "paired": r["paired"], "wall_seconds": r["wall_seconds"]}
+                            for seed, r in per_seed.items()}
+        results["over_seeds"] = over_seeds(per_seed)
+        return self.finish(results, started, load_start)
+
     def finish(self, results: dict, started: float, load_start) -> dict:
         results["wall_seconds"] = time.perf_counter() - started
         results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
         results["stages"] = self.timings
         results["eval_split"], results["eval_problems"] = self.args.eval_split, self.eval_problems
+        results["paired"] = self.paired(results["policies"])
         self.write(results)
         return results
+
+    def generations(self, name: str) -> dict[str, bool]:
+        """problem id -> correct, from an evaluation's per-problem file."""
+        if self.args.eval_split != "test":
+            name = f"{name}_{self.args.eval_split}"
+        path = self.out / "logs" / "eval" / name / "version_0" / "test_generations.jsonl"
+        if not path.exists():
+            return {}
+        return {row["problem_id"]: row["correct"] for row in map(json.loads, path.read_text().splitlines())}
+
+    def paired(self, policies: dict[str, float]) -> list[dict]:
+        """Each later policy against the SFT policy, and DAPO round 1 against RFT, on the same problems."""
+        names = {"SFT policy (stage 0)": "sft", "DAPO round 1": "dapo_round1", "DAPO round 2": "dapo_round2",
+                 "RFT baseline (round-1 rollouts)": "rft"}
+        answers = {label: self.generations(name) for label, name in names.items() if label in policies}
+        pairs = [(label, "SFT policy (stage 0)") for label in answers if label != "SFT policy (stage 0)"]
+        if "RFT baseline (round-1 rollouts)" in answers and "DAPO round 1" in answers:
+            pairs.append(("DAPO round 1", "RFT baseline (round-1 rollouts)"))
+        out = []
+        for first, second in pairs:
+            a, b = answers[first], answers[second]
+            if not a or a.keys() != b.keys():  # evaluations written before per-problem files existed
+                continue
+            won = sum(a[key] and not b[key] for key in a)
+            lost = sum(b[key] and not a[key] for key in a)
+            out.append({"policy": first, "against": second, "won": won, "lost": lost,
+                        "difference": (won - lost) / len(a), "p_value": mcnemar_exact(won, lost)})
+        return out
 
     def dapo_round(self, r: int, policy: str, policy_deps, critic_init: str, critic_deps, results: dict):
         args, base = self.args, self.out / f"round{r}"
@@ -245,13 +317,13 @@ class Recipe:
             f"--trainer.callbacks.init_args.output={rollouts}", f"--model.init_args.model={policy}",
             f"--model.init_args.n1={args.n1}", f"--model.init_args.n={args.n}", f"--model.init_args.m={args.m}",
             f"--model.init_args.temperature={args.temperature}", f"--data.init_args.rollout_size={args.problems}",
-            f"--data.init_args.rollout_offset={(r - 1) * args.problems}"), policy_deps,
+            f"--data.init_args.rollout_offset={(r - 1) * args.problems}", *self.seed_overrides("model")), policy_deps,
             self.dataset_files(rollouts), resumable=True)
         # 2. critic
         self.stage(f"critic_{tag}", self.cli(
             "fit", "configs/dapo/critic.yaml", f"{tag}/critic", f"--model.init_args.model={critic_init}",
             f"--data.init_args.data_file={rollouts}", f"--trainer.max_epochs={args.critic_epochs}",
-            f"--model.init_args.optimizer.init_args.lr={args.critic_lr}", checkpoint=True,
+            f"--model.init_args.optimizer.init_args.lr={args.critic_lr}", *self.seed_overrides("data"), checkpoint=True,
             export=base / "critic/export"), critic_deps + (f"rollouts_{tag}",),
             (base / "critic/checkpoints", base / "critic/export"))
         critic = base / "critic/export"  # the best checkpoint by validation BCE (the last without validation)
@@ -269,7 +341,7 @@ class Recipe:
             f"--model.init_args.beta={args.beta}", f"--model.init_args.optimizer.init_args.lr={args.actor_lr}",
             f"--data.init_args.data_file={advantages}", f"--data.init_args.min_gap={args.min_gap}",
             f"--data.init_args.batch_size={args.actor_batch_states}", f"--trainer.max_epochs={args.actor_epochs}",
-            checkpoint=True, export=base / "actor/export"), (f"advantages_{tag}",),
+            *self.seed_overrides("data"), checkpoint=True, export=base / "actor/export"), (f"advantages_{tag}",),
             (base / "actor/checkpoints", base / "actor/export"))
         actor = base / "actor/export"  # the last checkpoint (no monitored metric)
         results[tag] = {
@@ -294,7 +366,8 @@ class Recipe:
             return self.evaluate("sft", policy, policy_deps)
         self.stage("rft", self.cli("fit", "configs/dapo/rft.yaml", "rft", f"--model.init_args.model={policy}",
                                    f"--data.init_args.train_file={data}", f"--trainer.max_epochs={args.rft_epochs}",
-                                   f"--model.init_args.optimizer.init_args.lr={args.rft_lr}", checkpoint=True,
+                                   f"--model.init_args.optimizer.init_args.lr={args.rft_lr}",
+                                   *self.seed_overrides("data"), checkpoint=True,
                                    export=base / "export"),
                    policy_deps + ("rollouts_round1",), (base / "checkpoints", base / "export"))
         return self.evaluate("rft", base / "export", ("rft",))
@@ -313,6 +386,14 @@ class Recipe:
         for name, accuracy in results["policies"].items():
             low, high = wilson(accuracy, n)
             lines.append(f"| {name} | {accuracy:.3f} | {low:.3f}-{high:.3f} | {accuracy - base:+.3f} |")
+        if results["paired"]:
+            lines += ["", "Paired on the same problems (problems only the first policy solved / only the second; "
+                      "exact two-sided McNemar test):", "", "| policy | against | won | lost | difference | p |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {row['policy']} | {row['against']} | {row['won']} | {row['lost']} | {row['difference']:+.3f} "
+                      f"| {row['p_value']:.3g} |" for row in results["paired"]]
+        if "over_seeds" in results:
+            lines += ["", seeds_markdown(results)]
         if hasattr(self, "rft_rows"):
             results["rft_training_rows"] = self.rft_rows
         results["stage_seconds_total"] = sum(record["seconds"] for record in results["stages"].values())
@@ -339,6 +420,53 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(won: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant problems as a fair-coin binomial."""
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Mean and sample standard deviation over seeds of every policy's accuracy and every paired difference."""
+    def spread(values: list[float]) -> dict:
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+        return {"mean": mean, "sd": sd, "values": values}
+
+    runs = list(per_seed.values())
+    out = {"accuracy": {name: spread([r["policies"][name] for r in runs]) for name in runs[0]["policies"]}}
+    out["difference"] = {}
+    for row in runs[0]["paired"]:
+        key = f"{row['policy']} - {row['against']}"
+        values = [next(p["difference"] for p in r["paired"] if (p["policy"], p["against"]) == (row["policy"], row["against"]))
+                  for r in runs]
+        out["difference"][key] = {**spread(values), "seeds_ahead": sum(v > 0 for v in values),
+                                  "seeds_behind": sum(v < 0 for v in values)}
+    return out
+
+
+def seeds_markdown(results: dict) -> str:
+    seeds, summary = results["seeds"], results["over_seeds"]
+    names = list(summary["accuracy"])
+    lines = [f"Over {len(seeds)} seeds of stages 1-5 and RFT (one stage-0 policy): accuracy per seed, then the mean "
+             "and sample standard deviation.", "", "| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {seed} | " + " | ".join(f"{run['policies'][name]:.3f}" for name in names) + " |"
+              for seed, run in seeds.items()]
+    lines.append("| mean ± sd | " + " | ".join(f"{summary['accuracy'][name]['mean']:.3f} ± "
+                                              f"{summary['accuracy'][name]['sd']:.3f}" for name in names) + " |")
+    lines += ["", "| difference | mean ± sd over seeds | seeds ahead / behind | per seed (McNemar p) |", "|---|---|---|---|"]
+    for key, value in summary["difference"].items():
+        first, second = key.split(" - ")
+        per_seed = ", ".join(f"{p['difference']:+.3f} ({p['p_value']:.2g})" for run in seeds.values()
+                             for p in run["paired"] if (p["policy"], p["against"]) == (first, second))
+        lines.append(f"| {key} | {value['mean']:+.3f} ± {value['sd']:.3f} | {value['seeds_ahead']} / "
+                     f"{value['seeds_behind']} | {per_seed} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:

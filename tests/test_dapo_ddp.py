@@ -1,5 +1,6 @@
 """The DAPO actor's state-wise batches under real 2-process DDP (gloo on the CPU): every batch holds whole
-states, both processes take the same number of steps, and together they cover every state each epoch.
+states, both processes take the same number of steps, and together they cover every state each epoch. And
+greedy pass@1 under DDP counts each problem once, as one process does.
 
 The tests of ``StateBatchSampler`` in ``test_dapo.py`` simulate the ranks; this one checks that under a real
 ``DDPStrategy`` Lightning does not put its own per-item sampler in front of the state-wise one."""
@@ -82,3 +83,24 @@ def test_actor_batches_keep_states_whole_under_two_ddp_processes(tmp_path):
         assert len(seen[0] & seen[1]) <= 2  # only the one padding batch repeats states
     orders = [[b["ref_logprob"] for b in batches[0] if b["epoch"] == epoch] for epoch in (0, 1)]
     assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_pass_at_1_under_two_ddp_processes_counts_each_problem_once(tmp_path):
+    # 5 problems on 2 processes: the distributed sampler gives one process a repeated problem
+    common = ["test", "--config", str(ROOT / "configs/dapo/evaluate.yaml"), "--model.init_args.model=tiny-sft",
+              "--data.init_args.test_size=5", "--data.init_args.eval_batch_size=2",
+              "--model.init_args.max_new_tokens=24"]
+    results = {}
+    for name, extra in (("one", []), ("ddp", ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")])):
+        command = [sys.executable, str(ROOT / "cli.py"), *common, *extra, *quiet_run_args(tmp_path, name)]
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        [folder] = list((tmp_path / name).glob("version_*"))
+        rows = [json.loads(line) for line in (folder / "test_generations.jsonl").read_text().splitlines()]
+        results[name] = (json.loads((folder / "summary.json").read_text())["stages"]["test"]["metrics"], rows)
+    (one_metrics, one_rows), (ddp_metrics, ddp_rows) = results["one"], results["ddp"]
+    assert len(ddp_rows) == len({row["problem_id"] for row in ddp_rows}) == 5
+    assert [(row["problem_id"], row["correct"]) for row in ddp_rows] == [(row["problem_id"], row["correct"]) for row in one_rows]
+    assert ddp_metrics["test/accuracy"] == pytest.approx(one_metrics["test/accuracy"])
+    assert ddp_metrics["test/accuracy"] == pytest.approx(sum(row["correct"] for row in ddp_rows) / 5)

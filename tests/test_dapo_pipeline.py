@@ -192,3 +192,8 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
             "--data.init_args.test_size=4", "--model.init_args.max_new_tokens=6", name="evaluate")
     metrics = summary_metrics(tmp_path, "evaluate", "test")
     assert 0.0 <= metrics["test/accuracy"] <= 1.0 and "test/finished" in metrics
+    [generations] = list((tmp_path / "evaluate").glob("version_*/test_generations.jsonl"))
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert len({row["problem_id"] for row in rows}) == len(rows) == 4
+    assert metrics["test/accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 4)
+    assert all(isinstance(row["response"], str) and 0 < row["response_tokens"] <= 6 for row in rows)
