@@ -88,6 +88,14 @@ def critic_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
                   "target_mean": targets.mean()}
 
 
+def base_rate_bce(targets: torch.Tensor) -> torch.Tensor:
+    """The BCE of a constant critic that predicts the targets' mean for every state: the bar a critic must
+    clear to have learned anything about states (``1 − bce / base_rate_bce`` is its skill)."""
+    targets = targets.float()
+    mean = targets.mean().clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(mean.expand_as(targets), targets)
+
+
 def expected_calibration_error(values: torch.Tensor, targets: torch.Tensor, num_bins: int = 10) -> float:
     """Σ_b (n_b/N)·|mean value − mean target| over equal-width bins of the predicted value.
 
@@ -555,8 +563,9 @@ class DAPOCritic(HFModule):
 
     A sequence-classification head (one output) on the causal-LM backbone; the tokenizer gets a pad token
     distinct from EOS, since the head reads the last non-pad token. Warm-start from the policy by passing
-    its folder as ``model``. Validation: BCE, MAE, ECE and the AUROC of predicting whether a trajectory
-    sampled from a state ends correct (``weighted_auroc``). Export with ``cli.py export``.
+    its folder as ``model``. Validation: BCE, MAE, ECE, the AUROC of predicting whether a trajectory
+    sampled from a state ends correct (``weighted_auroc``), and the BCE of the constant base-rate critic with
+    the skill over it (``base_rate_bce``; skill <= 0: nothing learned about states). Export with ``cli.py export``.
     """
 
     model_kind = "sequence_classification"
@@ -594,6 +603,8 @@ class DAPOCritic(HFModule):
             return
         logits, targets, positives, negatives = rows[:, 1:].float().unbind(1)
         _, metrics = critic_loss(logits, targets)
+        base_rate = base_rate_bce(targets)
+        metrics.update(bce_base_rate=base_rate, bce_skill=1 - metrics["bce"] / base_rate)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         values = torch.sigmoid(logits).cpu()
         self.log("val/ece", expected_calibration_error(values, targets.cpu(), self.calibration_bins), sync_dist=True)

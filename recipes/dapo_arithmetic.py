@@ -265,8 +265,8 @@ class Recipe:
                                                "seeds": [seed], "fresh": False}))
             sub.redo, sub.policy_deps = self.redo, policy_deps  # a redone stage 0 redoes every seed's stages
             per_seed[seed] = sub.run()
-        results["seeds"] = {seed: {"policies": r["policies"], "paired": r["paired"], "wall_seconds": r["wall_seconds"]}
-                            for seed, r in per_seed.items()}
+        results["seeds"] = {seed: {"policies": r["policies"], "paired": r["paired"],
+                                   "stage_seconds_total": r["stage_seconds_total"]} for seed, r in per_seed.items()}
         results["over_seeds"] = over_seeds(per_seed)
         return self.finish(results, started, load_start)
 
@@ -396,10 +396,12 @@ class Recipe:
             lines += ["", seeds_markdown(results)]
         if hasattr(self, "rft_rows"):
             results["rft_training_rows"] = self.rft_rows
-        results["stage_seconds_total"] = sum(record["seconds"] for record in results["stages"].values())
+        results["stage_seconds_total"] = (sum(record["seconds"] for record in results["stages"].values())
+                                          + sum(run["stage_seconds_total"] for run in results.get("seeds", {}).values()))
         lines += ["", f"Wall time: {results['stage_seconds_total'] / 60:.1f} min over all stages "
                   f"({results['wall_seconds'] / 60:.1f} min in this invocation; skipped stages count their "
-                  f"earlier time). Load average (1 min) at start "
+                  f"earlier time{'; each seed has its own table in seed<S>/results.md' if 'seeds' in results else ''}). "
+                  f"Load average (1 min) at start "
                   f"{results['load_average_start'][0]:.2f}, at end {results['load_average_end'][0]:.2f} "
                   f"on {os.cpu_count()} CPUs.", "", "| stage | seconds | load before | load after |", "|---|---|---|---|"]
         for name, record in results["stages"].items():

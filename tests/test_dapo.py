@@ -25,6 +25,7 @@ from datamodules.dapo_data import (
 )
 from modules.dapo import (
     RolloutEngine,
+    base_rate_bce,
     critic_loss,
     dapo_actor_loss,
     expected_calibration_error,
@@ -92,6 +93,13 @@ def test_sibling_mean_advantages_and_gap():
     # a single candidate has advantage 0 and gap 0 (such a state is dropped by the 0.1 filter)
     advantages, gaps = sibling_advantages(torch.tensor([0.7]), torch.tensor([0]))
     assert advantages.tolist() == [0.0] and gaps.tolist() == [0.0]
+
+
+def test_base_rate_bce_is_the_entropy_of_the_mean_target():
+    # mean 0.25: (3 * -ln 0.75 + -ln 0.25) / 4 = H(0.25) = 0.5623351
+    assert base_rate_bce(torch.tensor([0.0, 0.0, 0.0, 1.0])).item() == pytest.approx(0.5623351, abs=1e-6)
+    # soft targets around 0.5: -ln 0.5 for each, whatever the spread
+    assert base_rate_bce(torch.tensor([0.2, 0.8, 0.5, 0.5])).item() == pytest.approx(0.6931472, abs=1e-6)
 
 
 def test_weighted_auroc_golden():

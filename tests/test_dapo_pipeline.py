@@ -117,8 +117,9 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
     run_cli("fit", "configs/dapo/critic.yaml", "--model.init_args.model=tiny", f"--data.init_args.data_file={rollouts}",
             "--data.init_args.batch_size=4", "--trainer.max_epochs=1", name="critic")
     critic_metrics = summary_metrics(tmp_path, "critic", "fit")
-    for key in ("train/bce", "val/bce", "val/mae", "val/ece"):
+    for key in ("train/bce", "val/bce", "val/mae", "val/ece", "val/bce_base_rate", "val/bce_skill"):
         assert key in critic_metrics
+    assert critic_metrics["val/bce_skill"] == pytest.approx(1 - critic_metrics["val/bce"] / critic_metrics["val/bce_base_rate"])
     from cli import export_main
 
     export_main([str(tmp_path / "critic" / "checkpoints" / "best.ckpt"), str(tmp_path / "critic_export")])
