@@ -14,7 +14,7 @@ dataset and critic/actor metrics, wall time per stage, the machine's load averag
 exists is skipped, so an interrupted recipe continues where it stopped (``--fresh`` starts over,
 ``--redo actor_round1`` reruns named stages and everything that depends on them).
 
-    python recipes/dapo_arithmetic.py                  # 10 min measured on the shared 2-core CPU (load 2-4)
+    python recipes/dapo_arithmetic.py                  # 5 min on the shared 2-core CPU at load 1-2 (10 at load 2-4)
     python recipes/dapo_arithmetic.py --rounds 2       # +7 min
     python recipes/dapo_arithmetic.py --eval-split val  # tuning: evaluate on the SFT validation split
     python recipes/dapo_arithmetic.py --seeds 0,1,2    # stages 1-5 and RFT once per seed, one stage-0 policy
@@ -443,12 +443,12 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
     runs = list(per_seed.values())
     out = {"accuracy": {name: spread([r["policies"][name] for r in runs]) for name in runs[0]["policies"]}}
     out["difference"] = {}
-    for row in runs[0]["paired"]:
-        key = f"{row['policy']} - {row['against']}"
-        values = [next(p["difference"] for p in r["paired"] if (p["policy"], p["against"]) == (row["policy"], row["against"]))
-                  for r in runs]
-        out["difference"][key] = {**spread(values), "seeds_ahead": sum(v > 0 for v in values),
-                                  "seeds_behind": sum(v < 0 for v in values)}
+    differences = [{f"{p['policy']} - {p['against']}": p["difference"] for p in r["paired"]} for r in runs]
+    for key in differences[0]:
+        if all(key in run for run in differences):  # a pair some seed could not make is left out
+            values = [run[key] for run in differences]
+            out["difference"][key] = {**spread(values), "seeds_ahead": sum(v > 0 for v in values),
+                                      "seeds_behind": sum(v < 0 for v in values)}
     return out
 
 

@@ -64,6 +64,9 @@ def test_over_seeds_gives_mean_spread_and_direction_of_each_difference():
     difference = summary["difference"]["DAPO round 1 - SFT policy (stage 0)"]
     assert difference["mean"] == pytest.approx(0.003333, abs=1e-6)
     assert (difference["seeds_ahead"], difference["seeds_behind"]) == (2, 1)
+    partial = run(0.5, 0.5, 0.0)
+    partial["paired"] = []  # e.g. evaluations written before per-problem files existed
+    assert recipe.over_seeds({0: run(0.5, 0.52, 0.02), 1: partial})["difference"] == {}
     text = recipe.seeds_markdown({"seeds": {0: run(0.5, 0.52, 0.02)}, "over_seeds": recipe.over_seeds({0: run(0.5, 0.52, 0.02)})})
     assert "| 0 | 0.500 | 0.520 |" in text
 
