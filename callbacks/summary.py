@@ -5,9 +5,9 @@ predict) and a manifest: package versions, world size, precision, effective batc
 resolved config, and the checkpoint evaluated. Results tables are rebuilt from these files.
 
 Each evaluation stage records how many batches it ran and the ``limit_*_batches`` in force, so a metric of a
-partial evaluation cannot pass for the full one. A run that fails before its first training step removes the
-log folder it had just created (holding nothing but an empty event file), so the next run of the config
-does not move on to ``version_N+1``.
+partial evaluation cannot pass for the full one. A run that fails before any training, validation, test or
+predict loop started (bad data, a missing input) removes the log folder it had just created (an event
+file, the saved config), so the next run of the config does not move on to ``version_N+1``.
 
 It also checks that a fit trained something: a sample of every trainable tensor is compared before and
 after, and a run in which nothing changed (zero learning rate, frozen weights) is reported loudly.
@@ -74,9 +74,11 @@ class RunSummary(pl.Callback):
         self._param_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.warnings: list[str] = []
         self._created_at = time.time()
+        self._loop_started = False  # a failure after this keeps the run's logs
 
     # -- did anything train? -------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_started = True
         self._param_samples.clear()
         generator = torch.Generator().manual_seed(0)
         for name, param in pl_module.named_parameters():
@@ -169,8 +171,18 @@ class RunSummary(pl.Callback):
                                      f"limit_{key}_batches": getattr(trainer, f"limit_{key}_batches", None)})
 
     # -- a failed start leaves no folder behind ------------------------------------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._loop_started = True
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_started = True
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loop_started = True
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step == 0:
+        if not self._loop_started:
             self._remove_fresh_log_dir(trainer)
 
     @rank_zero_only

@@ -604,7 +604,9 @@ class DAPOCritic(HFModule):
         logits, targets, positives, negatives = rows[:, 1:].float().unbind(1)
         _, metrics = critic_loss(logits, targets)
         base_rate = base_rate_bce(targets)
-        metrics.update(bce_base_rate=base_rate, bce_skill=1 - metrics["bce"] / base_rate)
+        metrics["bce_base_rate"] = base_rate
+        if base_rate > 1e-4:  # every target 0 (or every one 1): no base rate to beat, the skill is undefined
+            metrics["bce_skill"] = 1 - metrics["bce"] / base_rate
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         values = torch.sigmoid(logits).cpu()
         self.log("val/ece", expected_calibration_error(values, targets.cpu(), self.calibration_bins), sync_dist=True)

@@ -10,8 +10,9 @@ of the same stage-1 rollouts, and optionally a second DAPO round (the round-1 ac
 completer and pi_ref; the critic warm-starts from round 1's; fresh problems).
 
 Prints a table and writes ``<out>/results.md`` and ``<out>/results.json`` (accuracies with 95% intervals,
-dataset and critic/actor metrics, wall time per stage, the machine's load average). A stage whose output
-exists is skipped, so an interrupted recipe continues where it stopped (``--fresh`` starts over,
+dataset and critic/actor metrics, wall time per stage, the machine's load average). A stage done earlier
+with the same command is skipped, so an interrupted recipe continues where it stopped; one whose command
+changed (another seed, learning rate ...) is redone with everything after it (``--fresh`` starts over,
 ``--redo actor_round1`` reruns named stages and everything that depends on them).
 
     python recipes/dapo_arithmetic.py                  # 5 min on the shared 2-core CPU at load 1-2 (10 at load 2-4)
@@ -101,6 +102,9 @@ class Recipe:
         self.redo = {s for s in args.redo.split(",") if s}
         self.seed = args.seeds[0]
         self.policy_deps: tuple[str, ...] = ()  # the stages behind --policy, when a multi-seed run passes its own
+        # each results label's evaluation stage (its per-problem answers are read for the paired comparisons)
+        self.evaluation_names = {"SFT policy (stage 0)": "sft", "DAPO round 1": "dapo_round1",
+                                 "DAPO round 2": "dapo_round2", "RFT baseline (round-1 rollouts)": "rft"}
 
     # -- running stages ------------------------------------------------------------------------------
     def done_marker(self, name: str) -> Path:
@@ -108,20 +112,26 @@ class Recipe:
 
     def stage(self, name: str, command: list[str], depends: tuple[str, ...] = (), outputs: tuple[Path, ...] = (),
               resumable: bool = False) -> dict:
-        """Run one CLI command unless its marker exists (and neither it nor a dependency is redone).
+        """Run one CLI command unless its marker exists with the same command (and neither it nor a dependency
+        is redone); a marker recording other arguments (another seed, learning rate ...) redoes the stage.
 
         ``outputs`` (files or folders) are deleted before a run, so a rerun does not pick up what an earlier
         run left (Lightning would version a second ``last.ckpt``); for a ``resumable`` stage (the predict
         stages, which skip rows already written) only when the stage is redone, so an interrupted one
         continues."""
         marker = self.done_marker(name)
+        arguments = command[1:]  # the interpreter's path aside: the same settings on another machine match
         if any(d in self.redo for d in depends):
             self.redo.add(name)
         if marker.exists() and name not in self.redo:
             record = json.loads(marker.read_text())
-            print(f"[skip] {name}: done earlier ({record['seconds']:.0f} s)", flush=True)
-            self.timings[name] = record
-            return record
+            # markers written before commands were recorded have none and match anything
+            if record.get("arguments", arguments) == arguments:
+                print(f"[skip] {name}: done earlier ({record['seconds']:.0f} s)", flush=True)
+                self.timings[name] = record
+                return record
+            print(f"[redo] {name}: its settings differ from the recorded run's", flush=True)
+            self.redo.add(name)  # and so everything that depends on it
         for output in outputs if not resumable or name in self.redo else ():
             if output.is_dir():
                 shutil.rmtree(output)
@@ -139,7 +149,8 @@ class Recipe:
         if result.returncode != 0:
             tail = log.read_text()[-3000:]
             raise SystemExit(f"stage {name} failed (exit {result.returncode}); log {log}:\n{tail}")
-        record = {"seconds": seconds, "load_before": load_before, "load_after": os.getloadavg()[0], "log": str(log)}
+        record = {"seconds": seconds, "load_before": load_before, "load_after": os.getloadavg()[0], "log": str(log),
+                  "arguments": arguments}
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(record))
         self.timings[name] = record
@@ -263,7 +274,9 @@ class Recipe:
             print(f"[seed] {seed}", flush=True)
             sub = Recipe(argparse.Namespace(**{**vars(self.args), "out": str(self.out / f"seed{seed}"), "policy": policy,
                                                "seeds": [seed], "fresh": False}))
-            sub.redo, sub.policy_deps = self.redo, policy_deps  # a redone stage 0 redoes every seed's stages
+            # a redone stage 0 (or a stage named in --redo) redoes it in every seed; what one seed redoes because
+            # its own settings changed stays in that seed
+            sub.redo, sub.policy_deps = set(self.redo), policy_deps
             per_seed[seed] = sub.run()
         results["seeds"] = {seed: {"policies": r["policies"], "paired": r["paired"],
                                    "stage_seconds_total": r["stage_seconds_total"]} for seed, r in per_seed.items()}
@@ -290,9 +303,7 @@ class Recipe:
 
     def paired(self, policies: dict[str, float]) -> list[dict]:
         """Each later policy against the SFT policy, and DAPO round 1 against RFT, on the same problems."""
-        names = {"SFT policy (stage 0)": "sft", "DAPO round 1": "dapo_round1", "DAPO round 2": "dapo_round2",
-                 "RFT baseline (round-1 rollouts)": "rft"}
-        answers = {label: self.generations(name) for label, name in names.items() if label in policies}
+        answers = {label: self.generations(name) for label, name in self.evaluation_names.items() if label in policies}
         pairs = [(label, "SFT policy (stage 0)") for label in answers if label != "SFT policy (stage 0)"]
         if "RFT baseline (round-1 rollouts)" in answers and "DAPO round 1" in answers:
             pairs.append(("DAPO round 1", "RFT baseline (round-1 rollouts)"))
@@ -363,6 +374,7 @@ class Recipe:
         self.rft_rows = len(rows)
         if not rows:  # nothing to fine-tune on: the baseline is the policy itself
             print("[note] RFT: the rollouts hold no correct response; the baseline equals the policy", flush=True)
+            self.evaluation_names["RFT baseline (round-1 rollouts)"] = "sft"
             return self.evaluate("sft", policy, policy_deps)
         self.stage("rft", self.cli("fit", "configs/dapo/rft.yaml", "rft", f"--model.init_args.model={policy}",
                                    f"--data.init_args.train_file={data}", f"--trainer.max_epochs={args.rft_epochs}",

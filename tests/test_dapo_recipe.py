@@ -74,3 +74,23 @@ def test_over_seeds_gives_mean_spread_and_direction_of_each_difference():
 def test_seed_overrides_reach_lightning_and_the_stage_seed(tmp_path):
     run = recipe.Recipe(recipe.parse_args(["--out", str(tmp_path), "--seeds", "3"]))
     assert run.seed_overrides("model") == ["--seed_everything=3", "--model.init_args.seed=3"]
+
+
+def test_a_stage_is_skipped_only_when_its_command_is_unchanged(tmp_path):
+    import sys
+
+    log = tmp_path / "ran.txt"
+
+    def command(tag: str) -> list[str]:
+        return [sys.executable, "-c", f"open({str(log)!r}, 'a').write({tag!r})"]
+
+    def run(first: str, second: str) -> None:
+        stages = recipe.Recipe(recipe.parse_args(["--out", str(tmp_path / "out")]))
+        stages.stage("first", command(first))
+        stages.stage("second", command(second), depends=("first",))
+
+    run("a", "b")
+    run("a", "b")  # the same commands: both skipped
+    assert log.read_text() == "ab"
+    run("c", "b")  # the first stage's command changed: it and its dependant run again
+    assert log.read_text() == "abcb"

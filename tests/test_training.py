@@ -150,6 +150,23 @@ def test_a_failed_start_leaves_no_log_folder_and_keeps_an_earlier_runs_files(run
     assert (earlier / "events.out.tfevents.earlier").read_text() == "earlier run"
 
 
+class FailFirstTestBatch(Callback):
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        raise RuntimeError("failure inside the test loop")
+
+
+def test_a_failure_inside_a_loop_keeps_the_run_logs(run_cli, tmp_path, monkeypatch):
+    import cli as cli_module
+
+    defaults = cli_module.trainer_defaults()
+    monkeypatch.setattr(cli_module, "trainer_defaults",
+                        lambda: {**defaults, "callbacks": defaults["callbacks"] + [FailFirstTestBatch()]})
+    with pytest.raises(RuntimeError, match="failure inside the test loop"):
+        run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD)  # global_step stays 0 in a test run
+    [folder] = list((tmp_path / "run").glob("version_*"))
+    assert (folder / "config.yaml").exists()
+
+
 def test_step_limited_runs_get_a_progress_bar_without_a_negative_epoch_count(tmp_path):
     from conftest import ROOT, quiet_run_args
 
