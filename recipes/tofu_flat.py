@@ -4,6 +4,8 @@ with FLAT (each divergence) and the gradient-ascent and NPO baselines; one resul
     python recipes/tofu_flat.py                     # everything, into runs/tofu
     python recipes/tofu_flat.py --reuse             # keep target/retain models and evaluations already there
     python recipes/tofu_flat.py --methods flat_kl,ga --unlearn-epochs 3
+    python recipes/tofu_flat.py --reuse --unlearn-lr 1e-4,3e-4,1e-3   # every method at each learning rate,
+                                                                      # compared at matched utility over all
 
 Every stage is an ordinary cli.py run (in this process, to pay the imports once) with the shipped configs
 and a few overrides, so each one can be rerun alone with the command the recipe prints:
@@ -51,6 +53,16 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = "flat_kl,flat_js,flat_pearson,flat_tv,ga,npo"
 
 
+def learning_rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--unlearn-lr takes comma-separated numbers, got {text!r}") from None
+    if not rates or len(set(rates)) != len(rates) or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"--unlearn-lr needs distinct positive numbers, got {text!r}")
+    return rates
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/tofu", help="output folder (default runs/tofu)")
@@ -70,7 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=30)
     p.add_argument("--finetune-lr", type=float, default=3e-3)
     p.add_argument("--unlearn-epochs", type=int, default=5)
-    p.add_argument("--unlearn-lr", type=float, default=1e-4)
+    p.add_argument("--unlearn-lr", type=learning_rates, default=[1e-4],
+                   help="one learning rate, or several (comma-separated): every method is then unlearned at each, "
+                        "into unlearn/<method>_lr<lr>, and a table compares the methods at matched utility over all "
+                        "of their learning rates and epochs")
     p.add_argument("--unlearn-batch-size", type=int, default=8)
     p.add_argument("--npo-beta", type=float, default=0.1)
     p.add_argument("--extra", action="append", default=[],
@@ -154,18 +169,26 @@ class Recipe:
         self.cli(f"eval_{name}", "test", "configs/tofu/eval.yaml", *overrides)
         return result
 
-    def unlearn(self, method: str, target: Path, retain_eval: Path) -> Path:
-        folder = self.out / "unlearn" / method
+    def runs(self, methods: list[str]) -> dict[str, tuple[str, float]]:
+        """Run name -> (method, learning rate): the method's own name with one learning rate, else
+        ``<method>_lr<lr>`` for each."""
+        rates = self.args.unlearn_lr
+        if len(rates) == 1:
+            return {method: (method, rates[0]) for method in methods}
+        return {f"{method}_lr{rate:g}": (method, rate) for method in methods for rate in rates}
+
+    def unlearn(self, name: str, method: str, lr: float, target: Path, retain_eval: Path) -> Path:
+        folder = self.out / "unlearn" / name
         a = self.args
-        self.cli(method, "fit", "configs/flat/unlearn.yaml", *self.logger(f"unlearn/{method}"), *METHODS[method],
+        self.cli(name, "fit", "configs/flat/unlearn.yaml", *self.logger(f"unlearn/{name}"), *METHODS[method],
                  f"--model.init_args.model={target}", f"--model.init_args.beta={a.npo_beta}",
-                 f"--model.init_args.optimizer.init_args.lr={a.unlearn_lr}",
+                 f"--model.init_args.optimizer.init_args.lr={lr}",
                  f"--trainer.max_epochs={a.unlearn_epochs}", f"--data.init_args.batch_size={a.unlearn_batch_size}",
                  f"--checkpoint.dirpath={folder / 'checkpoints'}",
                  f"--trainer.callbacks.init_args.save_dir={folder / 'eval'}",
                  f"--trainer.callbacks.init_args.retain_eval={retain_eval}",
-                 f"--trainer.callbacks.init_args.model_name={method}", *a.extra)
-        return self.last_epoch_file(method)
+                 f"--trainer.callbacks.init_args.model_name={name}", *a.extra)
+        return self.last_epoch_file(name)
 
     # -- the whole thing -------------------------------------------------------------------------------
     def parallel(self, calls: list[tuple]) -> list:
@@ -189,23 +212,25 @@ class Recipe:
             self.timings = previous.get("stage_seconds", {})
             files = {"target": self.out / "target" / "eval" / "test.json",
                      "retain": self.out / "retain" / "eval" / "test.json"}
-            files.update({m: self.last_epoch_file(m) for m in methods})
+            files.update({name: self.last_epoch_file(name) for name in self.runs(methods)})
             return self.report(files, previous.get("total_seconds"), previous.get("machine", {}))
         load_start = load_averages()
         started = time.perf_counter()
         target, _ = self.parallel([(self.finetune, "target"), (self.finetune, "retain")])
         retain_eval = self.evaluate("retain", None)
+        runs = self.runs(methods)
         evaluated = self.parallel([(self.evaluate, "target", retain_eval)] +
-                                  [(self.unlearn, m, target, retain_eval) for m in methods])
-        files = {"target": evaluated[0], "retain": retain_eval, **dict(zip(methods, evaluated[1:]))}
+                                  [(self.unlearn, name, method, lr, target, retain_eval)
+                                   for name, (method, lr) in runs.items()])
+        files = {"target": evaluated[0], "retain": retain_eval, **dict(zip(runs, evaluated[1:]))}
         total = round(time.perf_counter() - started, 1)
         machine = {"cpus": os.cpu_count(), "torch_threads": self.args.threads, "jobs": self.args.jobs,
                    "load_average_start": load_start, "load_average_end": load_averages(), "nice": os.nice(0),
                    "platform": platform.platform()}
         return self.report(files, total, machine)
 
-    def last_epoch_file(self, method: str) -> Path:
-        folder = self.out / "unlearn" / method / "eval"
+    def last_epoch_file(self, name: str) -> Path:
+        folder = self.out / "unlearn" / name / "eval"
         return folder / f"{json.loads((folder / 'history.json').read_text())[-1]['tag']}.json"
 
     @staticmethod
@@ -228,19 +253,19 @@ class Recipe:
             rows.append(self.row(name, report, epoch=body.get("epoch"), file=str(path),
                                  train_seconds=self.timings.get(name)))
         target_utility = rows[0]["model_utility"]
+        runs = self.runs([m for m in self.args.methods.split(",") if m])  # the unlearning runs' names in files
         for name in list(files)[2:]:
             history = json.loads((Path(files[name]).parent / "history.json").read_text())
-            histories[name] = [{"tag": h["tag"], **self.row(name, h["report"])} for h in history]
-            # the same rule for every method: the epoch of highest forget quality among those that keep at
-            # least 90% of the target's utility (selected on the evaluation itself, so optimistic)
-            kept = [h for h in histories[name] if h["model_utility"] >= 0.9 * target_utility]
-            if kept:
-                best = max(kept, key=lambda h: (h["forget_quality"], int(h["tag"].split("_")[-1])))
-                matched.append({**best, "epoch": best["tag"]})
-            else:
-                matched.append({"model": name, "epoch": None})
+            histories[name] = [{"tag": h["tag"], **self.row(name, h["report"]), "lr": runs[name][1]} for h in history]
+            matched.append(utility_matched(histories[name], target_utility) or {"model": name, "epoch": None})
         result = {"rows": rows, "utility_matched": matched, "histories": histories, "total_seconds": total,
                   "stage_seconds": self.timings, "machine": machine, "settings": vars(self.args)}
+        if len(self.args.unlearn_lr) > 1:  # each method at its best learning rate and epoch
+            result["utility_matched_over_lrs"] = [
+                utility_matched([h for name, (m, _) in runs.items() if m == method for h in histories[name]],
+                                target_utility)
+                or {"model": method, "epoch": None}
+                for method in dict.fromkeys(m for m, _ in runs.values())]
         self.write(result)
         return result
 
@@ -264,7 +289,7 @@ class Recipe:
                   f"Data: {s['n_authors']} authors x {s['qa_per_author']} QA ({s.get('paraphrase_style')} paraphrases), "
                   f"forget10; fine-tuning "
                   f"{s['finetune_epochs']} epochs at lr {s['finetune_lr']}; unlearning {s['unlearn_epochs']} epochs, "
-                  f"lr {s['unlearn_lr']}, batch {s['unlearn_batch_size']}, NPO beta {s['npo_beta']}. "
+                  f"lr {', '.join(f'{r:g}' for r in s['unlearn_lr'])}, batch {s['unlearn_batch_size']}, NPO beta {s['npo_beta']}. "
                   f"Unlearned models are reported after their last epoch."]
         if result["utility_matched"]:
             lines += ["", "Best epoch per method with Model Utility >= 90% of the target's (selected on the "
@@ -272,11 +297,29 @@ class Recipe:
             for row in result["utility_matched"]:
                 lines.append(fmt(row, row["epoch"]) if row["epoch"] else f"| {row['model']} | no epoch kept 90% "
                                                                          f"of the utility | | | | | |")
+        if result.get("utility_matched_over_lrs"):
+            lines += ["", f"Each method at its best learning rate ({', '.join(f'{r:g}' for r in s['unlearn_lr'])}) and "
+                          "epoch, Model Utility >= 90% of the target's:", "",
+                      header[0].replace("stage s", "lr, epoch"), header[1]]
+            for row in result["utility_matched_over_lrs"]:
+                lines.append(fmt({**row, "model": row["model"].rsplit("_lr", 1)[0]}, f"{row['lr']:g}, {row['epoch']}")
+                             if row["epoch"] else f"| {row['model']} | no epoch kept 90% of the utility | | | | | |")
         table = "\n".join(lines)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.md").write_text(table + "\n")
         (self.out / "results.json").write_text(json.dumps(result, indent=1))
         print("\n" + table)
+
+
+def utility_matched(history: list[dict], target_utility: float) -> dict | None:
+    """The same rule for every method: the evaluation of highest forget quality among those that keep at least
+    90% of the target's utility (selected on the evaluation itself, so optimistic); among equal forget
+    qualities (a KS p-value moves in coarse steps), the one that kept more utility. None when none keeps it."""
+    kept = [h for h in history if h["model_utility"] >= 0.9 * target_utility]
+    if not kept:
+        return None
+    best = max(kept, key=lambda h: (h["forget_quality"], h["model_utility"]))
+    return {**best, "epoch": best["tag"]}
 
 
 def main(argv=None) -> dict:

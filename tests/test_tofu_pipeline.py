@@ -281,3 +281,30 @@ def test_recipe_end_to_end_on_a_toy_size(tmp_path):
     assert result["rows"][1]["forget_quality"] == pytest.approx(1.0)
     assert (tmp_path / "tofu" / "results.md").read_text().startswith("| model | Forget Quality")
     assert json.loads((tmp_path / "tofu" / "results.json").read_text())["rows"][2]["model"] == "flat_kl"
+
+    # several learning rates, on the same target and retain model: one run each, compared at matched utility
+    swept = main(["--out", str(tmp_path / "tofu"), "--n-authors", "3", "--qa-per-author", "2", "--reuse",
+                  "--finetune-epochs", "1", "--unlearn-epochs", "1", "--methods", "ga", "--jobs", "1",
+                  "--unlearn-lr", "1e-4,1e-3"])
+    assert [row["model"] for row in swept["rows"]] == ["target", "retain", "ga_lr0.0001", "ga_lr0.001"]
+    assert (tmp_path / "tofu" / "unlearn" / "ga_lr0.001" / "eval" / "history.json").exists()
+    [best] = swept["utility_matched_over_lrs"]
+    candidates = [h for name in ("ga_lr0.0001", "ga_lr0.001") for h in swept["histories"][name]
+                  if h["model_utility"] >= 0.9 * swept["rows"][0]["model_utility"]]
+    assert best["model"].startswith("ga_lr") and best["lr"] in (1e-4, 1e-3)
+    assert best["forget_quality"] == max(h["forget_quality"] for h in candidates)
+    assert "Each method at its best learning rate (0.0001, 0.001)" in (tmp_path / "tofu" / "results.md").read_text()
+
+
+def test_utility_matched_takes_the_best_forget_quality_then_the_most_utility():
+    from recipes.tofu_flat import learning_rates, utility_matched
+
+    history = [{"tag": "epoch_001", "forget_quality": 0.01, "model_utility": 0.70},  # below 90% of 0.8
+               {"tag": "epoch_002", "forget_quality": 0.001, "model_utility": 0.75},
+               {"tag": "epoch_003", "forget_quality": 0.001, "model_utility": 0.78}]
+    assert utility_matched(history, 0.8)["epoch"] == "epoch_003"
+    assert utility_matched(history, 0.9) is None  # nothing keeps 0.81
+    assert learning_rates("1e-4, 3e-4") == [1e-4, 3e-4]
+    for bad in ("1e-4,1e-4", "fast", "0"):
+        with pytest.raises(Exception, match="--unlearn-lr"):
+            learning_rates(bad)
