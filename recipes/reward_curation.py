@@ -26,6 +26,10 @@ Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
 
     python recipes/reward_curation.py                 # two runs at a time, one torch thread each (--workers)
     python recipes/reward_curation.py --steps 20 --judge-steps 10 --pool-scale 0.2 --out /tmp/curation_quick
+    python recipes/reward_curation.py --seeds 0,1,2   # the whole recipe per seed (pool, judge, training order)
+                                                      # into <out>/seed<S>, then seeds.md: raw vs curated per seed
+
+With ``--seeds``, a seed whose ``results.json`` exists is read, not rerun, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -410,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "reaches this (a judge near or below chance removes correct labels as often as flipped "
                              "ones); a negative value checks every task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: the whole recipe once per seed into <out>/seed<S>, and a summary "
+                             "over seeds (seeds.md, seeds.json) in <out>")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="reward-model runs trained at the same time, in separate processes with one torch thread "
                              "each (the raw run beside the judge, then the curated variants); 1 runs them in turn")
@@ -421,7 +428,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.selections = [name.strip() for name in args.selections.split(",") if name.strip()]
     for name in args.selections:
         selection_step(name)  # unknown names fail before any work
+    if args.seeds is not None:
+        try:
+            seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if not seeds or len(set(seeds)) != len(seeds):
+            parser.error(f"--seeds needs distinct integers, got {args.seeds!r}")
+        return run_seeds(args, seeds)
+    return run(args)
 
+
+def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
+    """The recipe once per seed, then the raw-against-curated comparison over seeds."""
+    out = Path(args.out)
+    per_seed = {}
+    for seed in seeds:
+        folder = out / f"seed{seed}"
+        if (folder / "results.json").exists():
+            print(f"[seed {seed}] reading {folder / 'results.json'}", flush=True)
+            per_seed[seed] = json.loads((folder / "results.json").read_text())
+        else:
+            print(f"[seed {seed}] running into {folder}", flush=True)
+            per_seed[seed] = run(argparse.Namespace(**{**vars(args), "seed": seed, "out": str(folder), "seeds": None}))
+    summary = seeds_summary(per_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(summary, indent=1))
+    text = seeds_markdown(summary)
+    (out / "seeds.md").write_text(text)
+    print("\n" + text)
+    return summary
+
+
+def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per seed: held-out accuracy and RewardBench overall of the raw pool and of the curated variant chosen on
+    validation, and the wrong-label share of their training data; then mean and sample sd over seeds."""
+    import statistics
+
+    rows = []
+    for seed, results in per_seed.items():
+        chosen = results["chosen_selection"]
+        raw, curated = results["runs"]["raw"], results["runs"][f"curated_{chosen}"]
+        quality = results["label_quality"]
+        curated_quality = quality.get(f"selection {chosen}", quality["after the filters"])
+        rows.append({"seed": seed, "chosen_selection": chosen, "raw_accuracy": raw["accuracy"],
+                     "curated_accuracy": curated["accuracy"], "difference": curated["accuracy"] - raw["accuracy"],
+                     "raw_overall": raw["overall"], "curated_overall": curated["overall"],
+                     "overall_difference": curated["overall"] - raw["overall"], "curated_pairs": curated["train_pairs"],
+                     "raw_pairs": raw["train_pairs"], "raw_wrong_labels": quality["raw pool"]["wrong_label_share"],
+                     "curated_wrong_labels": curated_quality["wrong_label_share"]})
+
+    def spread(key: str) -> dict[str, float]:
+        values = [row[key] for row in rows]
+        return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else float("nan")}
+
+    return {"seeds": rows, "curated_ahead": sum(row["difference"] > 0 for row in rows),
+            "curated_behind": sum(row["difference"] < 0 for row in rows),
+            **{key: spread(key) for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}}
+
+
+def seeds_markdown(summary: dict[str, Any]) -> str:
+    def share(value: float | None) -> str:  # None: no pair with a checkable answer
+        return "-" if value is None else f"{value:.1%}"
+
+    lines = ["# Raw pool against the curated set, over seeds (held-out evaluation)", "",
+             "| seed | selection | raw accuracy | curated accuracy | difference | RewardBench overall, raw / curated "
+             "| pairs, raw / curated | wrong labels, raw -> curated |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary["seeds"]:
+        lines.append(f"| {row['seed']} | {row['chosen_selection']} | {row['raw_accuracy']:.3f} | "
+                     f"{row['curated_accuracy']:.3f} | {row['difference']:+.3f} | {row['raw_overall']:.3f} / "
+                     f"{row['curated_overall']:.3f} | {row['raw_pairs']} / {row['curated_pairs']} | "
+                     f"{share(row['raw_wrong_labels'])} -> {share(row['curated_wrong_labels'])} |")
+    mean = {key: summary[key] for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}
+    lines.append(f"| mean ± sd | | {mean['raw_accuracy']['mean']:.3f} ± {mean['raw_accuracy']['sd']:.3f} | "
+                 f"{mean['curated_accuracy']['mean']:.3f} ± {mean['curated_accuracy']['sd']:.3f} | "
+                 f"{mean['difference']['mean']:+.3f} ± {mean['difference']['sd']:.3f} | "
+                 f"{mean['overall_difference']['mean']:+.3f} (difference) | | |")
+    lines += ["", f"Curated ahead in {summary['curated_ahead']} of {len(summary['seeds'])} seeds, behind in "
+                  f"{summary['curated_behind']}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import multiprocessing
     from collections import Counter
     from concurrent.futures import ProcessPoolExecutor

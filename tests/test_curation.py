@@ -614,3 +614,32 @@ def test_a_later_stage_error_names_the_input_row_and_blames_the_scores_only_when
     with pytest.raises(DataError, match=r"pool.jsonl: row 0 .*field 'judge_chosen': expected a finite score, got None "
                                         r"\(the row has no such column: run the scoring stage first"):
         run_pipeline(str(pool_file), str(out), [DropInvalid(), ConsistencyFilter(score_prefix="judge")])
+
+
+def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_chosen_curated_run(tmp_path):
+    import statistics
+
+    from recipes import reward_curation
+
+    def results(raw, curated, chosen="task_chosen"):
+        run = {"train_pairs": 100, "overall": 0.0}
+        return {"chosen_selection": chosen,
+                "runs": {"raw": {**run, "accuracy": raw, "overall": raw - 0.05},
+                         f"curated_{chosen}": {**run, "accuracy": curated, "overall": curated - 0.04, "train_pairs": 25},
+                         "curated_none": {**run, "accuracy": 0.0}},
+                "label_quality": {"raw pool": {"wrong_label_share": 0.25}, "after the filters": {"wrong_label_share": 0.2},
+                                  f"selection {chosen}": {"wrong_label_share": 0.1}}}
+
+    for seed, (raw, curated) in {0: (0.79, 0.81), 1: (0.83, 0.81), 2: (0.80, 0.83)}.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(results(raw, curated)))
+    summary = reward_curation.main(["--out", str(tmp_path), "--seeds", "0,1,2"])  # reads, trains nothing
+    assert [row["difference"] for row in summary["seeds"]] == pytest.approx([0.02, -0.02, 0.03])
+    assert summary["difference"]["mean"] == pytest.approx(0.01)
+    assert summary["difference"]["sd"] == pytest.approx(statistics.stdev([0.02, -0.02, 0.03]))
+    assert summary["overall_difference"]["mean"] == pytest.approx(0.01 + 0.01)  # curated overall -0.04, raw -0.05
+    assert (summary["curated_ahead"], summary["curated_behind"]) == (2, 1)
+    assert summary["seeds"][0]["curated_wrong_labels"] == 0.1 and summary["seeds"][0]["curated_pairs"] == 25
+    assert "| 1 | task_chosen | 0.830 | 0.810 | -0.020 |" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(SystemExit):
+        reward_curation.main(["--out", str(tmp_path), "--seeds", "0,0"])
