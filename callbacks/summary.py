@@ -36,8 +36,8 @@ from callbacks.throughput import Throughput
 PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "datasets", "bitsandbytes", "tokenizers",
             "jsonargparse", "tensorboard", "numpy")
 SAMPLES_PER_TENSOR = 64
-# the trainer's names for each stage's loop: limit_<key>_batches, num_<key>_batches
-STAGE_BATCH_KEYS = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}
+# the trainer's names for each evaluation stage's loop: limit_<key>_batches, num_<key>_batches
+EVALUATION_BATCH_KEYS = {"validate": "val", "test": "test", "predict": "predict"}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -164,7 +164,7 @@ class RunSummary(pl.Callback):
         })
 
     def _evaluated(self, trainer: pl.Trainer, stage: str) -> None:
-        key = STAGE_BATCH_KEYS[stage]
+        key = EVALUATION_BATCH_KEYS[stage]
         batches = [_jsonable(float(count)) if count == float("inf") else int(count)
                    for count in getattr(trainer, f"num_{key}_batches", None) or []]
         self._write(trainer, stage, {"checkpoint": trainer.ckpt_path, "batches_per_dataloader": batches,
@@ -195,7 +195,7 @@ class RunSummary(pl.Callback):
         files = [path for path in Path(log_dir).rglob("*") if path.is_file()]
         # only what this process wrote (a rerun into a fixed version keeps the earlier run's files), and only
         # what a start writes: event files, the saved config, hparams
-        fresh_start = all(path.stat().st_mtime >= self._created_at and path.name != self.filename
+        fresh_start = all(path.stat().st_mtime >= self._created_at
                           and (path.name.startswith("events.out.tfevents") or path.name in ("config.yaml", "hparams.yaml"))
                           for path in files)
         if fresh_start:

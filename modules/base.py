@@ -20,6 +20,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from modules import lm
 
 
+def gather_objects(trainer: Any, value: Any) -> list[Any]:
+    """``value`` from every process, in rank order (``[value]`` on one process): for per-row results that are
+    not tensors. A collective call under DDP: every process must make it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+        shares: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, value)
+        return shares
+    return [value]
+
+
 def gather_unique_rows(local: torch.Tensor, strategy) -> torch.Tensor:
     """Every rank's rows of ``local`` (N_rank, C; column 0 a row id), each row id once, sorted by id.
 

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.common import shards_parameters
+from datamodules.curation import write_rows
 from datamodules.dapo_data import (
     balanced_keep,
     encode_state,
@@ -67,7 +66,7 @@ from datamodules.dapo_data import (
     state_prefixes,
 )
 from modules import lm
-from modules.base import EvalRows, HFModule
+from modules.base import EvalRows, HFModule, gather_objects
 
 TEST_GENERATIONS_FILE = "test_generations.jsonl"  # DAPOPolicy's per-problem test results, in the log folder
 
@@ -398,16 +397,12 @@ class DAPOPolicy(HFModule):
         """Logs pass@1 over the distinct problems of all processes and writes ``<log_dir>/test_generations.jsonl``:
         per problem the greedy response and whether it was correct, for reading the answers and for paired
         comparisons of two policies on the same problems."""
-        rows = self._test_rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            shares: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, rows)
-            # the distributed sampler repeats problems to even out the processes: count each once
-            first: dict[str, dict[str, Any]] = {}
-            for share in shares:
-                for row in share:
-                    first.setdefault(row["problem_id"], row)
-            rows = list(first.values())
+        # the distributed sampler repeats problems to even out the processes: count each once
+        first: dict[str, dict[str, Any]] = {}
+        for share in gather_objects(self.trainer, self._test_rows):
+            for row in share:
+                first.setdefault(row["problem_id"], row)
+        rows = sorted(first.values(), key=lambda row: row["problem_id"])
         if rows:
             # equal on every process already; sync_dist keeps Lightning's epoch-end check quiet
             for key, name in (("correct", "accuracy"), ("finished", "finished"), ("response_tokens", "response_tokens")):
@@ -415,11 +410,7 @@ class DAPOPolicy(HFModule):
                          prog_bar=name == "accuracy")
         log_dir = self.trainer.log_dir  # on every process: a collective call under DDP
         if self.trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / TEST_GENERATIONS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".tmp")
-            partial.write_text("".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda row: row["problem_id"])))
-            os.replace(partial, path)
+            write_rows(Path(log_dir) / TEST_GENERATIONS_FILE, rows)
 
 
 class DAPORollouts(DAPOPolicy):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from modules import lm
-from modules.base import HFModule
+from modules.base import HFModule, gather_objects
 
 # ----------------------------------------------------------------------------------------------------
 # Corruption functions: (embeds (B, T, D), select (B, T) bool, strength, dims, generator) -> new tensor.
@@ -700,10 +700,9 @@ class PromptClassifier(HFModule):
         kinds = [k for _, _, ks, _ in parts for k in ks]
         numbered = bool(parts) and all(ids is not None for _, _, _, ids in parts)
         row_ids = torch.cat([ids for _, _, _, ids in parts]).numpy() if numbered else None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            # every rank holds a share of the prompts: the threshold and the rates need all of them
-            shares: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, (scores, labels, kinds, row_ids))
+        # every rank holds a share of the prompts: the threshold and the rates need all of them
+        shares = gather_objects(self.trainer, (scores, labels, kinds, row_ids))
+        if len(shares) > 1:
             scores = np.concatenate([share[0] for share in shares])
             labels = np.concatenate([share[1] for share in shares])
             kinds = [kind for share in shares for kind in share[2]]

@@ -42,15 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, got {text!r}")
-    return seeds
+from recipes.common import distinct_values, mean_sd  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--sft-target-accuracy", type=float, default=0.5,
                    help="stage 0 keeps the checkpoint whose validation accuracy is nearest this: a clearly "
                         "imperfect policy whatever the machine's numerics")
-    p.add_argument("--seeds", type=seed_list, default=[0],
+    p.add_argument("--seeds", type=lambda text: distinct_values(text, int, "--seeds"), default=[0],
                    help="comma-separated seeds of everything after stage 0 (one: <out> itself; several: <out>/seed<S>)")
     p.add_argument("--rounds", type=int, default=1, choices=(1, 2))
     p.add_argument("--problems", type=int, default=256, help="rollout problems per round")
@@ -199,16 +191,22 @@ class Recipe:
         _, _, path, accuracy = min(found)
         return path, accuracy
 
+    def log_folder(self, log_name: str) -> Path:
+        return self.out / "logs" / log_name / "version_0"
+
     def summary(self, log_name: str) -> dict:
-        path = self.out / "logs" / log_name / "version_0" / "summary.json"
+        path = self.log_folder(log_name) / "summary.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+    def evaluation_name(self, name: str) -> str:
+        # an evaluation of another split is its own stage: a test evaluation already done is not reused
+        return name if self.args.eval_split == "test" else f"{name}_{self.args.eval_split}"
 
     def metrics(self, log_name: str, stage: str) -> dict:
         return self.summary(log_name).get("stages", {}).get(stage, {}).get("metrics", {})
 
     def evaluate(self, name: str, policy: Path | str, depends: tuple[str, ...]) -> float:
-        if self.args.eval_split != "test":  # its own stage: a test evaluation already done is not reused
-            name = f"{name}_{self.args.eval_split}"
+        name = self.evaluation_name(name)
         log_name = f"eval/{name}"
         self.stage(f"eval_{name}", self.cli("test", "configs/dapo/evaluate.yaml", log_name,
                                             f"--model.init_args.model={policy}",
@@ -294,9 +292,9 @@ class Recipe:
 
     def generations(self, name: str) -> dict[str, bool]:
         """problem id -> correct, from an evaluation's per-problem file."""
-        if self.args.eval_split != "test":
-            name = f"{name}_{self.args.eval_split}"
-        path = self.out / "logs" / "eval" / name / "version_0" / "test_generations.jsonl"
+        from modules.dapo import TEST_GENERATIONS_FILE
+
+        path = self.log_folder(f"eval/{self.evaluation_name(name)}") / TEST_GENERATIONS_FILE
         if not path.exists():
             return {}
         return {row["problem_id"]: row["correct"] for row in map(json.loads, path.read_text().splitlines())}
@@ -448,9 +446,7 @@ def mcnemar_exact(won: int, lost: int) -> float:
 def over_seeds(per_seed: dict[int, dict]) -> dict:
     """Mean and sample standard deviation over seeds of every policy's accuracy and every paired difference."""
     def spread(values: list[float]) -> dict:
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-        return {"mean": mean, "sd": sd, "values": values}
+        return {**mean_sd(values), "values": values}
 
     runs = list(per_seed.values())
     out = {"accuracy": {name: spread([r["policies"][name] for r in runs]) for name in runs[0]["policies"]}}

@@ -47,6 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recipes.common import distinct_values, mean_sd  # noqa: E402
+
 BASE_CONFIG = str(ROOT / "configs/reward/bt.yaml")
 SCORE_CONFIG = str(ROOT / "configs/curation/score.yaml")
 EMBEDDED_DRAWS = 8000 + 300 + 600  # PreferenceData's train/val/test (tiny-sft's 6,000 SFT problems come first)
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "reaches this (a judge near or below chance removes correct labels as often as flipped "
                              "ones); a negative value checks every task")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", default=None,
+    parser.add_argument("--seeds", type=lambda text: distinct_values(text, int, "--seeds"), default=None,
                         help="comma-separated seeds: the whole recipe once per seed into <out>/seed<S>, and a summary "
                              "over seeds (seeds.md, seeds.json) in <out>")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -429,13 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.selections:
         selection_step(name)  # unknown names fail before any work
     if args.seeds is not None:
-        try:
-            seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
-        except ValueError:
-            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
-        if not seeds or len(set(seeds)) != len(seeds):
-            parser.error(f"--seeds needs distinct integers, got {args.seeds!r}")
-        return run_seeds(args, seeds)
+        return run_seeds(args, args.seeds)
     return run(args)
 
 
@@ -463,8 +459,6 @@ def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
 def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Per seed: held-out accuracy and RewardBench overall of the raw pool and of the curated variant chosen on
     validation, and the wrong-label share of their training data; then mean and sample sd over seeds."""
-    import statistics
-
     rows = []
     for seed, results in per_seed.items():
         chosen = results["chosen_selection"]
@@ -478,13 +472,9 @@ def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                      "raw_pairs": raw["train_pairs"], "raw_wrong_labels": quality["raw pool"]["wrong_label_share"],
                      "curated_wrong_labels": curated_quality["wrong_label_share"]})
 
-    def spread(key: str) -> dict[str, float]:
-        values = [row[key] for row in rows]
-        return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else float("nan")}
-
     return {"seeds": rows, "curated_ahead": sum(row["difference"] > 0 for row in rows),
             "curated_behind": sum(row["difference"] < 0 for row in rows),
-            **{key: spread(key) for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}}
+            **{key: mean_sd([row[key] for row in rows]) for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}}
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:

@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from recipes.common import distinct_values  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # name -> overrides of configs/flat/unlearn.yaml
@@ -54,12 +57,9 @@ DEFAULT_METHODS = "flat_kl,flat_js,flat_pearson,flat_tv,ga,npo"
 
 
 def learning_rates(text: str) -> list[float]:
-    try:
-        rates = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--unlearn-lr takes comma-separated numbers, got {text!r}") from None
-    if not rates or len(set(rates)) != len(rates) or min(rates) <= 0:
-        raise argparse.ArgumentTypeError(f"--unlearn-lr needs distinct positive numbers, got {text!r}")
+    rates = distinct_values(text, float, "--unlearn-lr")
+    if min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"--unlearn-lr needs positive learning rates, got {text!r}")
     return rates
 
 
@@ -109,6 +109,7 @@ class Recipe:
                      f"--data.init_args.paraphrase_style={args.paraphrase_style}"]
         self.quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
         self.timings: dict[str, float] = {}
+        self.methods = [m for m in args.methods.split(",") if m]
 
     def cli(self, stage: str, subcommand: str, config: str, *overrides: str) -> None:
         """Run one cli.py stage: in this process (``--jobs 1``) or as a subprocess with its own log."""
@@ -169,10 +170,10 @@ class Recipe:
         self.cli(f"eval_{name}", "test", "configs/tofu/eval.yaml", *overrides)
         return result
 
-    def runs(self, methods: list[str]) -> dict[str, tuple[str, float]]:
+    def runs(self) -> dict[str, tuple[str, float]]:
         """Run name -> (method, learning rate): the method's own name with one learning rate, else
         ``<method>_lr<lr>`` for each."""
-        rates = self.args.unlearn_lr
+        rates, methods = self.args.unlearn_lr, self.methods
         if len(rates) == 1:
             return {method: (method, rates[0]) for method in methods}
         return {f"{method}_lr{rate:g}": (method, rate) for method in methods for rate in rates}
@@ -203,8 +204,7 @@ class Recipe:
         import torch
 
         torch.set_num_threads(self.args.threads)
-        methods = [m for m in self.args.methods.split(",") if m]
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
         if self.args.report_only:  # rebuild the table from the files of an earlier run
@@ -212,13 +212,13 @@ class Recipe:
             self.timings = previous.get("stage_seconds", {})
             files = {"target": self.out / "target" / "eval" / "test.json",
                      "retain": self.out / "retain" / "eval" / "test.json"}
-            files.update({name: self.last_epoch_file(name) for name in self.runs(methods)})
+            files.update({name: self.last_epoch_file(name) for name in self.runs()})
             return self.report(files, previous.get("total_seconds"), previous.get("machine", {}))
         load_start = load_averages()
         started = time.perf_counter()
         target, _ = self.parallel([(self.finetune, "target"), (self.finetune, "retain")])
         retain_eval = self.evaluate("retain", None)
-        runs = self.runs(methods)
+        runs = self.runs()
         evaluated = self.parallel([(self.evaluate, "target", retain_eval)] +
                                   [(self.unlearn, name, method, lr, target, retain_eval)
                                    for name, (method, lr) in runs.items()])
@@ -253,7 +253,7 @@ class Recipe:
             rows.append(self.row(name, report, epoch=body.get("epoch"), file=str(path),
                                  train_seconds=self.timings.get(name)))
         target_utility = rows[0]["model_utility"]
-        runs = self.runs([m for m in self.args.methods.split(",") if m])  # the unlearning runs' names in files
+        runs = self.runs()  # the unlearning runs' names in files
         for name in list(files)[2:]:
             history = json.loads((Path(files[name]).parent / "history.json").read_text())
             histories[name] = [{"tag": h["tag"], **self.row(name, h["report"]), "lr": runs[name][1]} for h in history]
@@ -265,7 +265,7 @@ class Recipe:
                 utility_matched([h for name, (m, _) in runs.items() if m == method for h in histories[name]],
                                 target_utility)
                 or {"model": method, "epoch": None}
-                for method in dict.fromkeys(m for m, _ in runs.values())]
+                for method in self.methods]
         self.write(result)
         return result
 
