@@ -1,5 +1,6 @@
 """Plumbing shared by the data modules: reading rows from files or the hub with row-exact errors,
-an epoch-seeded sampler (so a resumed run sees the same order), and padding."""
+epoch-seeded samplers (so a resumed run sees the same order; optionally grouping items by length), the
+training loader built on them, and padding."""
 
 from __future__ import annotations
 
@@ -179,13 +180,69 @@ class EpochSeededSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_generator(self) -> torch.Generator:
         epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.length, generator=self.epoch_generator()).tolist())
 
     def __len__(self) -> int:
         return self.length
+
+
+class LengthGroupedSampler(EpochSeededSampler):
+    """An epoch-seeded order in which each run of ``group_size`` consecutive indices holds items of similar
+    length, so a batch pads little: the epoch's random permutation is cut into windows of
+    ``window_groups`` groups, each window is sorted by length and cut into groups, and the groups of the
+    whole epoch are shuffled, with the group holding the longest item first (an out-of-memory error then
+    shows at the first step, not hours in).
+
+    Shuffling the groups, not only the windows, keeps batch length from trending within an epoch. The
+    order depends only on (seed, epoch), as ``EpochSeededSampler``'s, so resuming mid-epoch works the
+    same. Under DDP, Lightning hands process r the indices r, r + W, r + 2W, ... of this order; with
+    ``group_size`` = batch size × W, each process's batch comes from one group."""
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0,
+                 epoch_source: Callable[[], int] | None = None, window_groups: int = 50):
+        if group_size < 1 or window_groups < 1:
+            raise ValueError(f"group_size and window_groups must be at least 1, got {group_size}, {window_groups}")
+        super().__init__(len(lengths), seed, epoch_source)
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.group_size, self.window_groups = group_size, window_groups
+
+    def __iter__(self) -> Iterator[int]:
+        generator = self.epoch_generator()
+        order = torch.randperm(self.length, generator=generator)
+        window = self.group_size * self.window_groups
+        groups: list[torch.Tensor] = []
+        for start in range(0, self.length, window):
+            indices = order[start:start + window]
+            # stable sort, longest first: equal lengths keep their random order
+            indices = indices[torch.sort(self.lengths[indices], descending=True, stable=True).indices]
+            groups += list(indices.split(self.group_size))
+        # a partial group only at the very end, where the loader's last (short) batch falls
+        full = [group for group in groups if len(group) == self.group_size]
+        partial = [group for group in groups if len(group) < self.group_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        if shuffled:
+            longest = max(range(len(shuffled)), key=lambda i: int(self.lengths[shuffled[i]].max()))
+            shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return iter(torch.cat(shuffled + partial).tolist() if groups else [])
+
+
+def training_loader(data: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
+                    trainer: Any, num_workers: int = 0, lengths: Sequence[int] | None = None) -> DataLoader:
+    """The training loader every data module uses: a seeded order per epoch, resumable mid-epoch; with
+    ``lengths``, grouped by length (``LengthGroupedSampler``, groups of one batch per process)."""
+    epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+    if lengths is None:
+        sampler: EpochSeededSampler = EpochSeededSampler(len(data), seed, epoch_source=epoch_source)
+    else:
+        processes = trainer.world_size if trainer is not None else 1
+        sampler = LengthGroupedSampler(lengths, batch_size * processes, seed, epoch_source=epoch_source)
+    return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                               num_workers=num_workers, persistent_workers=num_workers > 0, trainer=trainer)
 
 
 def batches_done_in_epoch(trainer: Any) -> int:

@@ -554,13 +554,10 @@ class CriticData(_StatesData):
         }
 
     def train_dataloader(self) -> DataLoader:
-        from datamodules.common import EpochSeededSampler, ResumableDataLoader
+        from datamodules.common import training_loader
 
-        trainer = self.trainer
-        sampler = EpochSeededSampler(len(self.datasets["train"]), self.seed,
-                                     epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-        return ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
-                                   collate_fn=self.collate, num_workers=self.num_workers, trainer=trainer)
+        return training_loader(self.datasets["train"], self.batch_size, self.collate, self.seed, self.trainer,
+                               self.num_workers)
 
     def val_dataloader(self):
         if not self.datasets.get("val"):

@@ -146,6 +146,9 @@ class PreferenceData(TextDataModule):
         return {"chosen": chosen, "rejected": rejected, "margin": float(row.get("margin") or 0.0),
                 "subset": self.subset_names.index(subset), "row_id": index}
 
+    def item_length(self, item: dict[str, Any]) -> int:
+        return max(len(item["chosen"]), len(item["rejected"]))  # both sides go into the same padded batch
+
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
         return {

@@ -105,6 +105,9 @@ class SFTData(TextDataModule):
         return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids[-self.max_length:],
                 "reference": reference, "row_id": index}
 
+    def item_length(self, item: dict[str, Any]) -> int:
+        return len(item["input_ids"])
+
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
         input_ids = pad_sequences([item["input_ids"] for item in items], pad)

@@ -20,11 +20,10 @@ from torch.utils.data import DataLoader
 from datamodules.common import (
     DataError,
     DataReport,
-    EpochSeededSampler,
-    ResumableDataLoader,
     check_side,
     read_rows,
     shards_parameters,
+    training_loader,
 )
 
 SPLITS = ("train", "val", "test", "predict")
@@ -37,7 +36,9 @@ class TextDataModule(pl.LightningDataModule):
                  val_split: str | None = "validation", test_split: str | None = "test",
                  tokenizer: str | None = None, max_length: int = 512, truncation_side: str = "right",
                  batch_size: int = 32, eval_batch_size: int | None = None, invalid_rows: str = "error",
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, group_by_length: bool = False):
+        """``group_by_length``: training batches of items of similar length (``LengthGroupedSampler``),
+        so less compute goes to padding; the batches are still drawn at random, but no longer uniformly."""
         super().__init__()
         if invalid_rows not in ("error", "drop"):
             raise ValueError(f"invalid_rows must be 'error' or 'drop', got {invalid_rows!r}")
@@ -52,6 +53,7 @@ class TextDataModule(pl.LightningDataModule):
         self.invalid_rows = invalid_rows
         self.num_workers = num_workers
         self.seed = seed
+        self.group_by_length = group_by_length
         self.tokenizer = None
         self.report = DataReport()
         self.datasets: dict[str, list[dict[str, Any]]] = {}
@@ -68,6 +70,10 @@ class TextDataModule(pl.LightningDataModule):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def item_length(self, item: dict[str, Any]) -> int:
+        """The padded width an encoded item needs in a batch (for ``group_by_length``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support group_by_length")
 
     # -- sources ---------------------------------------------------------------------------------------
     def source_rows(self, split: str) -> tuple[list[dict[str, Any]] | None, str]:
@@ -145,12 +151,8 @@ class TextDataModule(pl.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         if shuffle:  # training: a seeded order per epoch, resumable mid-epoch
-            trainer = self.trainer
-            sampler = EpochSeededSampler(len(data), self.seed,
-                                         epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-            return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
-                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                       trainer=trainer)
+            lengths = [self.item_length(item) for item in data] if self.group_by_length else None
+            return training_loader(data, batch_size, self.collate, self.seed, self.trainer, self.num_workers, lengths)
         return DataLoader(data, batch_size=batch_size, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

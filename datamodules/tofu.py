@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import tofu_data as td
-from datamodules.common import DataError, DataReport, EpochSeededSampler, ResumableDataLoader, pad_sequences
+from datamodules.common import DataError, DataReport, pad_sequences, training_loader
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -343,12 +343,7 @@ class TofuQAData(pl.LightningDataModule):
 
     def _loader(self, data, batch_size: int, shuffle: bool, collate) -> DataLoader:
         if shuffle:  # training: a seeded order per epoch, resumable mid-epoch
-            trainer = self.trainer
-            sampler = EpochSeededSampler(len(data), self.seed,
-                                         epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None)
-            return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                       trainer=trainer)
+            return training_loader(data, batch_size, collate, self.seed, self.trainer, self.num_workers)
         return DataLoader(data, batch_size=batch_size, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -56,3 +56,17 @@ def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
     # the same start weights, batches and loss on both sides: the losses agree step by step
     assert summary["loss_difference_per_step_max"] < 1e-4
     assert summary["ours"]["pairs_per_s"] > 0 and summary["trl"]["pairs_per_s"] > 0
+
+
+def test_length_grouping_bench_trains_both_ways_and_grouping_pads_less(tmp_path):
+    done = subprocess.run([sys.executable, "bench/length_grouping.py", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                           "--pairs", "160", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    for name, result in summary["data"].items():
+        uniform, grouped = result["runs"]["uniform"][0], result["runs"]["grouped"][0]
+        assert grouped["padded_share"] < uniform["padded_share"], name
+        assert grouped["positions"] < uniform["positions"], name
+        assert result["ratio"] > 0
+    assert "| long_tail | 8 × 512 |" in done.stdout

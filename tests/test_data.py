@@ -281,3 +281,93 @@ def test_training_subset_weights_apply_to_train_only():
     assert all(sum(r["subset"] == s for r in val_rows) > 70 for s in arithmetic.PAIR_SUBSETS)  # uniform
     with pytest.raises(ValueError, match="unknown subsets"):
         PreferenceData(tokenizer="tiny", train_subset_weights={"typos": 1}).embedded_rows("train")
+
+
+# -- length-grouped batches ----------------------------------------------------------------------------
+
+
+def test_length_grouped_order_with_one_window_is_the_sorted_groups():
+    from datamodules.common import LengthGroupedSampler
+
+    lengths = [5, 11, 0, 7, 3, 9, 1, 10, 6, 2, 8, 4]  # item i has a distinct length
+    sampler = LengthGroupedSampler(lengths, group_size=3, seed=1, window_groups=10)
+    order = list(sampler)
+    groups = [sorted(lengths[i] for i in order[start:start + 3]) for start in range(0, 12, 3)]
+    assert sorted(groups) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert groups[0] == [9, 10, 11]  # the longest item's group comes first
+    assert sorted(order) == list(range(12))
+
+
+def test_length_grouped_order_is_a_seeded_permutation_per_epoch_with_less_padding():
+    import random
+
+    import torch
+
+    from datamodules.common import EpochSeededSampler, LengthGroupedSampler
+
+    lengths = [random.Random(i).randint(4, 200) for i in range(1000)]
+    first = LengthGroupedSampler(lengths, group_size=16, seed=0)
+    again = LengthGroupedSampler(lengths, group_size=16, seed=0)
+    epochs = []
+    for epoch in range(2):
+        first.set_epoch(epoch)
+        again.set_epoch(epoch)
+        epochs.append(list(first))
+        assert epochs[-1] == list(again)
+        assert sorted(epochs[-1]) == list(range(1000))  # every item once; the partial group last
+    assert epochs[0] != epochs[1]
+
+    def padded_width(order):
+        return sum(16 * max(lengths[i] for i in order[start:start + 16]) for start in range(0, 1000, 16))
+
+    uniform = list(EpochSeededSampler(1000, seed=0))
+    assert padded_width(epochs[0]) < 0.7 * padded_width(uniform)
+    # group order is shuffled, not descending within each window of 50 groups
+    group_maxima = torch.tensor([max(lengths[i] for i in epochs[0][start:start + 16]) for start in range(16, 992, 16)])
+    assert (group_maxima[1:] > group_maxima[:-1]).float().mean() > 0.3
+
+
+def test_length_grouped_batches_stay_grouped_under_lightnings_distributed_split():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from datamodules.common import LengthGroupedSampler
+
+    lengths = list(range(64))
+    batch_size, processes = 4, 2
+    sampler = LengthGroupedSampler(lengths, group_size=batch_size * processes, seed=3)
+    groups = [sorted(lengths[i] for i in list(sampler)[start:start + 8]) for start in range(0, 64, 8)]
+    for rank in range(processes):
+        # how Lightning shards a custom sampler under DDP (shuffle off: the order is ours)
+        per_rank = list(DistributedSamplerWrapper(sampler, num_replicas=processes, rank=rank, shuffle=False))
+        for start in range(0, len(per_rank), batch_size):
+            batch = sorted(lengths[i] for i in per_rank[start:start + batch_size])
+            assert max(batch) - min(batch) < 8  # within one group of 8 consecutive lengths
+            assert any(set(batch) <= set(group) for group in groups)
+
+
+@pytest.mark.parametrize("module, kwargs", [(PreferenceData, {}), (SFTData, {})])
+def test_group_by_length_pads_less_in_the_training_loader(module, kwargs):
+    def padding_share(group_by_length):
+        data = module(tokenizer="tiny", train_size=640, val_size=16, test_size=16, batch_size=32,
+                      group_by_length=group_by_length, **kwargs)
+        data.setup("fit")
+        batches = list(data.train_dataloader())
+        assert sum(len(batch["input_ids"]) for batch in batches) == 640 * (2 if module is PreferenceData else 1)
+        return sum((batch["attention_mask"] == 0).sum().item() for batch in batches) / \
+            sum(batch["attention_mask"].numel() for batch in batches)
+
+    uniform, grouped = padding_share(False), padding_share(True)
+    assert grouped < 0.5 * uniform, (uniform, grouped)
+
+
+def test_training_loader_groups_one_batch_per_process():
+    from types import SimpleNamespace
+
+    from datamodules.common import EpochSeededSampler, LengthGroupedSampler, training_loader
+
+    trainer = SimpleNamespace(world_size=4, current_epoch=2, fit_loop=None, num_training_batches=0)
+    grouped = training_loader(list(range(40)), 5, list, seed=0, trainer=trainer, lengths=list(range(40)))
+    assert isinstance(grouped.sampler, LengthGroupedSampler) and grouped.sampler.group_size == 20
+    assert grouped.sampler.epoch_source() == 2  # the trainer's epoch, also after a resume
+    plain = training_loader(list(range(40)), 5, list, seed=0, trainer=None)
+    assert type(plain.sampler) is EpochSeededSampler

@@ -1,0 +1,153 @@
+"""Length-grouped batches (``--data.init_args.group_by_length=true``) against uniformly random batches, in one run.
+
+Our reward-model ``fit`` (cli.py, bt.yaml, the tiny preset as a sequence classifier) trains the same number of
+steps on the same pairs twice: once with the usual random batches, once with batches of pairs of similar
+length (``datamodules.common.LengthGroupedSampler``). Runs alternate (uniform, grouped, uniform, ...) so the
+shared machine's load hits both alike. Two data sets:
+
+- ``embedded``: the arithmetic preference pairs of bt.yaml (128 tokens at most, lengths fairly even);
+- ``long_tail``: generated pairs whose prompt and response lengths follow log-normal distributions (median
+  prompt 60 and response 120 tokens, up to the 512-token limit), the shape of real chat preference data,
+  where most pairs are short and a few are long.
+
+Prints, per data set: the share of padded positions, pairs/s (median over runs) and grouped / uniform.
+The batches differ between the two, so the losses differ too; the bench reports them, it does not compare.
+
+    python bench/length_grouping.py               # ~3 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no out up what about into than "
+         "them can only other new some could time these two may then do first any my now such like our over").split()
+
+
+def long_tail_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Pairs of random words, one token per character with the byte tokenizer; lengths log-normal."""
+    rng = random.Random(seed)
+
+    def text(median_chars: float) -> str:
+        target = max(8, int(rng.lognormvariate(0.0, 0.9) * median_chars))
+        words: list[str] = []
+        while sum(len(word) + 1 for word in words) < target:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)
+
+    return [{"prompt": text(60), "chosen": text(120), "rejected": text(120)} for _ in range(count)]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def fit(model_dir: Path, data_file: Path, grouped: bool, out: Path, name: str, args, max_length: int,
+        batch_size: int) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    import cli
+
+    record: dict[str, Any] = {"positions": 0, "real": 0, "losses": []}
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            record["losses"].append(outputs["loss"].item())
+            if step == args.warmup:
+                record["start"], record["cpu_start"] = time.perf_counter(), time.process_time()
+            elif step > args.warmup:
+                record["positions"] += batch["attention_mask"].numel()
+                record["real"] += int(batch["attention_mask"].sum())
+                if step == args.steps:
+                    record["end"], record["cpu_end"] = time.perf_counter(), time.process_time()
+
+    defaults = cli.trainer_defaults
+    cli.trainer_defaults = lambda: {**defaults(), "callbacks": [Clock()]}
+    try:
+        cli.main([
+            "fit", "--config", str(ROOT / "configs/reward/bt.yaml"), f"--model.init_args.model={model_dir}",
+            f"--data.init_args.train_file={data_file}", f"--data.init_args.batch_size={batch_size}",
+            f"--data.init_args.max_length={max_length}", f"--data.init_args.group_by_length={str(grouped).lower()}",
+            f"--trainer.max_steps={args.steps}", "--trainer.val_check_interval=null", "--test_after_fit=false",
+            f"--seed_everything={args.seed}", f"--data.init_args.seed={args.seed}",
+            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
+            f"--checkpoint.dirpath={out / name / 'ckpt'}", "--checkpoint.monitor=null", "--checkpoint.save_top_k=0",
+            "--checkpoint.save_last=false", "--export.dirpath=null", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
+        ])
+    finally:
+        cli.trainer_defaults = defaults
+    timed = args.steps - args.warmup
+    seconds, cpu_seconds = record["end"] - record["start"], record["cpu_end"] - record["cpu_start"]
+    return {"pairs_per_s": timed * batch_size / seconds, "pairs_per_cpu_s": timed * batch_size / cpu_seconds,
+            "padded_share": 1 - record["real"] / record["positions"], "positions": record["positions"],
+            "mean_loss_last_10": statistics.fmean(record["losses"][-10:])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="embedded,long_tail", help="comma-separated: embedded, long_tail")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of uniform and grouped runs")
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for logs and results.json (default: a temporary one)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from reward_vs_trl import save_start_model, write_pairs
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="length_grouping_"))
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = save_start_model(out, gpu=False, seed=args.seed)
+    settings = {"embedded": (write_pairs(out, gpu=False, pairs=args.pairs, seq_len=0, seed=args.seed), 128, 32),
+                "long_tail": (write_rows(out / "long_tail.jsonl", long_tail_rows(args.pairs, args.seed)), 512, 8)}
+    summary: dict[str, Any] = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                               "torch_threads": torch.get_num_threads(), "data": {}}
+    for data_name in args.data.split(","):
+        data_file, max_length, batch_size = settings[data_name]
+        runs: dict[str, list[dict[str, Any]]] = {"uniform": [], "grouped": []}
+        for round_index in range(args.rounds):
+            for kind in ("uniform", "grouped"):
+                runs[kind].append(fit(model_dir, data_file, kind == "grouped", out, f"{data_name}_{kind}_{round_index}",
+                                      args, max_length, batch_size))
+        medians = {kind: statistics.median(run["pairs_per_s"] for run in runs[kind]) for kind in runs}
+        summary["data"][data_name] = {"max_length": max_length, "batch_size": batch_size, "runs": runs,
+                                      "median_pairs_per_s": medians, "ratio": medians["grouped"] / medians["uniform"]}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{args.steps - args.warmup} timed steps per run, {args.rounds} alternating rounds, "
+          f"{summary['torch_threads']} torch thread(s); results in {out / 'results.json'}")
+    print("| data | batch × max length | padded positions, uniform → grouped | pairs/s uniform [runs] | "
+          "pairs/s grouped [runs] | grouped / uniform |")
+    print("|---|---|---|---|---|---|")
+    for data_name, result in summary["data"].items():
+        runs = result["runs"]
+        listing = {kind: ", ".join(f"{run['pairs_per_s']:.1f}" for run in runs[kind]) for kind in runs}
+        print(f"| {data_name} | {result['batch_size']} × {result['max_length']} | "
+              f"{runs['uniform'][0]['padded_share']:.1%} → {runs['grouped'][0]['padded_share']:.1%} | "
+              f"{result['median_pairs_per_s']['uniform']:.1f} [{listing['uniform']}] | "
+              f"{result['median_pairs_per_s']['grouped']:.1f} [{listing['grouped']}] | {result['ratio']:.2f}x |")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
