@@ -513,8 +513,13 @@ class CriticData(_StatesData):
     Items: ``input_ids`` (prompt + prefix, left-truncated to ``max_length`` so the last token, where the
     value is read, is kept), ``target`` = mc_value, ``num_correct`` and ``num_completions`` (for the AUROC of
     predicting whether a trajectory sampled from the state ends correct). Problems go to ``val`` with
-    probability ``val_fraction`` (by a hash of their id).
+    probability ``val_fraction`` (by a hash of their id). ``group_by_length``: training batches of states
+    of similar length (see ``TextDataModule``).
     """
+
+    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
 
     def setup(self, stage: str) -> None:
         if self.datasets:
@@ -556,8 +561,9 @@ class CriticData(_StatesData):
     def train_dataloader(self) -> DataLoader:
         from datamodules.common import training_loader
 
-        return training_loader(self.datasets["train"], self.batch_size, self.collate, self.seed, self.trainer,
-                               self.num_workers)
+        data = self.datasets["train"]
+        lengths = [len(item["input_ids"]) for item in data] if self.group_by_length else None
+        return training_loader(data, self.batch_size, self.collate, self.seed, self.trainer, self.num_workers, lengths)
 
     def val_dataloader(self):
         if not self.datasets.get("val"):

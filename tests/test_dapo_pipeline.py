@@ -114,8 +114,10 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
 
     # 2. critic
     give_outcomes(rollouts)
-    run_cli("fit", "configs/dapo/critic.yaml", "--model.init_args.model=tiny", f"--data.init_args.data_file={rollouts}",
-            "--data.init_args.batch_size=4", "--trainer.max_epochs=1", name="critic")
+    critic = run_cli("fit", "configs/dapo/critic.yaml", "--model.init_args.model=tiny", f"--data.init_args.data_file={rollouts}",
+                     "--data.init_args.batch_size=4", "--trainer.max_epochs=1", "--data.init_args.group_by_length=true",
+                     name="critic")
+    assert type(critic.datamodule.train_dataloader().sampler).__name__ == "LengthGroupedSampler"
     critic_metrics = summary_metrics(tmp_path, "critic", "fit")
     for key in ("train/bce", "val/bce", "val/mae", "val/ece", "val/bce_base_rate", "val/bce_skill"):
         assert key in critic_metrics
