@@ -7,13 +7,13 @@ shared machine's load hits both alike. Two data sets:
 
 - ``embedded``: the arithmetic preference pairs of bt.yaml (128 tokens at most, lengths fairly even);
 - ``long_tail``: generated pairs whose prompt and response lengths follow log-normal distributions (median
-  prompt 60 and response 120 tokens, up to the 512-token limit), the shape of real chat preference data,
-  where most pairs are short and a few are long.
+  prompt 60 and response 120 tokens, cut at 512 tokens), the shape of real chat preference data, where most
+  pairs are short and a few are long.
 
 Prints, per data set: the share of padded positions, pairs/s (median over runs) and grouped / uniform.
 The batches differ between the two, so the losses differ too; the bench reports them, it does not compare.
 
-    python bench/length_grouping.py               # ~3 minutes on a 2-core CPU
+    python bench/length_grouping.py               # ~5 minutes on a 2-core CPU
 """
 
 from __future__ import annotations

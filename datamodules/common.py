@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -199,9 +199,9 @@ class LengthGroupedSampler(EpochSeededSampler):
     shows at the first step, not hours in).
 
     Shuffling the groups, not only the windows, keeps batch length from trending within an epoch. The
-    order depends only on (seed, epoch), as ``EpochSeededSampler``'s, so resuming mid-epoch works the
-    same. Under DDP, Lightning hands process r the indices r, r + W, r + 2W, ... of this order; with
-    ``group_size`` = batch size × W, each process's batch comes from one group."""
+    order depends only on (seed, epoch, group_size), as ``EpochSeededSampler``'s on (seed, epoch), so
+    resuming mid-epoch works the same (with the same number of processes: ``training_loader`` makes a
+    group one batch per process, and ``ProcessShard`` gives process r the indices r, r + W, ... of it)."""
 
     def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0,
                  epoch_source: Callable[[], int] | None = None, window_groups: int = 50):
@@ -215,9 +215,12 @@ class LengthGroupedSampler(EpochSeededSampler):
         generator = self.epoch_generator()
         order = torch.randperm(self.length, generator=generator)
         window = self.group_size * self.window_groups
+        starts = list(range(0, self.length, window))
+        if len(starts) > 1 and self.length - starts[-1] < self.group_size:
+            starts.pop()  # a last window smaller than a group joins the one before, so only short items are left over
         groups: list[torch.Tensor] = []
-        for start in range(0, self.length, window):
-            indices = order[start:start + window]
+        for start, end in zip(starts, starts[1:] + [self.length]):
+            indices = order[start:end]
             # stable sort, longest first: equal lengths keep their random order
             indices = indices[torch.sort(self.lengths[indices], descending=True, stable=True).indices]
             groups += list(indices.split(self.group_size))
@@ -231,16 +234,43 @@ class LengthGroupedSampler(EpochSeededSampler):
         return iter(torch.cat(shuffled + partial).tolist() if groups else [])
 
 
+class ProcessShard(DistributedSampler):
+    """Process ``rank``'s share of an epoch order: its indices rank, rank + W, rank + 2W, ..., the order
+    padded to a multiple of W by repeating its last items (the shortest, for a length-grouped order).
+
+    It is a ``DistributedSampler`` only so that Lightning keeps it: given any other training sampler,
+    Lightning wraps it in a ``DistributedSamplerWrapper`` that shuffles the order again, which would break
+    length groups apart. The epoch comes from the wrapped sampler (its ``epoch_source``, else ``set_epoch``)."""
+
+    def __init__(self, sampler: EpochSeededSampler, num_replicas: int, rank: int):
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        missing = self.total_size - len(order)
+        if order and missing:
+            order += (order[::-1] * (missing // len(order) + 1))[:missing]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+
 def training_loader(data: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
                     trainer: Any, num_workers: int = 0, lengths: Sequence[int] | None = None) -> DataLoader:
     """The training loader every data module uses: a seeded order per epoch, resumable mid-epoch; with
-    ``lengths``, grouped by length (``LengthGroupedSampler``, groups of one batch per process)."""
+    ``lengths``, grouped by length (``LengthGroupedSampler``, groups of one batch per process). With
+    several processes, each gets its ``ProcessShard`` of the one order."""
     epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+    processes = trainer.world_size if trainer is not None else 1
     if lengths is None:
-        sampler: EpochSeededSampler = EpochSeededSampler(len(data), seed, epoch_source=epoch_source)
+        sampler: Sampler[int] = EpochSeededSampler(len(data), seed, epoch_source=epoch_source)
     else:
-        processes = trainer.world_size if trainer is not None else 1
         sampler = LengthGroupedSampler(lengths, batch_size * processes, seed, epoch_source=epoch_source)
+    if processes > 1:
+        sampler = ProcessShard(sampler, processes, trainer.global_rank)
     return ResumableDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                num_workers=num_workers, persistent_workers=num_workers > 0, trainer=trainer)
 

@@ -296,6 +296,9 @@ def test_length_grouped_order_with_one_window_is_the_sorted_groups():
     assert sorted(groups) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert groups[0] == [9, 10, 11]  # the longest item's group comes first
     assert sorted(order) == list(range(12))
+    # also when the data end in a window smaller than a group (merged into the window before)
+    for seed in range(20):
+        assert 4 in list(LengthGroupedSampler(list(range(5)), group_size=2, seed=seed, window_groups=2))[:2]
 
 
 def test_length_grouped_order_is_a_seeded_permutation_per_epoch_with_less_padding():
@@ -327,29 +330,51 @@ def test_length_grouped_order_is_a_seeded_permutation_per_epoch_with_less_paddin
     assert (group_maxima[1:] > group_maxima[:-1]).float().mean() > 0.3
 
 
-def test_length_grouped_batches_stay_grouped_under_lightnings_distributed_split():
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+def test_length_grouped_batches_stay_grouped_through_lightnings_ddp_preparation():
+    """Lightning wraps a training sampler that is not a DistributedSampler in one that reshuffles it; the
+    training loader must come through its preparation for 2 DDP processes unchanged and still grouped."""
+    from types import SimpleNamespace
 
-    from datamodules.common import LengthGroupedSampler
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import RunningStage
 
-    lengths = list(range(64))
+    from datamodules.common import ProcessShard, training_loader
+
+    lengths = [(7 * i) % 61 for i in range(61)]  # 61 distinct lengths in a scrambled order
     batch_size, processes = 4, 2
-    sampler = LengthGroupedSampler(lengths, group_size=batch_size * processes, seed=3)
-    groups = [sorted(lengths[i] for i in list(sampler)[start:start + 8]) for start in range(0, 64, 8)]
+    ddp = pl.Trainer(accelerator="cpu", devices=processes, strategy="ddp", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+    seen = []
     for rank in range(processes):
-        # how Lightning shards a custom sampler under DDP (shuffle off: the order is ours)
-        per_rank = list(DistributedSamplerWrapper(sampler, num_replicas=processes, rank=rank, shuffle=False))
-        for start in range(0, len(per_rank), batch_size):
-            batch = sorted(lengths[i] for i in per_rank[start:start + batch_size])
-            assert max(batch) - min(batch) < 8  # within one group of 8 consecutive lengths
-            assert any(set(batch) <= set(group) for group in groups)
+        fake = SimpleNamespace(world_size=processes, global_rank=rank, current_epoch=0)
+        loader = training_loader(list(range(61)), batch_size, list, seed=3, trainer=fake, lengths=lengths)
+        prepared = ddp._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+        assert isinstance(prepared.sampler, ProcessShard) and prepared.sampler is loader.sampler
+        indices = list(prepared.sampler)  # the loader batches them in this order, batch_size at a time
+        batches = [[lengths[i] for i in indices[start:start + batch_size]] for start in range(0, len(indices), batch_size)]
+        assert len(indices) == 31 and len(batches) == 8  # 61 items padded to 62, 31 per process
+        for batch in batches[:-1]:
+            assert max(batch) - min(batch) < 8, batch  # one group: 8 neighbouring lengths
+        seen += indices
+    assert sorted(set(seen)) == list(range(61)) and len(seen) == 62
+    assert max(lengths[i] for i in seen[:4]) == 60  # the longest item's group first
 
 
-@pytest.mark.parametrize("module, kwargs", [(PreferenceData, {}), (SFTData, {})])
-def test_group_by_length_pads_less_in_the_training_loader(module, kwargs):
+def test_process_shards_cover_the_order_once_and_pad_with_its_last_items():
+    from datamodules.common import EpochSeededSampler, ProcessShard
+
+    order = list(EpochSeededSampler(10, seed=5))
+    shards = [list(ProcessShard(EpochSeededSampler(10, seed=5), 4, rank)) for rank in range(4)]
+    assert [len(shard) for shard in shards] == [3, 3, 3, 3]
+    padded = order + [order[-1], order[-2]]
+    assert shards == [padded[rank::4] for rank in range(4)]
+
+
+@pytest.mark.parametrize("module", [PreferenceData, SFTData])
+def test_group_by_length_pads_less_in_the_training_loader(module):
     def padding_share(group_by_length):
         data = module(tokenizer="tiny", train_size=640, val_size=16, test_size=16, batch_size=32,
-                      group_by_length=group_by_length, **kwargs)
+                      group_by_length=group_by_length)
         data.setup("fit")
         batches = list(data.train_dataloader())
         assert sum(len(batch["input_ids"]) for batch in batches) == 640 * (2 if module is PreferenceData else 1)
@@ -363,11 +388,12 @@ def test_group_by_length_pads_less_in_the_training_loader(module, kwargs):
 def test_training_loader_groups_one_batch_per_process():
     from types import SimpleNamespace
 
-    from datamodules.common import EpochSeededSampler, LengthGroupedSampler, training_loader
+    from datamodules.common import EpochSeededSampler, LengthGroupedSampler, ProcessShard, training_loader
 
-    trainer = SimpleNamespace(world_size=4, current_epoch=2, fit_loop=None, num_training_batches=0)
+    trainer = SimpleNamespace(world_size=4, global_rank=1, current_epoch=2)
     grouped = training_loader(list(range(40)), 5, list, seed=0, trainer=trainer, lengths=list(range(40)))
-    assert isinstance(grouped.sampler, LengthGroupedSampler) and grouped.sampler.group_size == 20
-    assert grouped.sampler.epoch_source() == 2  # the trainer's epoch, also after a resume
+    assert isinstance(grouped.sampler, ProcessShard) and (grouped.sampler.num_replicas, grouped.sampler.rank) == (4, 1)
+    assert isinstance(grouped.sampler.sampler, LengthGroupedSampler) and grouped.sampler.sampler.group_size == 20
+    assert grouped.sampler.sampler.epoch_source() == 2  # the trainer's epoch, also after a resume
     plain = training_loader(list(range(40)), 5, list, seed=0, trainer=None)
     assert type(plain.sampler) is EpochSeededSampler
