@@ -236,7 +236,7 @@ class LengthGroupedSampler(EpochSeededSampler):
 
 class ProcessShard(DistributedSampler):
     """Process ``rank``'s share of an epoch order: its indices rank, rank + W, rank + 2W, ..., the order
-    padded to a multiple of W by repeating its last items (the shortest, for a length-grouped order).
+    padded to a multiple of W by repeating its last items (in a length-grouped order, the last group's).
 
     It is a ``DistributedSampler`` only so that Lightning keeps it: given any other training sampler,
     Lightning wraps it in a ``DistributedSamplerWrapper`` that shuffles the order again, which would break
