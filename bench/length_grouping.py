@@ -55,16 +55,10 @@ def long_tail_rows(count: int, seed: int) -> list[dict[str, str]]:
     return [{"prompt": text(60), "chosen": text(120), "rejected": text(120)} for _ in range(count)]
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def fit(model_dir: Path, data_file: Path, grouped: bool, out: Path, name: str, args, max_length: int,
         batch_size: int) -> dict[str, Any]:
     import lightning.pytorch as pl
-
-    import cli
+    from reward_vs_trl import fit_reward_model
 
     record: dict[str, Any] = {"positions": 0, "real": 0, "losses": []}
 
@@ -80,22 +74,8 @@ def fit(model_dir: Path, data_file: Path, grouped: bool, out: Path, name: str, a
                 if step == args.steps:
                     record["end"], record["cpu_end"] = time.perf_counter(), time.process_time()
 
-    defaults = cli.trainer_defaults
-    cli.trainer_defaults = lambda: {**defaults(), "callbacks": [Clock()]}
-    try:
-        cli.main([
-            "fit", "--config", str(ROOT / "configs/reward/bt.yaml"), f"--model.init_args.model={model_dir}",
-            f"--data.init_args.train_file={data_file}", f"--data.init_args.batch_size={batch_size}",
-            f"--data.init_args.max_length={max_length}", f"--data.init_args.group_by_length={str(grouped).lower()}",
-            f"--trainer.max_steps={args.steps}", "--trainer.val_check_interval=null", "--test_after_fit=false",
-            f"--seed_everything={args.seed}", f"--data.init_args.seed={args.seed}",
-            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
-            f"--checkpoint.dirpath={out / name / 'ckpt'}", "--checkpoint.monitor=null", "--checkpoint.save_top_k=0",
-            "--checkpoint.save_last=false", "--export.dirpath=null", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
-        ])
-    finally:
-        cli.trainer_defaults = defaults
+    fit_reward_model(model_dir, data_file, batch_size, max_length, args.steps, args.seed, out, name, Clock(),
+                     [f"--data.init_args.group_by_length={str(grouped).lower()}"])
     timed = args.steps - args.warmup
     seconds, cpu_seconds = record["end"] - record["start"], record["cpu_end"] - record["cpu_start"]
     return {"pairs_per_s": timed * batch_size / seconds, "pairs_per_cpu_s": timed * batch_size / cpu_seconds,
@@ -115,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from reward_vs_trl import save_start_model, write_pairs
+
+    from datamodules.common import write_rows
 
     out = Path(args.out or tempfile.mkdtemp(prefix="length_grouping_"))
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ import string
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,32 @@ def tokenized_pairs(model_dir: Path, data_file: Path, max_length: int) -> list[d
 # The two trainers
 
 
+def fit_reward_model(model_dir: Path, data_file: Path, batch_size: int, max_length: int, steps: int, seed: int,
+                     out: Path, name: str, callback: Any, extra: Sequence[str] = ()) -> None:
+    """Our reward ``fit`` (cli.py, bt.yaml) on ``data_file`` for ``steps`` steps with one more callback and no
+    validation, checkpoint, export, progress bar or model summary; logs in ``out/name``."""
+    import cli
+
+    defaults = cli.trainer_defaults
+    cli.trainer_defaults = lambda: {**defaults(), "callbacks": [callback]}
+    try:
+        cli.main([
+            "fit", "--config", str(ROOT / "configs/reward/bt.yaml"), f"--model.init_args.model={model_dir}",
+            f"--data.init_args.train_file={data_file}", f"--data.init_args.batch_size={batch_size}",
+            f"--data.init_args.max_length={max_length}", f"--trainer.max_steps={steps}",
+            "--trainer.val_check_interval=null", "--test_after_fit=false", f"--seed_everything={seed}",
+            f"--data.init_args.seed={seed}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.logger.init_args.name={name}", f"--checkpoint.dirpath={out / name / 'ckpt'}",
+            "--checkpoint.monitor=null", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
+            "--export.dirpath=null", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.num_sanity_val_steps=0", *extra,
+        ])
+    finally:
+        cli.trainer_defaults = defaults
+
+
 def run_ours(model_dir: Path, data_file: Path, step_tokens: list[int], out: Path, args, name: str) -> dict[str, Any]:
     import lightning.pytorch as pl
-
-    import cli
 
     clock = StepClock(args.warmup, args.steps)
 
@@ -177,30 +200,15 @@ def run_ours(model_dir: Path, data_file: Path, step_tokens: list[int], out: Path
             loss = outputs["loss"].item() if (args.record_losses and outputs) else None
             clock.step_done(trainer.global_step, loss, step_tokens)
 
-    defaults = cli.trainer_defaults
-    cli.trainer_defaults = lambda: {**defaults(), "callbacks": [Clock()]}
-    overrides = [
-        "fit", "--config", str(ROOT / "configs/reward/bt.yaml"), f"--model.init_args.model={model_dir}",
-        f"--data.init_args.train_file={data_file}", f"--data.init_args.batch_size={args.batch_size}",
-        f"--data.init_args.max_length={args.max_length}", f"--trainer.max_steps={args.steps}",
-        "--trainer.val_check_interval=null", "--test_after_fit=false", "--model.init_args.lr_scheduler=null",
-        f"--model.init_args.optimizer.init_args.lr={args.lr}", f"--seed_everything={args.seed}",
-        f"--data.init_args.seed={args.seed}",
-        f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
-        f"--checkpoint.dirpath={out / name / 'ckpt'}", "--checkpoint.monitor=null", "--checkpoint.save_top_k=0",
-        "--checkpoint.save_last=false", "--export.dirpath=null", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
-    ]
+    extra = ["--model.init_args.lr_scheduler=null", f"--model.init_args.optimizer.init_args.lr={args.lr}"]
     if args.gpu_qwen2_05b:
-        overrides += [f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "--trainer.devices=1"]
-        overrides += (["--trainer.precision=bf16-true", "--model.init_args.dtype=bfloat16"] if args.bf16_weights
-                      else ["--trainer.precision=bf16-mixed"])
+        extra += [f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "--trainer.devices=1"]
+        extra += (["--trainer.precision=bf16-true", "--model.init_args.dtype=bfloat16"] if args.bf16_weights
+                  else ["--trainer.precision=bf16-mixed"])
     if args.compile:
-        overrides.append("--model.init_args.compile=true")
-    try:
-        cli.main(overrides)
-    finally:
-        cli.trainer_defaults = defaults
+        extra.append("--model.init_args.compile=true")
+    fit_reward_model(model_dir, data_file, args.batch_size, args.max_length, args.steps, args.seed, out, name, Clock(),
+                     extra)
     return clock.result(args.batch_size)
 
 

@@ -23,4 +23,3 @@ class StepAwareRichProgressBar(RichProgressBar):
         description = train_description(current_epoch, self.trainer.max_epochs, self.trainer.max_steps)
         # as Lightning pads it: the training and validation bars keep one width, so the lines do not flicker
         return f"{description:{len(self.validation_description)}}"
-

@@ -1,10 +1,11 @@
-"""Plumbing shared by the data modules: reading rows from files or the hub with row-exact errors,
-epoch-seeded samplers (so a resumed run sees the same order; optionally grouping items by length), the
-training loader built on them, and padding."""
+"""Plumbing shared by the data modules: reading rows from files or the hub with row-exact errors, writing
+them atomically, epoch-seeded samplers (so a resumed run sees the same order; optionally grouping items by
+length), the training loader built on them, and padding."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,34 @@ def read_rows(source: str, split: str = "train", name: str | None = None) -> lis
         raise DataError(f"{source}: not a local .json/.jsonl/.parquet file, so it was loaded as a Hugging Face "
                         f"hub dataset (config {name!r}, split {split!r}), which failed: "
                         f"{type(error).__name__}: {error}") from error
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as JSONL (``.jsonl``), a JSON array (``.json``) or Parquet (``.parquet``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+            raise DataError(f"{path}: Parquet needs one type per column, and these rows mix them (e.g. strings "
+                            f"and message lists in one column: several preference shapes in one file); "
+                            f"write .jsonl instead ({error})") from None
+        pq.write_table(table, tmp)
+    elif path.suffix == ".json":
+        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"{path}: write .jsonl, .json or .parquet")
+    os.replace(tmp, path)
+    return path
 
 
 def _json_rows(text: str, source: str, suffix: str) -> list[dict[str, Any]]:

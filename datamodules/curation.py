@@ -40,7 +40,7 @@ from typing import Any
 if __name__ == "__main__":  # ``python datamodules/curation.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datamodules.common import DataError, read_rows, row_error  # noqa: E402
+from datamodules.common import DataError, read_rows, row_error, write_rows  # noqa: E402
 from datamodules.preference import PreferenceData, validate_pair  # noqa: E402
 
 DEFAULT_FRACTIONS = {"math": 0.3, "code": 0.3, "other": 0.1}
@@ -664,34 +664,6 @@ def check_output_path(path: str | Path, what: str, row_file: bool = True) -> Pat
                          f"{what} {path}: {ancestor} is a file, so the folder {path.parent} cannot be created")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: no permission to write in {ancestor}")
-    return path
-
-
-def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Write rows as JSONL (``.jsonl``), a JSON array (``.json``) or Parquet (``.parquet``), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pa.Table.from_pylist(rows)
-        except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
-            raise DataError(f"{path}: Parquet needs one type per column, and these rows mix them (e.g. strings "
-                            f"and message lists in one column: several preference shapes in one file); "
-                            f"write .jsonl instead ({error})") from None
-        pq.write_table(table, tmp)
-    elif path.suffix == ".json":
-        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    elif path.suffix == ".jsonl":
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-        raise ValueError(f"{path}: write .jsonl, .json or .parquet")
-    os.replace(tmp, path)
     return path
 
 

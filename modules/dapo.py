@@ -55,8 +55,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from datamodules.common import shards_parameters
-from datamodules.curation import write_rows
+from datamodules.common import shards_parameters, write_rows
 from datamodules.dapo_data import (
     balanced_keep,
     encode_state,

@@ -451,11 +451,12 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
     runs = list(per_seed.values())
     out = {"accuracy": {name: spread([r["policies"][name] for r in runs]) for name in runs[0]["policies"]}}
     out["difference"] = {}
-    differences = [{f"{p['policy']} - {p['against']}": p["difference"] for p in r["paired"]} for r in runs]
-    for key in differences[0]:
-        if all(key in run for run in differences):  # a pair some seed could not make is left out
-            values = [run[key] for run in differences]
-            out["difference"][key] = {**spread(values), "seeds_ahead": sum(v > 0 for v in values),
+    paired = [{f"{p['policy']} - {p['against']}": p for p in r["paired"]} for r in runs]
+    for key in paired[0]:
+        if all(key in run for run in paired):  # a pair some seed could not make is left out
+            values = [run[key]["difference"] for run in paired]
+            out["difference"][key] = {**spread(values), "p_values": [run[key]["p_value"] for run in paired],
+                                      "seeds_ahead": sum(v > 0 for v in values),
                                       "seeds_behind": sum(v < 0 for v in values)}
     return out
 
@@ -471,9 +472,7 @@ def seeds_markdown(results: dict) -> str:
                                               f"{summary['accuracy'][name]['sd']:.3f}" for name in names) + " |")
     lines += ["", "| difference | mean ± sd over seeds | seeds ahead / behind | per seed (McNemar p) |", "|---|---|---|---|"]
     for key, value in summary["difference"].items():
-        first, second = key.split(" - ")
-        per_seed = ", ".join(f"{p['difference']:+.3f} ({p['p_value']:.2g})" for run in seeds.values()
-                             for p in run["paired"] if (p["policy"], p["against"]) == (first, second))
+        per_seed = ", ".join(f"{difference:+.3f} ({p:.2g})" for difference, p in zip(value["values"], value["p_values"]))
         lines.append(f"| {key} | {value['mean']:+.3f} ± {value['sd']:.3f} | {value['seeds_ahead']} / "
                      f"{value['seeds_behind']} | {per_seed} |")
     return "\n".join(lines) + "\n"

@@ -456,6 +456,9 @@ def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
     return summary
 
 
+SEED_SUMMARY_KEYS = ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")  # mean ± sd over seeds
+
+
 def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Per seed: held-out accuracy and RewardBench overall of the raw pool and of the curated variant chosen on
     validation, and the wrong-label share of their training data; then mean and sample sd over seeds."""
@@ -474,7 +477,7 @@ def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
     return {"seeds": rows, "curated_ahead": sum(row["difference"] > 0 for row in rows),
             "curated_behind": sum(row["difference"] < 0 for row in rows),
-            **{key: mean_sd([row[key] for row in rows]) for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}}
+            **{key: mean_sd([row[key] for row in rows]) for key in SEED_SUMMARY_KEYS}}
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
@@ -489,7 +492,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
                      f"{row['curated_accuracy']:.3f} | {row['difference']:+.3f} | {row['raw_overall']:.3f} / "
                      f"{row['curated_overall']:.3f} | {row['raw_pairs']} / {row['curated_pairs']} | "
                      f"{share(row['raw_wrong_labels'])} -> {share(row['curated_wrong_labels'])} |")
-    mean = {key: summary[key] for key in ("raw_accuracy", "curated_accuracy", "difference", "overall_difference")}
+    mean = {key: summary[key] for key in SEED_SUMMARY_KEYS}
     lines.append(f"| mean ± sd | | {mean['raw_accuracy']['mean']:.3f} ± {mean['raw_accuracy']['sd']:.3f} | "
                  f"{mean['curated_accuracy']['mean']:.3f} ± {mean['curated_accuracy']['sd']:.3f} | "
                  f"{mean['difference']['mean']:+.3f} ± {mean['difference']['sd']:.3f} | "

@@ -279,6 +279,7 @@ class Recipe:
                     f"{row['forget_rougeL_recall']:.3f} | {row['forget_prob']:.3f} | "
                     f"{row['retain_rougeL_recall']:.3f} | {last} |")
 
+        no_epoch_kept = "| {} | no epoch kept 90% of the utility | | | | | |"
         lines = header + [fmt(row, "-" if row["train_seconds"] is None else str(row["train_seconds"]))
                           for row in result["rows"]]
         machine, s = result["machine"], result["settings"]
@@ -295,15 +296,14 @@ class Recipe:
             lines += ["", "Best epoch per method with Model Utility >= 90% of the target's (selected on the "
                           "evaluation itself):", "", header[0].replace("stage s", "epoch"), header[1]]
             for row in result["utility_matched"]:
-                lines.append(fmt(row, row["epoch"]) if row["epoch"] else f"| {row['model']} | no epoch kept 90% "
-                                                                         f"of the utility | | | | | |")
+                lines.append(fmt(row, row["epoch"]) if row["epoch"] else no_epoch_kept.format(row["model"]))
         if result.get("utility_matched_over_lrs"):
             lines += ["", f"Each method at its best learning rate ({', '.join(f'{r:g}' for r in s['unlearn_lr'])}) and "
                           "epoch, Model Utility >= 90% of the target's:", "",
                       header[0].replace("stage s", "lr, epoch"), header[1]]
             for row in result["utility_matched_over_lrs"]:
                 lines.append(fmt({**row, "model": row["model"].rsplit("_lr", 1)[0]}, f"{row['lr']:g}, {row['epoch']}")
-                             if row["epoch"] else f"| {row['model']} | no epoch kept 90% of the utility | | | | | |")
+                             if row["epoch"] else no_epoch_kept.format(row["model"]))
         table = "\n".join(lines)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.md").write_text(table + "\n")

@@ -52,18 +52,21 @@ def test_evaluations_without_per_problem_files_are_not_paired(tmp_path):
 
 
 def test_over_seeds_gives_mean_spread_and_direction_of_each_difference():
-    def run(sft, dapo, difference):
+    def run(sft, dapo, difference, p_value=0.5):
         return {"policies": {"SFT policy (stage 0)": sft, "DAPO round 1": dapo},
                 "paired": [{"policy": "DAPO round 1", "against": "SFT policy (stage 0)", "difference": difference,
-                            "p_value": 0.5}]}
+                            "p_value": p_value}]}
 
-    summary = recipe.over_seeds({0: run(0.5, 0.52, 0.02), 1: run(0.5, 0.46, -0.04), 2: run(0.5, 0.53, 0.03)})
+    runs = {0: run(0.5, 0.52, 0.02, 0.3), 1: run(0.5, 0.46, -0.04, 0.04), 2: run(0.5, 0.53, 0.03, 0.2)}
+    summary = recipe.over_seeds(runs)
     dapo = summary["accuracy"]["DAPO round 1"]
     assert dapo["mean"] == pytest.approx(0.503333, abs=1e-6)
     assert dapo["sd"] == pytest.approx(0.037859, abs=1e-6)  # sample sd of 0.52, 0.46, 0.53
     difference = summary["difference"]["DAPO round 1 - SFT policy (stage 0)"]
     assert difference["mean"] == pytest.approx(0.003333, abs=1e-6)
     assert (difference["seeds_ahead"], difference["seeds_behind"]) == (2, 1)
+    assert "| DAPO round 1 - SFT policy (stage 0) | +0.003 ± 0.038 | 2 / 1 | +0.020 (0.3), -0.040 (0.04), +0.030 (0.2) |" \
+        in recipe.seeds_markdown({"seeds": runs, "over_seeds": summary})
     partial = run(0.5, 0.5, 0.0)
     partial["paired"] = []  # e.g. evaluations written before per-problem files existed
     assert recipe.over_seeds({0: run(0.5, 0.52, 0.02), 1: partial})["difference"] == {}
