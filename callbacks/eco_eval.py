@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from datamodules.tofu import EncodedQA, collate_qa, encode_qa
+from modules.lm import padding_id
 
 SCORINGS = ("letter", "option")
 
@@ -98,7 +99,7 @@ class MultipleChoiceEvaluator:
         self.chance = float(np.mean([1.0 / len(item["options"]) for item in items]))
 
     def batches(self):
-        enc, pad = self.encoded, self.tokenizer.pad_token_id
+        enc, pad = self.encoded, padding_id(self.tokenizer)
         order = sorted(range(len(enc["encoded"])), key=lambda j: len(enc["encoded"][j].input_ids))
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]

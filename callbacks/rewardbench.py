@@ -5,7 +5,11 @@ this callback reads those, weighs them as ``datamodules.rewardbench`` says
 (RewardBench's fixed counts for its own subsets, math-prm counted equal to the six code subsets; the
 number of rows for any other subset), and logs ``test/rewardbench/<category>`` and
 ``test/rewardbench/overall`` (plain mean of the categories). The JSON (``<log_dir>/rewardbench.json`` by
-default) holds every subset's accuracy, size, weight and category.
+default) holds every subset's accuracy, weight, category and the pairs evaluated (``pairs``; the module's
+exact ``subset_counts`` where it has them), and an ``evaluation`` section: pairs evaluated against pairs in
+the set, and ``limit_test_batches``. A partial evaluation (``--trainer.limit_test_batches``) is scored on
+the subsets it reached, flagged ``complete: false`` with the subsets it missed, and warned about; one that
+reached no subset is an error naming the limit.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.rewardbench import DEFAULT_CATEGORIES, category_scores, subset_weights
 
@@ -60,14 +64,36 @@ class RewardBenchScores(pl.Callback):
         if not sizes:
             raise ValueError("empty evaluation set: the test split has no pairs")
         metrics = trainer.callback_metrics
+        limit = getattr(trainer, "limit_test_batches", 1.0)
+        limited = bool(getattr(trainer, "fast_dev_run", False)) or not (isinstance(limit, float) and limit == 1.0)
+        # the pairs the module really evaluated (RewardModel's exact counts); else the set's sizes
+        counts = getattr(getattr(trainer, "lightning_module", None), "subset_counts", None) or {}
         absent = [name for name in sizes if f"test/accuracy/{name}" not in metrics]
-        if absent:
+        if absent and not limited:
             raise RuntimeError(f"no test/accuracy/<subset> metric for {absent}; RewardBenchScores needs a "
                                f"module that logs per-subset accuracy (RewardModel does)")
-        accuracy = {name: float(metrics[f"test/accuracy/{name}"]) for name in sizes}
-        result = category_scores(accuracy, subset_weights(sizes), self._categories(datamodule))
+        evaluated = [name for name in sizes if name not in absent]
+        if not evaluated:
+            raise RuntimeError(f"--trainer.limit_test_batches={limit} evaluated no pair of any subset; RewardBench "
+                               f"scores need the test set (leave limit_test_batches unset)")
+        accuracy = {name: float(metrics[f"test/accuracy/{name}"]) for name in evaluated}
+        result = category_scores(accuracy, subset_weights({name: sizes[name] for name in evaluated}),
+                                 self._categories(datamodule))
+        pairs = {name: counts[name]["pairs"] if name in counts else sizes[name] for name in evaluated}
         for subset, entry in result["subsets"].items():
-            entry["pairs"] = sizes[subset]
+            entry["pairs"] = pairs[subset]
+            if pairs[subset] != sizes[subset]:
+                entry["pairs_in_set"] = sizes[subset]
+        complete = not absent and all(pairs[name] == sizes[name] for name in evaluated)
+        result["evaluation"] = {"complete": complete, "pairs_evaluated": sum(pairs.values()),
+                                "pairs_in_set": sum(sizes.values()), "limit_test_batches": limit,
+                                "subsets_not_evaluated": absent}
+        if not complete:
+            why = f"--trainer.limit_test_batches={limit}" if limited else "the module scored fewer pairs than the set has"
+            rank_zero_warn(f"RewardBench scores of a partial evaluation ({why}): "
+                           f"{sum(pairs.values())} of {sum(sizes.values())} pairs"
+                           + (f"; subsets not evaluated: {absent}" if absent else "")
+                           + ". They are not the scores of the whole set.")
         return result
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,4 +114,7 @@ class RewardBenchScores(pl.Callback):
             path.write_text(json.dumps({**result, "checkpoint": trainer.ckpt_path}, indent=2))
             table = ", ".join(f"{name} {value:.3f}" for name, value in result["categories"].items())
             missing = f" (missing: {', '.join(result['missing_categories'])})" if result["missing_categories"] else ""
+            evaluation = result["evaluation"]
+            if not evaluation["complete"]:
+                missing += f" [PARTIAL: {evaluation['pairs_evaluated']} of {evaluation['pairs_in_set']} pairs]"
             rank_zero_info(f"[RewardBench] {table}; overall {result['overall']:.3f}{missing} -> {path}")

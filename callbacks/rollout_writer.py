@@ -7,8 +7,8 @@ Used by the DAPO dataset stages (rollouts keyed by ``problem_id``, advantages ke
 - at start, the keys already present in any shard or in the merged file are handed to the module as
   ``pl_module.skip_keys``; its ``predict_step`` skips them (counting them in ``pl_module.num_skipped``), so a
   restart (with any number of processes) does not redo finished work. A line cut by a crash is removed
-  before appending. Rows already there must have been written with this run's settings: a module with a
-  ``resume_mismatch(row)`` names the first recorded setting that differs, and the run is refused;
+  before appending. Rows already there are checked against the settings recorded in them (not every
+  setting is): a module with a ``resume_mismatch(row)`` names the first that differs, and the run is refused;
 - at the end, rank 0 merges the shards into ``output`` (one row per key, sorted by key) and, if the module
   has a ``dataset_report(rows)``, writes its counts to ``<output stem>.report.json``.
 """

@@ -59,6 +59,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def parameter_size(param: torch.Tensor) -> int:
+    """Elements of a parameter. Under DeepSpeed ZeRO-3 a parameter is an empty placeholder (numel() == 0)
+    between forwards; its real size is ``ds_numel``."""
+    size = getattr(param, "ds_numel", None)
+    return int(size) if size is not None else param.numel()
+
+
+def local_values(param: torch.Tensor) -> torch.Tensor | None:
+    """The values of a parameter this process holds, flat: the parameter itself, or under ZeRO-3 this
+    process's partition (``ds_tensor``); None where it holds none."""
+    if param.numel() > 0:
+        return param.detach().reshape(-1)
+    shard = getattr(param, "ds_tensor", None)
+    if isinstance(shard, torch.Tensor) and shard.numel() > 0:
+        return shard.detach().reshape(-1)
+    return None
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -72,6 +90,7 @@ class RunSummary(pl.Callback):
         self.filename = filename
         self.check_trained = check_trained
         self._param_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._unsampled: list[str] = []  # trainable, but none of their values on this process
         self.warnings: list[str] = []
         self._created_at = time.time()
         self._loop_started = False  # a failure after this keeps the run's logs
@@ -80,20 +99,28 @@ class RunSummary(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loop_started = True
         self._param_samples.clear()
+        self._unsampled.clear()
         generator = torch.Generator().manual_seed(0)
         for name, param in pl_module.named_parameters():
-            if not param.requires_grad or param.numel() == 0:
+            if not param.requires_grad or parameter_size(param) == 0:
                 continue
-            flat = param.detach().reshape(-1)
+            flat = local_values(param)
+            if flat is None:
+                self._unsampled.append(name)
+                continue
             index = torch.randint(0, flat.numel(), (min(SAMPLES_PER_TENSOR, flat.numel()),), generator=generator)
             self._param_samples[name] = (index, flat[index.to(flat.device)].float().cpu().clone())
 
     def _untrained_report(self, pl_module: pl.LightningModule) -> str | None:
         if not self._param_samples:
-            return "no trainable parameters: nothing was trained"
+            # trainable parameters held only by other processes cannot be compared here: no verdict
+            return None if self._unsampled else "no trainable parameters: nothing was trained"
         params = dict(pl_module.named_parameters())
-        unchanged = [name for name, (index, before) in self._param_samples.items()
-                     if torch.equal(params[name].detach().reshape(-1)[index.to(params[name].device)].float().cpu(), before)]
+        unchanged = []
+        for name, (index, before) in self._param_samples.items():
+            values = local_values(params[name])
+            if values is not None and torch.equal(values[index.to(values.device)].float().cpu(), before):
+                unchanged.append(name)
         if len(unchanged) == len(self._param_samples):
             return (f"NO TRAINABLE PARAMETER CHANGED in {len(unchanged)} tensors: this run trained nothing "
                     "(zero learning rate, frozen weights, or every step skipped)")

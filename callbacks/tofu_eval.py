@@ -42,6 +42,7 @@ from datamodules import tofu_data as td
 from datamodules.tofu import OVERLENGTH, EncodedQA, collate_prompts, collate_qa, encode_qa
 from modules import tofu_eval as te
 from modules.base import run_in_root_forward
+from modules.lm import padding_id
 
 # the config whose validation rules apply to each evaluation split
 _VALIDATION_CONFIG = {"forget": "forget10_perturbed", "retain": "retain_perturbed",
@@ -64,6 +65,15 @@ class HFEvalLM:
 
     def __init__(self, model: torch.nn.Module, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.pad_id = padding_id(tokenizer)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        # only a whole matrix tells the vocabulary size (FSDP and ZeRO-3 hold flat shards here)
+        rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+        if rows is not None and self.pad_id >= rows:  # an index error deep inside the model otherwise
+            raise ValueError(f"the tokenizer pads with id {self.pad_id}, beyond the model's {rows} embeddings (a pad "
+                             f"token added to the tokenizer only?); load the model with modules.lm.load_model("
+                             f"path, tokenizer=tokenizer), which resizes them")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -83,8 +93,7 @@ class HFEvalLM:
         prompt = batch["prompt_input_ids"].to(device)
         output = self.model.generate(
             input_ids=prompt, attention_mask=batch["prompt_attention_mask"].to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id)
+            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
 
 
@@ -136,6 +145,7 @@ class TofuEvaluator:
         if overlength not in OVERLENGTH:
             raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
         self.tokenizer, self.forget_split = tokenizer, forget_split
+        self.pad_id = padding_id(tokenizer)  # the pad token's id, else EOS's (padding is masked)
         self.max_length, self.batch_size = max_length, batch_size
         self.kinds = [kind for kind in te.EVAL_KINDS if kind in sets]
         # per kind: kept rows, and per kept row the (gt, base, perturbed...) encodings
@@ -185,7 +195,7 @@ class TofuEvaluator:
     # -- the loop ----------------------------------------------------------------------------------------
     def score_batches(self):
         """(indices into ``requests``, score batch) in length order."""
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_id
         for start in range(0, len(self._order), self.batch_size):
             idx = self._order[start:start + self.batch_size]
             items = [self.requests[j] for j in idx]
@@ -196,7 +206,7 @@ class TofuEvaluator:
 
     def generation_batches(self):
         """(kind, row indices, generation batch) for every split."""
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_id
         for kind in self.kinds:
             slots = self.slots[kind]
             for start in range(0, len(slots), self.batch_size):

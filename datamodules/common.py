@@ -151,7 +151,7 @@ def json_rows_with_lines(text: str, source: str, suffix: str = ".json") -> list[
             if stripped.startswith("["):
                 raise DataError(f"{source}: invalid JSON at line {error.lineno}: {error.msg}") from None
             rows = None  # not one JSON value: read it as one object per line below
-        if isinstance(rows, dict) and len(stripped.rstrip().splitlines()) == 1:
+        if isinstance(rows, dict) and len(stripped.rstrip().split("\n")) == 1:
             return [(text[:len(text) - len(stripped)].count("\n") + 1, rows)]  # a one-row file of JSON Lines
         if isinstance(rows, dict):
             lists = [key for key, value in rows.items() if isinstance(value, list)]
@@ -161,7 +161,9 @@ def json_rows_with_lines(text: str, source: str, suffix: str = ".json") -> list[
         if rows is not None:
             return [(0, row) for row in rows]
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() also breaks at U+2028, U+0085 ..., which
+    # json.dumps(ensure_ascii=False) leaves unescaped inside strings (e.g. in generated text)
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -9,7 +9,7 @@ to its 378K pool:
 |---|---|
 | ``DropInvalid`` | pairs that pass the reward datamodule's rules (``preference.validate_pair``: no missing/empty side, known roles, chosen != rejected) |
 | ``Deduplicate`` | the first of identical pairs (exactly, or after collapsing whitespace) |
-| ``Decontaminate`` | pairs whose prompt shares no run of ``ngram`` words (default 8: "more than 7") with an evaluation prompt |
+| ``Decontaminate`` | pairs whose prompt shares no run of ``ngram`` words (default 8: "more than 7") with an evaluation prompt, contains no whole shorter one of at least ``min_short_prompt_words`` (4) words, and equals no shorter one |
 | ``ConsistencyFilter`` | pairs of the named sources that a given reward model ranks correctly (strict) |
 | ``SelectByScore`` | prompts in the top fraction of their category by mean response score (30% math/code, 10% other) |
 
@@ -32,7 +32,7 @@ import re
 import sys
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 if __name__ == "__main__":  # ``python datamodules/curation.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datamodules.common import DataError, read_rows, row_error, write_rows  # noqa: E402
+from datamodules.common import LOCAL_SUFFIXES, DataError, read_rows, row_error, write_rows  # noqa: E402
 from datamodules.preference import PreferenceData, validate_pair  # noqa: E402
 
 DEFAULT_FRACTIONS = {"math": 0.3, "code": 0.3, "other": 0.1}
@@ -166,23 +166,34 @@ class NgramIndex:
     """The word n-grams of a set of evaluation prompts.
 
     A prompt is contaminated if it shares a run of ``n`` consecutive words with any evaluation prompt. An
-    evaluation prompt shorter than ``n`` words has no n-gram; with ``match_short_prompts`` a prompt that
-    contains all its words, in order and adjacent, is contaminated too (so a verbatim copy of a short
-    evaluation prompt is still caught).
+    evaluation prompt shorter than ``n`` words has no n-gram; with ``match_short_prompts``:
+
+    - one of at least ``min_short_prompt_words`` words contaminates a prompt that contains all its words,
+      in order and adjacent (so a short evaluation prompt wrapped in other text is still caught);
+    - a shorter one ("Hello!", "How are you?") only contaminates a prompt equal to it word for word (case
+      and edge punctuation aside): as a run inside longer prompts such common words would mark every
+      training prompt that happens to use them.
     """
 
-    def __init__(self, prompts: Sequence[str], n: int = 8, match_short_prompts: bool = True):
+    def __init__(self, prompts: Sequence[str], n: int = 8, match_short_prompts: bool = True,
+                 min_short_prompt_words: int = 4):
         if n < 1:
             raise ValueError(f"ngram must be at least 1, got {n}")
-        self.n = n
+        if min_short_prompt_words < 1:
+            raise ValueError(f"min_short_prompt_words must be at least 1, got {min_short_prompt_words}")
+        self.n, self.min_short_prompt_words = n, min_short_prompt_words
         self.grams: set[tuple[str, ...]] = set()
-        self.short: dict[int, set[tuple[str, ...]]] = defaultdict(set)
+        self.short: dict[int, set[tuple[str, ...]]] = defaultdict(set)  # matched inside longer prompts
+        self.exact: set[tuple[str, ...]] = set()  # matched only by an equal prompt
         for prompt in prompts:
             tokens = words(prompt)
             if len(tokens) >= n:
                 self.grams.update(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
             elif tokens and match_short_prompts:
-                self.short[len(tokens)].add(tuple(tokens))
+                if len(tokens) >= min_short_prompt_words:
+                    self.short[len(tokens)].add(tuple(tokens))
+                else:
+                    self.exact.add(tuple(tokens))
 
     def match(self, prompt: str) -> tuple[str, ...] | None:
         """The first shared n-gram (or whole short evaluation prompt) found in ``prompt``, else None."""
@@ -192,6 +203,8 @@ class NgramIndex:
                 gram = tuple(tokens[i:i + self.n])
                 if gram in self.grams:
                     return gram
+        if tuple(tokens) in self.exact:
+            return tuple(tokens)
         for length, grams in self.short.items():
             for i in range(len(tokens) - length + 1):
                 gram = tuple(tokens[i:i + length])
@@ -325,17 +338,23 @@ class Decontaminate(CurationStep):
     ``prompt`` column or, for a row without one, the implicit prompt of its chosen/rejected pair. A column
     named in ``eval_prompt_field`` is used alone: every row must have it, and a file where no row has it is
     an error naming the file and the column (else a misspelt name would decontaminate against the
-    responses' shared text). ``ngram=8`` matches the paper's "more than 7-gram" rule. An empty evaluation
-    set is an error: decontaminating against nothing would pass silently.
+    responses' shared text). ``ngram=8`` matches the paper's "more than 7-gram" rule. An evaluation prompt
+    shorter than that is matched whole (``match_short_prompts``): inside a longer prompt if it has at least
+    ``min_short_prompt_words`` words (default 4), else only by an equal prompt, so "Hello!" or "How are
+    you?" does not remove every prompt that uses those words (see ``NgramIndex``); the report counts both
+    kinds. An empty evaluation set is an error: decontaminating against nothing would pass silently.
     """
 
     name = "decontaminate"
 
     def __init__(self, eval_files: list[str] | None = None, eval_dataset: str | None = None,
                  eval_split: str = "filtered", eval_prompt_field: str | None = None, ngram: int = 8,
-                 match_short_prompts: bool = True):
+                 match_short_prompts: bool = True, min_short_prompt_words: int = 4):
         if ngram < 1:
             raise ValueError(f"ngram must be at least 1, got {ngram}")
+        if min_short_prompt_words < 1:
+            raise ValueError(f"min_short_prompt_words must be at least 1, got {min_short_prompt_words}")
+        self.min_short_prompt_words = min_short_prompt_words
         self.eval_files = list(eval_files or [])
         self.eval_dataset, self.eval_split = eval_dataset, eval_split
         self.eval_prompt_field, self.ngram, self.match_short_prompts = eval_prompt_field, ngram, match_short_prompts
@@ -378,7 +397,8 @@ class Decontaminate(CurationStep):
 
     def index(self) -> NgramIndex:
         if self._index is None:
-            self._index = NgramIndex(self.eval_prompts(), self.ngram, self.match_short_prompts)
+            self._index = NgramIndex(self.eval_prompts(), self.ngram, self.match_short_prompts,
+                                     self.min_short_prompt_words)
         return self._index
 
     def check(self, rows, fields, origin):
@@ -387,7 +407,7 @@ class Decontaminate(CurationStep):
     def params(self) -> dict[str, Any]:
         return {"eval_files": self.eval_files, "eval_dataset": self.eval_dataset, "eval_split": self.eval_split,
                 "eval_prompt_field": self.eval_prompt_field, "ngram": self.ngram,
-                "match_short_prompts": self.match_short_prompts}
+                "match_short_prompts": self.match_short_prompts, "min_short_prompt_words": self.min_short_prompt_words}
 
     def apply(self, rows, fields, origin):
         texts = self._texts(rows, fields, origin)
@@ -398,13 +418,18 @@ class Decontaminate(CurationStep):
             if gram is None:
                 kept.append(row_index)
                 continue
-            removed[row_index] = (f"prompt shares a run of {self.ngram} words with an evaluation prompt"
-                                  if len(gram) == self.ngram else
-                                  "prompt contains a whole (short) evaluation prompt")
+            if len(gram) == self.ngram:
+                removed[row_index] = f"prompt shares a run of {self.ngram} words with an evaluation prompt"
+            elif gram in index.exact:
+                removed[row_index] = (f"prompt equals a very short evaluation prompt "
+                                      f"(fewer than {self.min_short_prompt_words} words)")
+            else:
+                removed[row_index] = "prompt contains a whole (short) evaluation prompt"
             if len(examples) < 5:
                 examples.append({"row": row_index, "shared": " ".join(gram)})
         return StepResult(kept, removed, {"eval_ngrams": len(index.grams),
                                           "short_eval_prompts": sum(len(v) for v in index.short.values()),
+                                          "very_short_eval_prompts_matched_only_whole": len(index.exact),
                                           "examples": examples})
 
 
@@ -445,6 +470,18 @@ class ConsistencyFilter(CurationStep):
     def check(self, rows, fields, origin):
         if self.sources is not None:
             check_sources_exist(self.sources, "ConsistencyFilter sources", rows, fields, origin)
+        if self.categories is not None:
+            # a misspelt category (or column) would match no row, and the filter would check nothing, silently
+            checked = [row for row in rows if self.sources is None or row_source(row, fields) in self.sources]
+            if checked and not any(self.category_field in row for row in checked):
+                raise DataError(f"{origin}: no row of the checked sources has the category column "
+                                f"{self.category_field!r} of the consistency filter")
+            values = [row[self.category_field] for row in checked if self.category_field in row]
+            present = sorted({value for value in values if isinstance(value, Hashable)}, key=repr)
+            unknown = [category for category in self.categories if category not in present]
+            if unknown:
+                raise DataError(f"{origin}: ConsistencyFilter categories {unknown}: no row of the checked sources "
+                                f"has these in its {self.category_field!r} column (categories present: {present})")
 
     def apply(self, rows, fields, origin):
         chosen_column, rejected_column = f"{self.score_prefix}_chosen", f"{self.score_prefix}_rejected"
@@ -476,9 +513,12 @@ class ConsistencyFilter(CurationStep):
         # in a pipeline a listed source can be gone by now (earlier stages removed all its pairs): reported
         present = {row_source(row, fields) for row in rows}
         absent = [source for source in self.sources or () if source not in present]
+        categories_present = [row.get(self.category_field) for row in rows] if self.categories is not None else []
+        absent_categories = [category for category in self.categories or () if category not in categories_present]
         return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items())),
                                           "rows_without_category_column": without_category,
-                                          "listed_sources_without_rows": absent})
+                                          "listed_sources_without_rows": absent,
+                                          "listed_categories_without_rows": absent_categories})
 
 
 class SelectByScore(CurationStep):
@@ -644,6 +684,14 @@ def attach_scores(rows: list[dict[str, Any]], scores: dict[int, tuple[float, flo
 # Running stages on files
 
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # what write_rows writes
+
+
+def curated_suffix(input_file: str | None) -> str:
+    """The suffix of the files a curation of ``input_file`` writes: the input's own where it is a local data
+    file, else ``.jsonl``. A hub dataset name has no file suffix, though Path finds one in a dotted name
+    ("Skywork/Skywork-Reward-Preference-80K-v0.2" -> ".2")."""
+    suffix = Path(input_file or "").suffix.lower()
+    return suffix if suffix in LOCAL_SUFFIXES else ".jsonl"
 
 
 def check_output_path(path: str | Path, what: str, row_file: bool = True) -> Path:
@@ -814,7 +862,7 @@ def run_pipeline(input_file: str, output_dir: str, steps: Sequence[CurationStep]
     if not steps:
         raise ValueError("no curation steps given")
     out = Path(output_dir)
-    suffix = output_suffix or Path(input_file).suffix or ".jsonl"
+    suffix = output_suffix or curated_suffix(input_file)
     check_output_path(out / f"curated{suffix}", "curation output")
     rows = read_rows(input_file)  # before clearing: the input may be an earlier run's output in the same folder
     if not rows:
@@ -899,7 +947,7 @@ class CuratedPreferenceData(PreferenceData):
         self.prepare_data_per_node = False
 
     def curated_file(self) -> Path:
-        return Path(self.curation_dir) / f"curated{Path(self.raw_train_file).suffix or '.jsonl'}"
+        return Path(self.curation_dir) / f"curated{curated_suffix(self.raw_train_file)}"
 
     def curate(self) -> dict[str, Any]:
         if not self.raw_train_file:
@@ -961,6 +1009,17 @@ class PreferenceScoringData(PreferenceData):
 # Curation only, from a fit config
 
 
+def merge_config(base: Any, update: Any) -> Any:
+    """``update`` over ``base``: dicts merge key by key, recursively; anything else (lists included, such as
+    ``curation_steps``) is replaced whole, as jsonargparse does with several ``--config`` files."""
+    if not isinstance(base, dict) or not isinstance(update, dict):
+        return update
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = merge_config(base.get(key), value) if key in base else value
+    return merged
+
+
 def curation_data_from_config(argv: list[str]) -> CuratedPreferenceData:
     """The ``data`` section of cli.py config files (``--config`` repeatable, later ones win) plus
     ``--data.*`` overrides, instantiated alone: curating needs no model, so none is loaded."""
@@ -985,9 +1044,10 @@ def curation_data_from_config(argv: list[str]) -> CuratedPreferenceData:
             raise SystemExit(f"unexpected argument {argument!r}: give --config FILE and --data.* overrides")
         position += 1
     data: dict[str, Any] = {}
-    for config in configs:
+    for config in configs:  # merged in order, later files winning key by key, as cli.py (LightningCLI) does
         loaded = yaml.safe_load(Path(config).read_text()) or {}
-        data = loaded.get("data", data)
+        if loaded.get("data") is not None:
+            data = merge_config(data, loaded["data"])
     if not data:
         raise SystemExit("no 'data' section in the config(s): nothing to curate")
     parser = ArgumentParser(prog="python datamodules/curation.py")

@@ -12,7 +12,11 @@ answer splits like any other; its reward is simply 0.
 
 Token ids of a state and an action are always ``encode(prompt_text) + encode(prefix)`` and
 ``encode(action)`` (+ EOS for a terminal action: ending the response is part of that action), so the
-rollout engine, the critic, the cached reference log-probs and the actor all see the same tokens.
+completions of stage 1, the critic, the cached reference log-probs and the actor all condition on the same
+state tokens, and π_ref and π_θ score the same action tokens. Those are the text's tokens: where the sampled
+tokens do not survive decoding and re-encoding (bytes that are not valid UTF-8, special tokens, another BPE
+segmentation) they differ from what the policy emitted; the rollout file counts such samples and
+completions (``retokenized``, totalled in its report).
 
 Datasets (JSONL; one row per problem or per state; the column lists are in ``ROLLOUT_COLUMNS`` and
 ``ADVANTAGE_COLUMNS`` and in the README):
@@ -38,7 +42,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import arithmetic
-from datamodules.common import LOCAL_SUFFIXES, DataError, DataReport, pad_sequences, read_rows, row_error
+from datamodules.common import (
+    LOCAL_SUFFIXES,
+    DataError,
+    DataReport,
+    LengthGroupedSampler,
+    pad_sequences,
+    read_rows,
+    row_error,
+)
 from datamodules.text import TextDataModule, encode_text, render_chat, validate_text
 
 STEP_SEPARATOR = "\n"
@@ -158,6 +170,8 @@ ROLLOUT_COLUMNS = {
     "samples[].reward": "float, 1.0 correct, 0.0 wrong",
     "samples[].count": "int, how many of the n1 samples had this text",
     "samples[].finished": "bool, ended with EOS (false: cut at max_new_tokens)",
+    "samples[].retokenized": "int, of the count, samples whose text encodes to other tokens than were sampled "
+                             "(invalid UTF-8, dropped special tokens, another BPE segmentation)",
     "num_samples": "int, n1",
     "sample_accuracy": "float, fraction of the n1 samples that are correct",
     "kept": "list of int, indices into samples of the n kept responses (balanced correct / wrong)",
@@ -175,6 +189,8 @@ ROLLOUT_COLUMNS = {
     "states[].candidates[].count": "int, completions that started with this step",
     "states[].candidates[].num_correct": "int, of those, the ones that ended correct",
     "states[].candidates[].truncated": "int, of those, the ones cut at the token limit inside this step",
+    "states[].candidates[].retokenized": "int, of those, the ones whose text encodes to other tokens than were "
+                                         "sampled: later stages score the re-encoded text",
 }
 
 ADVANTAGE_COLUMNS = {
@@ -189,6 +205,7 @@ ADVANTAGE_COLUMNS = {
     "kept": "bool, gap >= min_gap (0.1) and at least 2 candidates: only kept states train the actor",
     "critic": "str, the critic model",
     "reference_policy": "str, the pi_ref model",
+    "max_length": "int, the token window (left-truncated) of ref_logprob: the actor's data must use the same",
     "candidates": "list, the state's candidates in the rollout file's order",
     "candidates[].action": "str, as in the rollouts",
     "candidates[].terminal": "bool, as in the rollouts",
@@ -284,8 +301,9 @@ def validate_rollout_row(row: dict, source: str, index: int) -> dict:
             _field(candidate, source, index, "terminal", bool, cwhere)
             count = _count(candidate, source, index, "count", cwhere, 1)
             _count(candidate, source, index, "num_correct", cwhere, 0, ("count", count))
-            if candidate.get("truncated") is not None:
-                _count(candidate, source, index, "truncated", cwhere, 0, ("count", count))
+            for optional in ("truncated", "retokenized"):
+                if candidate.get(optional) is not None:
+                    _count(candidate, source, index, optional, cwhere, 0, ("count", count))
     return row
 
 
@@ -491,6 +509,7 @@ class _StatesData(pl.LightningDataModule):
         self.datasets: dict[str, list] = {}
 
     resolve_tokenizer = TextDataModule.resolve_tokenizer  # the model's tokenizer, else ``tokenizer`` by name
+    pads_batches = True  # for resolve_tokenizer: states and actions are padded with the pad token
 
     def split_of(self, problem_id: str) -> str:
         return "val" if stable_fraction(f"{self.seed}:{problem_id}") < self.val_fraction else "train"
@@ -619,26 +638,36 @@ class StateBatchSampler:
     DDP each of ``num_replicas`` processes takes every ``num_replicas``-th batch starting at its ``rank``;
     the batch list is padded by repeating its first batches (or cut, with ``drop_last``) so every process
     runs the same number of steps. Yields lists of state indices.
+
+    ``lengths`` (one per state, when shuffling): the permutation is a ``LengthGroupedSampler``'s, whose groups
+    are the ``num_replicas`` batches of one step, so the processes of a step pad to similar widths.
     """
 
     def __init__(self, num_states: int, states_per_batch: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 lengths: Sequence[int] | None = None):
         if states_per_batch <= 0:
             raise ValueError(f"states_per_batch must be positive, got {states_per_batch}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         if num_states == 0:
             raise ValueError("no states to batch")
+        if lengths is not None and len(lengths) != num_states:
+            raise ValueError(f"{len(lengths)} lengths for {num_states} states")
         self.num_states, self.states_per_batch = num_states, states_per_batch
         self.num_replicas, self.rank = num_replicas, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self.grouped = LengthGroupedSampler(lengths, states_per_batch * num_replicas, seed,
+                                            epoch_source=lambda: self.epoch) if lengths is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _all_batches(self) -> list[list[int]]:
-        if self.shuffle:
+        if self.shuffle and self.grouped is not None:
+            order = list(self.grouped)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_states, generator=generator).tolist()
         else:
@@ -649,18 +678,23 @@ class StateBatchSampler:
         batches = math.ceil(self.num_states / self.states_per_batch)
         return batches // self.num_replicas if self.drop_last else math.ceil(batches / self.num_replicas)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batches_with_repeats(self) -> Iterator[tuple[list[int], bool]]:
+        """This process's batches, each with whether it repeats a batch to pad the processes' step counts."""
         batches = self._all_batches()
-        per_rank = len(self)
-        total = per_rank * self.num_replicas
-        if total > len(batches):  # pad: every process must take the same number of steps
-            batches = batches + [batches[i % len(batches)] for i in range(total - len(batches))]
-        return iter(batches[self.rank:total:self.num_replicas])
+        real = len(batches)
+        total = len(self) * self.num_replicas
+        if total > real:  # pad: every process must take the same number of steps
+            batches = batches + [batches[i % real] for i in range(total - real)]
+        return ((batches[i], i >= real) for i in range(self.rank, total, self.num_replicas))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (indices for indices, _ in self.batches_with_repeats())
 
 
 class _StateBatches(IterableDataset):
     """Collated batches from a ``StateBatchSampler``. Being iterable, Lightning leaves the sharding to the
-    sampler instead of inserting a per-item ``DistributedSampler`` that would split states apart."""
+    sampler instead of inserting a per-item ``DistributedSampler`` that would split states apart. A batch that
+    only pads a process's step count carries ``repeated: True`` (evaluation gives it no weight)."""
 
     def __init__(self, states: list, sampler: StateBatchSampler, collate, epoch_source=None):
         self.states, self.sampler, self.collate, self.epoch_source = states, sampler, collate, epoch_source
@@ -671,8 +705,8 @@ class _StateBatches(IterableDataset):
     def __iter__(self):
         if self.epoch_source is not None:
             self.sampler.set_epoch(self.epoch_source())
-        for indices in self.sampler:
-            yield self.collate([self.states[i] for i in indices])
+        for indices, repeated in self.sampler.batches_with_repeats():
+            yield {**self.collate([self.states[i] for i in indices]), "repeated": repeated}
 
 
 class ActorData(_StatesData):
@@ -685,11 +719,15 @@ class ActorData(_StatesData):
 
     Batch tensors (one row per candidate): ``input_ids``, ``attention_mask``, ``labels`` (-100 except the
     action's tokens), ``advantage``, ``ref_logprob``, ``state_index`` (0..states-1 within the batch).
+
+    ``group_by_length``: training batches of states whose longest candidates have similar lengths (as
+    ``CriticData``'s), so the batch pads less.
     """
 
-    def __init__(self, data_file: str, min_gap: float = 0.1, batch_size: int = 8, **kwargs):
+    def __init__(self, data_file: str, min_gap: float = 0.1, batch_size: int = 8, group_by_length: bool = False,
+                 **kwargs):
         super().__init__(data_file, batch_size=batch_size, **kwargs)
-        self.min_gap = min_gap
+        self.min_gap, self.group_by_length = min_gap, group_by_length
 
     def encode_state_row(self, row: dict, split: str, source: str, index: int) -> dict | None:
         for name, kind in (("state_id", str), ("prompt_text", str), ("prefix", str), ("candidates", list)):
@@ -705,6 +743,11 @@ class ActorData(_StatesData):
             _field(candidate, source, index, "action", str, where)
             if candidate.get("terminal") is not None:  # absent: not terminal (hand-written files omit it)
                 _field(candidate, source, index, "terminal", bool, where)
+        window = row.get("max_length")  # absent in files written before it was recorded
+        if window is not None and window != self.max_length:
+            raise row_error(source, index, "max_length", f"ref_logprob was computed in a window of {window} tokens "
+                            f"and this actor data has max_length {self.max_length}: with another window a long "
+                            f"state's π_θ and π_ref see different context (set --data.init_args.max_length={window})")
         if gap < self.min_gap:
             self.report.drop(split, f"advantage gap below {self.min_gap}")
             return None
@@ -724,7 +767,10 @@ class ActorData(_StatesData):
                                 f"{candidate['ref_logprob']!r} > 0 is not a log-probability")
             terminal = bool(candidate.get("terminal"))
             if not candidate["action"] and not terminal:
-                raise row_error(source, index, f"{where}.action", "empty non-terminal action")
+                # nothing to score: a completion cut before its first character (e.g. only dropped special
+                # tokens); stage 1 writes it like any candidate, so it is counted here, not refused
+                self.report.drop(split, "candidate with an empty non-terminal action")
+                continue
             action_length = len(encode_action(self.tokenizer, candidate["action"], terminal))
             if action_length >= self.max_length:
                 self.report.drop(split, "action longer than max_length")
@@ -776,10 +822,13 @@ class ActorData(_StatesData):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = StateBatchSampler(len(self.datasets[split]), self.batch_size if shuffle else self.eval_batch_size,
-                                    num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        states = self.datasets[split]
+        lengths = ([max(len(candidate["input_ids"]) for candidate in state["candidates"]) for state in states]
+                   if shuffle and self.group_by_length else None)
+        sampler = StateBatchSampler(len(states), self.batch_size if shuffle else self.eval_batch_size,
+                                    num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, lengths=lengths)
         epoch_source = (lambda: trainer.current_epoch) if trainer is not None and shuffle else None
-        batches = _StateBatches(self.datasets[split], sampler, self.collate, epoch_source)
+        batches = _StateBatches(states, sampler, self.collate, epoch_source)
         if shuffle:  # training: resumable mid-epoch
             from datamodules.common import ResumableDataLoader
 

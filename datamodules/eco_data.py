@@ -9,17 +9,25 @@ retain split's and the general-knowledge questions. Each question also appears i
 multiple-choice form (what the multiple-choice evaluation sends). On the embedded data, every other way
 the generator can ask about an author (``tofu_data.question_variants``) is added, and questions about
 ``decoy_authors`` names that exist nowhere in the data (negatives: "a question about some author" must not
-be enough to be flagged). Rows are split, per class and seeded, into train and validation
-(``val_fraction``); the test split is the TOFU evaluation prompts (forget / retain / real_authors /
-world_facts questions and their multiple-choice forms) with ``kind`` names, for FPR/FNR per split.
-``train_file``/``val_file``/``test_file`` (JSON/JSONL/Parquet with ``text``, ``label`` and optional
-``kind``) replace the generated rows; a bad row stops the run naming file, row and field.
+be enough to be flagged). A row whose question has fewer than ``n_options - 1`` distinct wrong answers has
+no multiple-choice form; such rows are counted in ``data_report['dropped']``. Rows are split, per class
+and seeded, into train and validation (``val_fraction``) by question (``question_group``): a question's
+plain and multiple-choice forms, and on the embedded data every phrasing of the same author fact, fall on
+one side, so the validation prompts (which choose the threshold) ask questions no training prompt asks.
+The test split is the TOFU evaluation prompts (forget / retain / real_authors / world_facts questions and
+their multiple-choice forms) with ``kind`` names, for FPR/FNR per split. It is not held out: the forget
+questions are the forget set the classifier is trained to flag, and the other questions are training
+prompts too. It reports how the gate treats exactly the prompts the evaluations send; held-out error
+rates are the validation split's. ``train_file``/``val_file``/``test_file`` (JSON/JSONL/Parquet with
+``text``, ``label`` and optional ``kind``) replace the generated rows; a bad row stops the run naming
+file, row and field.
 
 ``EcoForgetData`` (for ``modules.eco.EcoCorruptionLearner``): every training batch is the whole forget
 set, ``{"qa": ..., "mc": ...}``: ``qa`` holds each forget question with its answer (role 0), paraphrased
 answer (role 1) and perturbed answers (role 2), ``mc`` the lettered multiple-choice sequences; both in the
 TOFU evaluator's scoring layout. ``steps_per_epoch`` copies per epoch (default 1: one epoch = one learner
-step, so ``trainer.max_epochs`` and ``trainer.max_steps`` count the same thing).
+step, so ``trainer.max_epochs`` and ``trainer.max_steps`` count the same thing). The learner scores the
+batch in forward passes of ``eval_batch_size`` sequences (``modules.eco.score_in_batches``).
 """
 
 from __future__ import annotations
@@ -34,11 +42,32 @@ from torch.utils.data import DataLoader
 from datamodules import tofu_data as td
 from datamodules.common import DataError, pad_sequences, read_rows, row_error
 from datamodules.tofu import TofuQAData, encode_qa
+from modules.lm import padding_id
 
 KINDS = ("forget", "retain", "general", "decoy")
+# Options per multiple-choice item: the classifier learns the multiple-choice prompts the evaluation sends
+# (mc_items, EcoForgetData and recipes/eco_tofu.py all use this default).
+MC_OPTIONS = 4
 
 
-def mc_items(rows: list[dict[str, Any]], seed: int = 0, n_options: int = 4) -> list[dict[str, Any]]:
+def has_mc_form(row: dict[str, Any], n_options: int = MC_OPTIONS) -> bool:
+    """Whether ``tofu_data.multiple_choice_items`` can make an ``n_options`` item of ``row``: enough distinct
+    wrong answers (the same columns and rule it uses)."""
+    true = row.get("value", row["answer"])
+    wrong = {w for w in row.get("perturbed_values", row.get("perturbed_answer") or []) if w != true}
+    return len(wrong) >= n_options - 1
+
+
+def question_group(row: dict[str, Any]) -> str:
+    """What a TOFU row asks, whatever its wording: the (author, fact) of an embedded author question, which
+    ``tofu_data.question_variants`` phrases in several ways, else the question text (general knowledge,
+    the real TOFU rows)."""
+    if row.get("author") and row.get("fact"):
+        return f"fact:{row['author']}\x1f{row['fact']}"
+    return f"question:{row['question']}"
+
+
+def mc_items(rows: list[dict[str, Any]], seed: int = 0, n_options: int = MC_OPTIONS) -> list[dict[str, Any]]:
     """``tofu_data.multiple_choice_items`` plus each row's answer sentence (for cloze scoring)."""
     return [{**item, "answer": row["answer"]}
             for item, row in zip(td.multiple_choice_items(rows, seed=seed, n_options=n_options), rows)]
@@ -61,67 +90,94 @@ def validate_prompt_row(row: Any, source: str, index: int) -> dict[str, Any]:
 
 class EcoPromptData(TofuQAData):
     def __init__(self, val_fraction: float = 0.2, decoy_authors: int = 40, include_variants: bool = True,
-                 include_multiple_choice: bool = True, train_file: str | None = None,
+                 include_multiple_choice: bool = True, n_options: int = MC_OPTIONS, train_file: str | None = None,
                  val_file: str | None = None, test_file: str | None = None, **kwargs):
         """Classifier prompts (see the module docstring). ``decoy_authors``/``include_variants`` apply to
-        the embedded data only. Other arguments: ``TofuQAData`` (``max_length`` caps a prompt's tokens)."""
+        the embedded data only. ``n_options``: options of the multiple-choice forms (as the evaluation's).
+        Other arguments: ``TofuQAData`` (``max_length`` caps a prompt's tokens)."""
         kwargs.setdefault("batch_size", 32)
         super().__init__(**kwargs)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.val_fraction, self.decoy_authors = val_fraction, decoy_authors
+        if not 2 <= n_options <= len(td.MC_LETTERS):
+            raise ValueError(f"n_options must be in 2..{len(td.MC_LETTERS)}, got {n_options}")
+        self.val_fraction, self.decoy_authors, self.n_options = val_fraction, decoy_authors, n_options
         self.include_variants, self.include_multiple_choice = include_variants, include_multiple_choice
         self.prompt_files = {"train": train_file, "val": val_file, "test": test_file}
         self.class_counts: list[int] | None = None
 
     # -- rows ------------------------------------------------------------------------------------------
-    def _with_mc(self, rows: list[dict[str, Any]], label: int, kind: str) -> list[dict[str, Any]]:
-        out = [{"text": row["question"], "label": label, "kind": kind} for row in rows]
+    def _with_mc(self, rows: list[dict[str, Any]], label: int, kind: str, split: str) -> list[dict[str, Any]]:
+        """Each row's question and, where it has one, its multiple-choice form (the same ``group``); the
+        rows without one are counted under ``split`` in the data report."""
+        out = [{"text": row["question"], "label": label, "kind": kind, "group": question_group(row)} for row in rows]
         if self.include_multiple_choice:
-            usable = [row for row in rows if len(set(row.get("perturbed_values", row.get("perturbed_answer") or []))) >= 3]
-            out += [{"text": item["prompt"], "label": label, "kind": f"{kind}_mc"}
-                    for item in mc_items(usable, seed=self.seed)]
+            usable = [row for row in rows if has_mc_form(row, self.n_options)]
+            if len(usable) < len(rows):  # assigned, not added: the rows are built again on every call
+                reason = f"{kind}: no multiple-choice form (fewer than {self.n_options - 1} distinct wrong answers)"
+                self.report.dropped.setdefault(split, {})[reason] = len(rows) - len(usable)
+            out += [{"text": item["prompt"], "label": label, "kind": f"{kind}_mc", "group": question_group(row)}
+                    for item, row in zip(mc_items(usable, seed=self.seed, n_options=self.n_options), usable)]
         return out
 
     def labelled_rows(self) -> list[dict[str, Any]]:
-        """Every generated prompt with its label and kind, duplicates removed (first kind wins)."""
+        """Every generated prompt with its label, kind and question ``group``, duplicates removed (first kind
+        wins; two groups that share a prompt become one)."""
         retain_split = td.RETAIN_OF_FORGET[self.forget_split]
-        rows = (self._with_mc(self.rows(self.forget_split), 1, "forget")
-                + self._with_mc(self.rows(retain_split), 0, "retain")
-                + self._with_mc(self.general_rows(), 0, "general"))
+        rows = (self._with_mc(self.rows(self.forget_split), 1, "forget", "train+val")
+                + self._with_mc(self.rows(retain_split), 0, "retain", "train+val")
+                + self._with_mc(self.general_rows(), 0, "general", "train+val"))
         if self.is_embedded:
             data = self.generated()
             forget_ids = set(data.forget_authors[self.forget_split])
             if self.include_variants:
                 for author in data.authors:
                     label = int(author["author_id"] in forget_ids)
-                    rows += [{"text": q, "label": label, "kind": "forget" if label else "retain"}
-                             for _, q, _ in td.question_variants(author["name"])]
+                    rows += [{"text": q, "label": label, "kind": "forget" if label else "retain",
+                              "group": question_group({"author": author["name"], "fact": fact, "question": q})}
+                             for fact, q, _ in td.question_variants(author["name"])]
             for name in td.decoy_names(data, self.decoy_authors, seed=self.seed):
-                rows += [{"text": q, "label": 0, "kind": "decoy"} for _, q, _ in td.question_variants(name)]
+                rows += [{"text": q, "label": 0, "kind": "decoy",
+                          "group": question_group({"author": name, "fact": fact, "question": q})}
+                         for fact, q, _ in td.question_variants(name)]
+        parent: dict[str, str] = {}
+
+        def root(group: str) -> str:
+            while parent.setdefault(group, group) != group:
+                group = parent[group]
+            return group
+
         unique: dict[str, dict[str, Any]] = {}
         for row in rows:
-            unique.setdefault(row["text"], row)
-        return list(unique.values())
+            kept = unique.setdefault(row["text"], row)
+            parent[root(row["group"])] = root(kept["group"])
+        return [{**row, "group": root(row["group"])} for row in unique.values()]
 
     def split_rows(self) -> dict[str, list[dict[str, Any]]]:
-        """Seeded per-class split of ``labelled_rows`` into train and val."""
+        """Seeded per-class split of ``labelled_rows`` into train and val by question group: about
+        ``val_fraction`` of each class's prompts go to val, every group whole on one side."""
         rng = random.Random(f"eco-prompts:{self.seed}")
         splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-        rows = self.labelled_rows()
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in self.labelled_rows():
+            groups.setdefault(row["group"], []).append(row)
         for label in (0, 1):
-            group = [row for row in rows if row["label"] == label]
-            rng.shuffle(group)
-            n_val = max(1, round(self.val_fraction * len(group))) if len(group) > 1 else 0
-            splits["val"] += group[:n_val]
-            splits["train"] += group[n_val:]
+            keys = [key for key, members in groups.items() if max(r["label"] for r in members) == label]
+            rng.shuffle(keys)
+            wanted = max(1, round(self.val_fraction * sum(len(groups[k]) for k in keys))) if len(keys) > 1 else 0
+            taken = 0
+            for position, key in enumerate(keys):
+                # whole groups until the share is reached; at least one group stays in train
+                to_val = taken < wanted and position < len(keys) - 1
+                splits["val" if to_val else "train"] += groups[key]
+                taken += len(groups[key]) if to_val else 0
         return splits
 
     def evaluation_rows(self) -> list[dict[str, Any]]:
         """The prompts the TOFU and multiple-choice evaluations send, labelled by split."""
         out = []
         for kind, rows in self.eval_sets().items():
-            out += self._with_mc(rows, int(kind == "forget"), kind)
+            out += self._with_mc(rows, int(kind == "forget"), kind, "test")
         return out
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -174,11 +230,11 @@ class EcoPromptData(TofuQAData):
             if 0 in self.class_counts:
                 raise DataError(f"EcoPromptData: the training prompts hold one class only (counts {self.class_counts})")
         rank_zero_info(f"[EcoPromptData] rows {self.report.rows}, class counts (train) {self.class_counts}, "
-              f"truncated {self.report.truncated}")
+                       f"truncated {self.report.truncated}, dropped {self.report.dropped}")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [item["input_ids"] for item in items]
-        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
+        return {"input_ids": pad_sequences(ids, padding_id(self.tokenizer)),
                 "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0),
                 "labels": torch.tensor([item["label"] for item in items]),
                 "kind": [item["kind"] for item in items],
@@ -195,7 +251,7 @@ class EcoPromptData(TofuQAData):
 
 
 class EcoForgetData(TofuQAData):
-    def __init__(self, steps_per_epoch: int = 1, n_options: int = 4, **kwargs):
+    def __init__(self, steps_per_epoch: int = 1, n_options: int = MC_OPTIONS, **kwargs):
         """The forget set as one batch (see the module docstring). Other arguments: ``TofuQAData``."""
         super().__init__(**kwargs)
         if steps_per_epoch < 1:
@@ -218,11 +274,11 @@ class EcoForgetData(TofuQAData):
                 questions.append(row["question"])
                 roles.append(role)
                 owners.append(i)
-        qa_batch = score_batch(encoded, questions, self.tokenizer.pad_token_id)
+        qa_batch = score_batch(encoded, questions, padding_id(self.tokenizer))
         qa_batch.update(roles=torch.tensor(roles), rows=torch.tensor(owners))
         mc = encode_multiple_choice(mc_items(rows, seed=self.seed, n_options=self.n_options), self.tokenizer,
                                     "letter", self.max_length, self.use_chat_template)
-        mc_batch = score_batch(mc["encoded"], mc["questions"], self.tokenizer.pad_token_id)
+        mc_batch = score_batch(mc["encoded"], mc["questions"], padding_id(self.tokenizer))
         mc_batch.update(rows=torch.tensor(mc["rows"]), options=torch.tensor(mc["options"]),
                         answer_index=torch.tensor(mc["answer_index"]))
         return {"qa": qa_batch, "mc": mc_batch}

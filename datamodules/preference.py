@@ -24,8 +24,15 @@ from typing import Any
 import torch
 
 from datamodules import arithmetic
-from datamodules.common import pad_sequences, row_error, truncate
-from datamodules.text import TextDataModule, encode_text, render_chat, validate_messages, validate_text
+from datamodules.common import check_side, pad_sequences, row_error, truncate
+from datamodules.text import (
+    TextDataModule,
+    default_prefix_ids,
+    encode_text,
+    render_chat,
+    validate_messages,
+    validate_text,
+)
 
 
 def _turns(side: str | list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -81,6 +88,8 @@ def validate_pair(row: dict[str, Any], source: str, index: int, prompt_field: st
 
 
 class PreferenceData(TextDataModule):
+    pads_batches = True
+
     def __init__(self, chosen_field: str = "chosen", rejected_field: str = "rejected",
                  prompt_field: str = "prompt", eval_truncation_side: str = "left",
                  train_size: int = 6000, val_size: int = 300, test_size: int = 600,
@@ -92,11 +101,12 @@ class PreferenceData(TextDataModule):
         the trivial format pairs)."""
         super().__init__(**kwargs)
         self.chosen_field, self.rejected_field, self.prompt_field = chosen_field, rejected_field, prompt_field
-        self.eval_truncation_side = eval_truncation_side
+        self.eval_truncation_side = check_side(eval_truncation_side, "eval_truncation_side")
         self.embedded_sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.embedded_subsets = tuple(subsets)
         self.train_subset_weights = train_subset_weights
         self.subset_names: list[str] = []
+        self._prefix: tuple[Any, list[int]] | None = None  # (tokenizer, its default leading special ids)
 
     def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
         split = "test" if split == "predict" else split
@@ -106,6 +116,12 @@ class PreferenceData(TextDataModule):
                                           weights=self.train_subset_weights if split == "train" else None)
 
     # -- one side of a pair as token ids -------------------------------------------------------------
+    def prefix_ids(self) -> list[int]:
+        """The special tokens (a BOS) the tokenizer puts before a text by default; computed once per tokenizer."""
+        if self._prefix is None or self._prefix[0] is not self.tokenizer:
+            self._prefix = (self.tokenizer, default_prefix_ids(self.tokenizer))
+        return self._prefix[1]
+
     def _side_ids(self, row: dict[str, Any], field: str) -> list[int]:
         """Token ids of one side of a pair that ``validate_pair`` accepted."""
         value, prompt = row[field], row.get(self.prompt_field)
@@ -115,15 +131,15 @@ class PreferenceData(TextDataModule):
             if prompt is not None:
                 messages += prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             messages += value if isinstance(value, list) else [{"role": "assistant", "content": value}]
-            text = render_chat(tokenizer, messages)
-        elif prompt is not None:
-            if tokenizer.chat_template:
-                text = render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}])
-            else:
-                text = prompt + value + (tokenizer.eos_token or "")
-        else:
-            text = value + (tokenizer.eos_token or "")
-        return encode_text(tokenizer, text)
+            return encode_text(tokenizer, render_chat(tokenizer, messages))  # the template carries any BOS
+        if prompt is not None and tokenizer.chat_template:
+            return encode_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt},
+                                                                  {"role": "assistant", "content": value}]))
+        text = (prompt or "") + value + (tokenizer.eos_token or "")
+        # plain text has no template to carry the BOS a Llama or Gemma backbone was trained with: add it once
+        # (not when the text itself starts with it)
+        ids, prefix = encode_text(tokenizer, text), self.prefix_ids()
+        return ids if ids[:len(prefix)] == prefix else prefix + ids
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         validate_pair(row, source, index, self.prompt_field, self.chosen_field, self.rejected_field)
@@ -132,8 +148,8 @@ class PreferenceData(TextDataModule):
         if chosen == rejected:  # a backstop for other sides that render alike (validate_pair catches string vs message)
             raise row_error(source, index, self.rejected_field, "identical to chosen once formatted")
         side = self.truncation_side if split == "train" else self.eval_truncation_side
-        chosen, cut_chosen = truncate(chosen, self.max_length, side)
-        rejected, cut_rejected = truncate(rejected, self.max_length, side)
+        chosen, cut_chosen = self._truncate(chosen, side)
+        rejected, cut_rejected = self._truncate(rejected, side)
         if cut_chosen or cut_rejected:
             self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
             if chosen == rejected:
@@ -145,6 +161,14 @@ class PreferenceData(TextDataModule):
         # row_id: the row's index in its file, so predictions can be joined back onto the rows
         return {"chosen": chosen, "rejected": rejected, "margin": float(row.get("margin") or 0.0),
                 "subset": self.subset_names.index(subset), "row_id": index}
+
+    def _truncate(self, ids: list[int], side: str) -> tuple[list[int], bool]:
+        """``truncate`` to ``max_length``, keeping a leading BOS when cutting on the left (it belongs at the start)."""
+        prefix = self.prefix_ids()
+        if side == "left" and prefix and ids[:len(prefix)] == prefix and self.max_length > len(prefix):
+            rest, cut = truncate(ids[len(prefix):], self.max_length - len(prefix), side)
+            return prefix + rest, cut
+        return truncate(ids, self.max_length, side)
 
     def item_length(self, item: dict[str, Any]) -> int:
         return max(len(item["chosen"]), len(item["rejected"]))  # both sides go into the same padded batch

@@ -24,6 +24,8 @@ from datamodules.text import TextDataModule, encode_text, render_chat, validate_
 
 
 class SFTData(TextDataModule):
+    pads_batches = True
+
     def __init__(self, prompt_field: str = "prompt", response_field: str = "response",
                  messages_field: str = "messages", use_chat_template: bool = True,
                  train_size: int = 4000, val_size: int = 256, test_size: int = 500,

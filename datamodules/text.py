@@ -94,6 +94,9 @@ class TextDataModule(pl.LightningDataModule):
             return bool(self.dataset and self.hub_splits.get(split))
         return bool(self.embedded_rows(split))
 
+    # whether ``collate`` pads with the tokenizer's pad token (then the tokenizer must have one)
+    pads_batches = False
+
     def resolve_tokenizer(self):
         if self.tokenizer is not None:
             return self.tokenizer
@@ -101,9 +104,19 @@ class TextDataModule(pl.LightningDataModule):
         if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
             self.tokenizer = module.tokenizer
         else:
-            from modules.lm import load_tokenizer
+            from modules.lm import ensure_distinct_pad_token, load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
+            prepare = getattr(module, "prepare_tokenizer", None)
+            if prepare is not None:
+                prepare(self.tokenizer)  # as the module prepared its own, so the two agree on the pad token's id
+            elif self.pads_batches:
+                ensure_distinct_pad_token(self.tokenizer)  # what the reward and SFT modules do to theirs
+        if self.pads_batches and self.tokenizer.pad_token_id is None:
+            name = self.tokenizer_name or getattr(module, "model_name_or_path", None) or "the model's"
+            raise DataError(f"tokenizer {name} has no pad token, which {type(self).__name__} needs to batch "
+                            f"sequences of different lengths; its module should set one "
+                            f"(modules.lm.ensure_distinct_pad_token, as RewardModel and SFT do)")
         return self.tokenizer
 
     def load_split(self, split: str) -> list[dict[str, Any]] | None:
@@ -140,6 +153,10 @@ class TextDataModule(pl.LightningDataModule):
                     self.datasets[split] = loaded
         if stage == "fit" and "train" not in self.datasets:
             raise DataError("no training data: set train_file, dataset, or use the embedded default")
+        if stage == "validate" and "val" not in self.datasets:  # else `validate` runs nothing and exits 0
+            where = ("set val_file, or val_split for the hub dataset" if self.files["train"] or self.dataset
+                     else "the embedded data has no validation split here (val_size 0?); set val_file")
+            raise DataError(f"no validation data for `validate`: {where} (`test` evaluates the test split)")
         rank_zero_info(f"[{type(self).__name__}] rows: {self.report.rows}; dropped: {self.report.dropped}; "
                        f"truncated: {self.report.truncated}")
 
@@ -219,6 +236,19 @@ def validate_messages(value: Any, source: str, index: int, field_name: str) -> l
 
 def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def default_prefix_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts in front of a text by default (Llama's and Gemma's BOS; none for
+    Qwen), found by encoding a probe text with and without special tokens. Plain text that is encoded with
+    ``add_special_tokens=False`` (``encode_text``) needs them prepended, as the model saw in pre-training."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start]) if all(token in special for token in full[:start]) else []
+    return []
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

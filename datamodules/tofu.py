@@ -43,7 +43,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import tofu_data as td
-from datamodules.common import DataError, DataReport, pad_sequences, training_loader
+from datamodules.common import (
+    DataError,
+    DataReport,
+    EpochSeededSampler,
+    ProcessShard,
+    ResumableDataLoader,
+    pad_sequences,
+    training_loader,
+)
+from modules.lm import padding_id
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -131,22 +140,35 @@ def collate_prompts(items: list[EncodedQA], pad_id: int) -> dict[str, torch.Tens
 
 
 class _UnlearnDataset(Dataset):
-    """Forget item i with its template item and a retain item re-drawn per (seed, epoch, i)."""
+    """Forget item i with its template item and a retain item drawn per (seed, epoch, i).
 
-    def __init__(self, forget: list[EncodedQA], template: list[EncodedQA], retain: list[EncodedQA],
-                 seed: int, epoch_source):
-        self.forget, self.template, self.retain = forget, template, retain
-        self.seed, self.epoch_source = seed, epoch_source
+    Indexed by ``(epoch, i)`` (what ``_EpochTaggedSampler`` yields, in the main process) or by ``i`` alone
+    (epoch 0: the unshuffled reference loader, which uses no retain rows). The epoch travels with the
+    index because worker processes cannot read it: persistent workers keep the copy of the trainer made
+    when they started, whose epoch never advances."""
+
+    def __init__(self, forget: list[EncodedQA], template: list[EncodedQA], retain: list[EncodedQA], seed: int):
+        self.forget, self.template, self.retain, self.seed = forget, template, retain, seed
 
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         item = {"index": i, "forget": self.forget[i], "template": self.template[i]}
         if self.retain:
-            epoch = self.epoch_source() if self.epoch_source is not None else 0
             item["retain"] = self.retain[random.Random(f"tofu-retain:{self.seed}:{epoch}:{i}").randrange(len(self.retain))]
         return item
+
+
+class _EpochTaggedSampler(EpochSeededSampler):
+    """``EpochSeededSampler``'s order as ``(epoch, index)`` pairs: samplers run in the main process, where the
+    epoch is the trainer's current one, so the retain draw of ``_UnlearnDataset`` follows the real epoch
+    with any number of (persistent) workers."""
+
+    def __iter__(self):
+        epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
+        return iter([(epoch, i) for i in super().__iter__()])
 
 
 class TofuQAData(pl.LightningDataModule):
@@ -237,12 +259,16 @@ class TofuQAData(pl.LightningDataModule):
             return self.tokenizer
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
-        if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
-            self.tokenizer = module.tokenizer
+        model_tokenizer = getattr(module, "tokenizer", None)
+        if self.tokenizer_name is None and model_tokenizer is not None:
+            self.tokenizer = model_tokenizer  # the same object: it carries the pad token the module gave it
         else:
             from modules.lm import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
+            prepare = getattr(module, "prepare_tokenizer", None)
+            if prepare is not None:  # as the module prepared its own: the same pad token, so the same id
+                prepare(self.tokenizer)
         return self.tokenizer
 
     def _encode(self, split: str, question: str, answer: str, where: str) -> EncodedQA | None:
@@ -293,9 +319,7 @@ class TofuQAData(pl.LightningDataModule):
         self.report.rows["forget"] = len(forget)
         retain_config = td.RETAIN_OF_FORGET[self.forget_split]
         retain = [item for _, item in self._encode_rows("retain", self.rows(retain_config), retain_config)]
-        trainer = self.trainer
-        return _UnlearnDataset(forget, template, retain, self.seed,
-                               (lambda: trainer.current_epoch) if trainer is not None else None)
+        return _UnlearnDataset(forget, template, retain, self.seed)
 
     # -- Lightning -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -325,7 +349,7 @@ class TofuQAData(pl.LightningDataModule):
         return self.report.as_dict()
 
     def collate_sft(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id
+        pad = padding_id(self.tokenizer)
         qa = [item["qa"] for item in items]
         return {**collate_qa(qa, pad), **collate_prompts(qa, pad),
                 "reference": [item["reference"] for item in items],
@@ -333,7 +357,7 @@ class TofuQAData(pl.LightningDataModule):
                 "row_id": torch.tensor([item["row_id"] for item in items])}
 
     def collate_unlearn(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id
+        pad = padding_id(self.tokenizer)
         batch = {"index": torch.tensor([item["index"] for item in items]),
                  **collate_qa([item["forget"] for item in items], pad, "forget_"),
                  **collate_qa([item["template"] for item in items], pad, "template_")}
@@ -347,9 +371,22 @@ class TofuQAData(pl.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def _unlearn_training_loader(self) -> DataLoader:
+        """``common.training_loader`` with ``_EpochTaggedSampler`` as the seeded order: the same batches, each
+        item carrying the epoch its retain row is drawn for."""
+        trainer, data = self.trainer, self.datasets["train"]
+        epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+        sampler = _EpochTaggedSampler(len(data), self.seed, epoch_source=epoch_source)
+        if trainer is not None and trainer.world_size > 1:
+            sampler = ProcessShard(sampler, trainer.world_size, trainer.global_rank)
+        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_unlearn,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   trainer=trainer)
+
     def train_dataloader(self) -> DataLoader:
-        collate = self.collate_sft if self.task == "finetune" else self.collate_unlearn
-        return self._loader(self.datasets["train"], self.batch_size, True, collate)
+        if self.task == "unlearn":
+            return self._unlearn_training_loader()
+        return self._loader(self.datasets["train"], self.batch_size, True, self.collate_sft)
 
     def reference_dataloader(self) -> DataLoader:
         """The unlearning items in index order, unshuffled (for precomputing a frozen reference's log-probs)."""

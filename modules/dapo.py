@@ -59,6 +59,7 @@ from datamodules.common import shards_parameters, write_rows
 from datamodules.dapo_data import (
     balanced_keep,
     encode_state,
+    encode_text,
     first_step,
     split_steps,
     state_action_tokens,
@@ -170,6 +171,11 @@ def dapo_actor_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, advanta
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _sum_if_recorded(entries: Sequence[dict[str, Any]], name: str) -> int | None:
+    """The sum of an optional count, or None when some entry lacks it (rows of an older file)."""
+    return sum(entry[name] for entry in entries) if all(name in entry for entry in entries) else None
 
 
 # ====================================================================================================
@@ -475,8 +481,9 @@ class DAPORollouts(DAPOPolicy):
             for k in range(self.n1):
                 generation, reward = responses[position][k], flat_rewards[position * self.n1 + k]
                 entry = unique.setdefault(generation.text, {"text": generation.text, "reward": reward, "count": 0,
-                                                            "finished": generation.finished})
+                                                            "finished": generation.finished, "retokenized": 0})
                 entry["count"] += 1
+                entry["retokenized"] += self.retokenized(generation)
             problem["samples"] = list(unique.values())
             problem["kept"] = balanced_keep([s["reward"] for s in problem["samples"]], self.n)
             prefixes: OrderedDict[str, int] = OrderedDict()
@@ -506,8 +513,9 @@ class DAPORollouts(DAPOPolicy):
                 action = first_step(g.text, self.max_step_chars)
                 terminal = g.finished and action == g.text  # the completion ended right after this step
                 entry = candidates.setdefault((action, terminal), {"action": action, "terminal": terminal, "count": 0,
-                                                                   "num_correct": 0, "truncated": 0})
+                                                                   "num_correct": 0, "truncated": 0, "retokenized": 0})
                 entry["count"] += 1
+                entry["retokenized"] += self.retokenized(g)
                 entry["num_correct"] += int(reward >= 0.5)
                 entry["truncated"] += int(not g.finished and action == g.text)
             correct = sum(int(r >= 0.5) for r in rewards)
@@ -526,6 +534,13 @@ class DAPORollouts(DAPOPolicy):
                 "kept": problem["kept"], "states": problem["states"]})
         return rows
 
+    def retokenized(self, generation: Generation) -> int:
+        """1 if the generation's text encodes to other tokens than were sampled, else 0. The later stages
+        score text (states and actions are re-encoded), so such a sample is scored on tokens the policy did
+        not emit: bytes that are not valid UTF-8 decode to U+FFFD, special tokens are dropped, and a BPE
+        tokenizer may segment the text otherwise. Counted, so the report shows how often it happens."""
+        return int(encode_text(self.tokenizer, generation.text) != generation.token_ids)
+
     @staticmethod
     def dataset_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Counts written next to the merged rollout file."""
@@ -541,6 +556,9 @@ class DAPORollouts(DAPOPolicy):
             "mc_value_mean": _mean([s["mc_value"] for s in states]),
             "terminal_candidates": sum(c["terminal"] for c in candidates),
             "truncated_completions": sum(c["truncated"] for c in candidates),
+            # files written before this count existed lack it: None, not a made-up 0
+            "retokenized_samples": _sum_if_recorded([s for row in rows for s in row.get("samples", [])], "retokenized"),
+            "retokenized_completions": _sum_if_recorded(candidates, "retokenized"),
         }
 
 
@@ -626,8 +644,8 @@ class DAPOAdvantages(pl.LightningModule):
     Q_i = V_φ(s∘a_i) from the exported ``critic``, or the true reward for a terminal candidate (known from
     the rollouts); Â_i = Q_i − mean_j Q_j; a state is kept when max Â − min Â ≥ ``min_gap``. For kept states
     the summed step log-probs of the ``reference`` policy (π_ref: the rollout policy) are cached, so the
-    actor never loads π_ref. ``rows_per_forward`` bounds a forward pass; ``max_length`` must equal the
-    actor data's (left truncation is shared, see ``state_action_tokens``).
+    actor never loads π_ref. ``rows_per_forward`` bounds a forward pass; ``max_length`` is written to every
+    row, and the actor's data refuses another (left truncation is shared, see ``state_action_tokens``).
 
     ``q_estimator="monte_carlo"`` is an ablation, not the paper's method: Q of a non-terminal candidate is
     the fraction of the rollout completions starting with it that ended correct (unbiased, but from few
@@ -656,8 +674,10 @@ class DAPOAdvantages(pl.LightningModule):
         self.num_skipped = 0
 
     def resume_mismatch(self, row: dict[str, Any]) -> tuple[str, Any, Any] | None:
-        """(field, recorded, this run's) for the first model or Q estimator of an existing row that differs."""
-        for name, expected in (("critic", self.critic_path), ("reference_policy", self.reference_path)):
+        """(field, recorded, this run's) for the first model, window or Q estimator of an existing row that
+        differs."""
+        for name, expected in (("critic", self.critic_path), ("reference_policy", self.reference_path),
+                               ("max_length", self.max_length)):
             if row.get(name) != expected:
                 return name, row.get(name), expected
         for c, candidate in enumerate(row.get("candidates") or []):
@@ -744,7 +764,8 @@ class DAPOAdvantages(pl.LightningModule):
                          "prompt_text": state["prompt_text"], "prefix": state["prefix"], "depth": state["depth"],
                          "mc_value": state["mc_value"], "critic_value": state_values[index],
                          "gap": gaps[index].item(), "kept": kept[index], "candidates": candidates,
-                         "critic": self.critic_path, "reference_policy": self.reference_path})
+                         "critic": self.critic_path, "reference_policy": self.reference_path,
+                         "max_length": self.max_length})
         return rows
 
     @staticmethod
@@ -794,5 +815,6 @@ class DAPOActor(DAPOPolicy):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, metrics = self.actor_loss(batch)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=int(batch["state_index"].max()) + 1,
-                      sync_dist=True)
+        # a batch repeated only to give every DDP process the same step count weighs nothing: each state once
+        states = 0 if batch.get("repeated") else int(batch["state_index"].max()) + 1
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=states, sync_dist=True)

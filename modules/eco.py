@@ -436,6 +436,12 @@ class PromptGate:
     """A sequence classifier (2 labels, label 1 = forget) with its tokenizer: p(forget | text)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int = 256, batch_size: int = 64):
+        # the classifier reads the last token that is not config.pad_token_id: the batches must pad with it
+        configured = getattr(getattr(model, "config", None), "pad_token_id", None)
+        if tokenizer.pad_token_id is None or (configured is not None and configured != tokenizer.pad_token_id):
+            raise ValueError(f"the classifier's tokenizer pads with {tokenizer.pad_token_id!r}, its model reads "
+                             f"pad_token_id {configured!r}: a sequence classifier needs one pad token in both (a "
+                             f"classifier exported by PromptClassifier has it)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.batch_size = max_length, batch_size
 
@@ -598,7 +604,7 @@ class EcoLM:
     def generate_answers(self, batch: Mapping[str, Any], max_new_tokens: int, flags: torch.Tensor | None = None) -> list[str]:
         prompt = batch["prompt_input_ids"]
         output = self.generate(prompt, batch["prompt_attention_mask"], batch["questions"], flags, do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                               max_new_tokens=max_new_tokens, pad_token_id=lm.padding_id(self.tokenizer),
                                eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
 
@@ -665,6 +671,10 @@ class PromptClassifier(HFModule):
         self.register_buffer("threshold", torch.tensor(0.5 if threshold is None else float(threshold)))
         self.register_buffer("weights", torch.ones(2))
         self._collected: dict[str, list] = {}
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        # the classifier reads the last non-pad token: pad must exist (Llama-2/3 have none) and differ from EOS
+        lm.ensure_distinct_pad_token(tokenizer)
 
     def extra_model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": 2}
@@ -761,6 +771,7 @@ def classifier_threshold(path: str | os.PathLike) -> float:
 # The corruption learner
 
 METRICS = ("answer_prob", "truth_ratio", "truth_ratio_ks", "mc_accuracy")
+DEFAULT_SCORE_BATCH = 64  # sequences per forward pass of the learner when neither it nor its data module says
 
 
 def ks_statistic(sample: Any, reference: Any) -> float:
@@ -840,6 +851,28 @@ def target_from_retain_eval(path: str | os.PathLike, metric: str) -> float:
     return float(report[key])
 
 
+def score_in_batches(eco_lm: EcoLM, part: Mapping[str, Any], flags: torch.Tensor, strength, batch_size: int) -> torch.Tensor:
+    """``eco_lm.score_tokens`` of a right-padded scoring batch (the TOFU evaluator's layout) in forward passes of
+    at most ``batch_size`` rows: rows of similar length together, longest first (an out-of-memory error shows
+    at the first pass), each pass cut to its longest row. The (B, T-1) token log-probs come back in ``part``'s
+    row order and width. A row's numbers do not depend on the rows beside it (right padding under a causal
+    mask, noise drawn per prompt), so they are the one-pass numbers up to float rounding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows, width = part["input_ids"].shape
+    lengths = part["attention_mask"].sum(-1).cpu()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.zeros(rows, width - 1)
+    for start in range(0, rows, batch_size):
+        index = order[start:start + batch_size]
+        cut = int(lengths[index].max())
+        chunk = {"input_ids": part["input_ids"][index, :cut], "attention_mask": part["attention_mask"][index, :cut],
+                 "labels": part["labels"][index, :cut], "prompt_lengths": part["prompt_lengths"][index],
+                 "questions": [part["questions"][i] for i in index.tolist()]}
+        out[index, :cut - 1] = eco_lm.score_tokens(chunk, flags=flags[index], strength=strength)
+    return out
+
+
 class EcoCorruptionLearner(pl.LightningModule):
     """Zeroth-order learning of the corruption strength (no gradients, no weight of the LM changes).
 
@@ -859,18 +892,21 @@ class EcoCorruptionLearner(pl.LightningModule):
     def __init__(self, model: str = "tiny", corruption: str = "rand_noise_first_n", dims: int = 1,
                  strength: float = 0.1, epsilon: float | None = None, lr: float = 100.0,
                  min_strength: float = 1e-4, vector: bool = False, directions: int = 1,
-                 metric: str = "answer_prob", target: float | None = None, retain_eval: str | None = None,
+                 metric: str = "truth_ratio_ks", target: float | None = None, retain_eval: str | None = None,
                  token_selection: str = "all_but_last", entity_names: list[str] | None = None,
                  tolerance: float = 0.0, seed: int = 0, settings_dir: str | None = None,
-                 dtype: str | None = None, init_scan: list[float] | None = None):
-        """``epsilon``: finite-difference step (default 0.999 * strength, the released WMDP script's
-        choice). ``target``: the metric's target; default chance for ``mc_accuracy`` (1 / options) and the
-        retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
+                 dtype: str | None = None, init_scan: list[float] | None = None, batch_size: int | None = None):
+        """``metric``: ``truth_ratio_ks`` (the default, as in ``configs/eco/learn.yaml``), ``truth_ratio``,
+        ``answer_prob`` or ``mc_accuracy`` (``forget_metric``). ``epsilon``: finite-difference step (default
+        0.999 * strength, the released WMDP script's choice). ``target``: the metric's target; default chance
+        for ``mc_accuracy`` (1 / options) and the retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
         distance to the retain model's forget truth ratios, read from ``retain_eval``). ``tolerance``: stop
         once J <= tolerance. ``init_scan``: strengths (e.g. log-spaced, [0.1, 1, ..., 10000]) to evaluate
         before the first step; the descent starts from the best of them instead of ``strength``. With
         ``vector: true`` each value is a common scale for every dimension. ``epsilon`` keeps its value (by
-        default 0.999 * ``strength``), so the refinement probes the same width around the scan's pick."""
+        default 0.999 * ``strength``), so the refinement probes the same width around the scan's pick.
+        ``batch_size``: sequences per forward pass when scoring the forget set (``score_in_batches``; default
+        the data module's ``eval_batch_size``, else 64): real TOFU's forget10 is thousands of sequences."""
         super().__init__()
         self.save_hyperparameters()
         if metric not in METRICS:
@@ -881,6 +917,8 @@ class EcoCorruptionLearner(pl.LightningModule):
             raise ValueError("vector strengths need corruption 'rand_noise_first_n'")
         if metric != "mc_accuracy" and target is None and retain_eval is None:
             raise ValueError(f"metric {metric!r} needs target or retain_eval (the retain model's evaluation)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if init_scan is not None:
             if len(init_scan) == 0 or any(not math.isfinite(float(v)) or float(v) < min_strength for v in init_scan):
                 raise ValueError(f"init_scan must be a non-empty list of finite strengths >= min_strength "
@@ -948,11 +986,17 @@ class EcoCorruptionLearner(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD([self.strength], lr=self.hparams.lr)
 
+    def score_batch_size(self) -> int:
+        if self.hparams.batch_size is not None:
+            return self.hparams.batch_size
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "eval_batch_size", None) or DEFAULT_SCORE_BATCH
+
     def metric_value(self, batch: Mapping[str, Any], strength) -> float:
         part = batch["mc" if self.metric == "mc_accuracy" else "qa"]
         value = strength.tolist() if torch.is_tensor(strength) and strength.dim() else float(strength)
         flags = torch.ones(len(part["questions"]), dtype=torch.bool)
-        logp = self._lm.score_tokens(part, flags=flags, strength=value)
+        logp = score_in_batches(self._lm, part, flags, value, self.score_batch_size())
         return forget_metric(self.metric, batch, logp, self.reference_ratios)
 
     def _visit(self, batch: Mapping[str, Any], strength, step: int, probe: bool = False,

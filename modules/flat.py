@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from modules import lm
-from modules.base import HFModule
-from modules.lm import token_logprobs
+from modules.base import EvalRows, HFModule
+from modules.lm import padding_id, token_logprobs
 
 LOG2 = math.log(2.0)
 
@@ -275,6 +275,12 @@ class FlatUnlearner(HFModule):
         self.reference, self.reference_mode = reference, reference_mode
         self.reference_logps: dict[str, torch.Tensor] | None = None  # "forget"/"template" -> (N,)
         self._frozen_reference: list[torch.nn.Module] = []  # a list: not a submodule, not in the state dict
+        self._test_rows = EvalRows(columns=3)  # kind index, P (mean token probability), mean token log-prob
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        # Llama-2/3 tokenizers have no pad token; the data module takes this tokenizer (and a named one gets
+        # the same pad token), and load_model resizes the embeddings if a token had to be added
+        lm.ensure_distinct_pad_token(tokenizer)
 
     # -- forward ---------------------------------------------------------------------------------------
     def _parts(self) -> tuple[str, ...]:
@@ -289,7 +295,7 @@ class FlatUnlearner(HFModule):
             raise ValueError(f"loss {self.loss_name!r} needs {missing} rows in the batch; the data module gives "
                              f"{sorted(k[:-len('_input_ids')] for k in batch if k.endswith('_input_ids'))}")
         width = max(batch[f"{p}_input_ids"].shape[1] for p in parts)
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = padding_id(self.tokenizer)
 
         def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
             return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
@@ -442,15 +448,26 @@ class FlatUnlearner(HFModule):
 
     # -- test: teacher-forced answer probabilities of the evaluation splits (the full TOFU report comes from
     # the TofuEvaluation callback) ---------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = EvalRows(columns=3)
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         stats = _answer_stats(token_logprobs(logits, batch["labels"]), batch["labels"][:, 1:] != -100)
         kinds = batch.get("kind")
+        if kinds is None:  # rows of no TOFU split: reported as test/other
+            kinds = torch.full_like(stats["p"], -1, dtype=torch.long)
+        self._test_rows.add(batch.get("row_id"), [kinds.to(stats["p"].device), stats["p"], stats["mean_logp"]],
+                            self.global_rank)
+
+    def on_test_epoch_end(self) -> None:
+        # per split over the distinct rows of all ranks (the distributed sampler repeats some to even out the
+        # ranks); every rank then holds the same values, sync_dist only keeps Lightning's epoch-end check quiet
         from datamodules.tofu_data import EVAL_KINDS
 
-        for k, kind in enumerate(EVAL_KINDS):
-            selected = (kinds == k) if kinds is not None else torch.ones_like(stats["p"], dtype=torch.bool)
-            count = int(selected.sum())
-            if count:
-                self.log(f"test/{kind}/p_answer", stats["p"][selected].mean(), batch_size=count)
-                self.log(f"test/{kind}/nll", -stats["mean_logp"][selected].mean(), batch_size=count)
+        rows = self._test_rows.gather(self.trainer.strategy, self.device)
+        for k, kind in [*enumerate(EVAL_KINDS), (-1, "other")]:
+            selected = rows[:, 1] == k
+            if bool(selected.any()):
+                self.log(f"test/{kind}/p_answer", rows[selected, 2].mean().float(), sync_dist=True)
+                self.log(f"test/{kind}/nll", -rows[selected, 3].mean().float(), sync_dist=True)

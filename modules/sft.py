@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from modules import lm
 from modules.base import EvalRows, HFModule
 
 
@@ -44,6 +45,11 @@ class SFT(HFModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.max_new_tokens = max_new_tokens
         self.generate_on_validation = generate_on_validation
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        # batches are padded and generation left-pads prompts: Llama-3 and Mistral tokenizers ship without a
+        # pad token. The same distinct pad as the reward and DAPO modules, so a later stage's tokenizer agrees.
+        lm.ensure_distinct_pad_token(tokenizer)
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -100,17 +100,25 @@ def _vector(values: Any, name: str) -> np.ndarray:
     return array
 
 
+# Bound of |log R| (nats per answer token). exp(709.8) is float64's largest value: a wider gap makes R or 1/R
+# infinite, which no JSON file holds and the KS test of forget quality cannot rank. Any gap near the bound
+# means "certain" (one answer e^-700 times as likely per token), so clipping changes no reported number
+# beyond ties among such samples, where the gap's size carries no information anyway.
+LOG_RATIO_LIMIT = 700.0
+
+
 def truth_ratio(base_nll: Any, perturbed_nll: Any) -> np.ndarray:
     """R = geometric mean over k of Prob(perturbed_k) / Prob(base), per sample.
 
     With length-normalised probabilities Prob = exp(-NLL): R = exp(NLL_base - mean_k NLL_perturbed_k).
     R < 1: the model prefers the true (paraphrased) answer; R near 1: it cannot tell true from false.
+    The log-ratio is clipped to +-``LOG_RATIO_LIMIT``, so R and 1/R stay finite and positive.
     """
     base = _vector(base_nll, "base_nll")
     perturbed_mean = _per_sample_means(perturbed_nll)
     if perturbed_mean.shape != base.shape:
         raise ValueError(f"base_nll has {base.size} samples, perturbed_nll {perturbed_mean.size}")
-    return np.exp(base - perturbed_mean)
+    return np.exp(np.clip(base - perturbed_mean, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
 
 
 def truth_ratio_score(ratios: Any) -> np.ndarray:
@@ -121,7 +129,8 @@ def truth_ratio_score(ratios: Any) -> np.ndarray:
 def forget_truth_ratio_score(ratios: Any) -> np.ndarray:
     """The forget split's reported truth-ratio number, min(R, 1/R) per sample (TOFU's choice)."""
     r = _vector(ratios, "truth ratios")
-    return np.minimum(r, 1.0 / r)
+    with np.errstate(divide="ignore"):  # R = 0 (handed in, not from truth_ratio): min(0, inf) = 0, the limit
+        return np.minimum(r, 1.0 / r)
 
 
 def normalized_prob(gt_nll: Any, perturbed_nll: Any) -> np.ndarray:
@@ -139,8 +148,10 @@ def normalized_prob(gt_nll: Any, perturbed_nll: Any) -> np.ndarray:
         wrong = np.asarray(wrong, dtype=np.float64)
         if wrong.ndim != 1 or wrong.size == 0:
             raise ValueError(f"sample {i}: expected a non-empty list of perturbed NLLs")
-        # divide through by P(a) to stay finite when every probability underflows
-        out[i] = 1.0 / (1.0 + np.exp(true_nll - wrong).sum())
+        # divide through by P(a) to stay finite when every probability underflows; a wrong answer infinitely
+        # likelier than the true one gives 1 / inf = 0, the limit
+        with np.errstate(over="ignore"):
+            out[i] = 1.0 / (1.0 + np.exp(true_nll - wrong).sum())
     return out
 
 

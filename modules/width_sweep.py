@@ -536,8 +536,9 @@ class RandomFeatureSweep(WidthSweepModule):
             needs ``trainer.max_steps: 1``, the single step that solves).
         normalization: of the frozen features: ``none``; ``standardize`` (each feature centred and scaled
             with full training-set statistics); ``batchnorm`` (torch batch norm without affine parameters:
-            batch statistics while training, running statistics at evaluation; the closed-form solvers and
-            kappa use the full-training-set statistics, i.e. full-batch batch norm). Centred features
+            batch statistics while training, running statistics at evaluation; the closed-form solvers fit
+            and evaluate with the full-training-set statistics, i.e. full-batch batch norm, so they agree
+            with ``standardize``, and kappa uses them too). Centred features
             cannot represent a constant, so with either normalization the readout gets a bias, as a
             linear layer after batch norm has: the design matrix is [1, Z] and the threshold is P + 1 = n.
         feature_scale: ``inv_sqrt_width`` divides width P's features by sqrt(P) (the mean-field/NTK
@@ -633,7 +634,10 @@ class RandomFeatureSweep(WidthSweepModule):
         ``training_stats`` uses the full training-set statistics also for batch norm (closed form, kappa)."""
         if self.normalization == "none":
             return raw
-        if self.normalization == "batchnorm" and not training_stats:
+        # A closed-form readout was fitted on features normalised with the full training set's statistics
+        # (full-batch batch norm); its running statistics are never updated by gradient steps, so it is
+        # evaluated with the statistics it was fitted with.
+        if self.normalization == "batchnorm" and not training_stats and not self.solver_is_closed_form:
             mean = self.running_mean.view(self.num_seeds, -1)
             std = torch.sqrt(self.running_var.view(self.num_seeds, -1) + BATCHNORM_EPS)
         else:
@@ -699,6 +703,10 @@ class RandomFeatureSweep(WidthSweepModule):
                 self.readout[s, w, :width + self.bias_rows] = weights.to(self.readout.dtype)
                 kappa[s, w] = float(singular[0] / singular[-1]) if singular[-1] > 0 else math.inf
         self._closed_form_kappa = kappa
+        if self.normalization == "batchnorm":
+            # The saved running statistics describe the fitted model: full-batch batch norm on the training set.
+            self.running_mean.copy_(self.feature_mean.flatten())
+            self.running_var.copy_((self.feature_std ** 2 - BATCHNORM_EPS).flatten())
         self.trainer.should_stop = True
 
     # -- evaluation hooks -----------------------------------------------------------------------------------

@@ -297,7 +297,9 @@ class Recipe:
         path = self.log_folder(f"eval/{self.evaluation_name(name)}") / TEST_GENERATIONS_FILE
         if not path.exists():
             return {}
-        return {row["problem_id"]: row["correct"] for row in map(json.loads, path.read_text().splitlines())}
+        from datamodules.dapo_data import read_jsonl
+
+        return {row["problem_id"]: row["correct"] for row in read_jsonl(path)}
 
     def paired(self, policies: dict[str, float]) -> list[dict]:
         """Each later policy against the SFT policy, and DAPO round 1 against RFT, on the same problems."""
@@ -326,7 +328,10 @@ class Recipe:
             f"--trainer.callbacks.init_args.output={rollouts}", f"--model.init_args.model={policy}",
             f"--model.init_args.n1={args.n1}", f"--model.init_args.n={args.n}", f"--model.init_args.m={args.m}",
             f"--model.init_args.temperature={args.temperature}", f"--data.init_args.rollout_size={args.problems}",
-            f"--data.init_args.rollout_offset={(r - 1) * args.problems}", *self.seed_overrides("model")), policy_deps,
+            f"--data.init_args.rollout_offset={(r - 1) * args.problems}",
+            # the splits are drawn in order (train, val, test, rollout): the rollout problems stay disjoint
+            # from the evaluated test problems only if this run draws the same test split
+            f"--data.init_args.test_size={args.test_size}", *self.seed_overrides("model")), policy_deps,
             self.dataset_files(rollouts), resumable=True)
         # 2. critic
         self.stage(f"critic_{tag}", self.cli(

@@ -350,7 +350,8 @@ def scan(args: argparse.Namespace) -> dict:
     flags = torch.ones(len(batch["qa"]["questions"]), dtype=torch.bool)
     points = []
     for strength in [float(v) for v in args.scan_strengths.split(",") if v]:
-        ratios = eco.forget_truth_ratios(batch, wrapper.score_tokens(batch["qa"], flags=flags, strength=strength))
+        scores = eco.score_in_batches(wrapper, batch["qa"], flags, strength, data.eval_batch_size)
+        ratios = eco.forget_truth_ratios(batch, scores)
         score = float(forget_truth_ratio_score(ratios).mean())
         points.append({"strength": strength, "truth_ratio_score": score, "distance_to_retain": abs(score - retain_score),
                        "ks_statistic": eco.ks_statistic(ratios, reference),

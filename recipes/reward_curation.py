@@ -308,7 +308,9 @@ def filter_steps(eval_files: list[Path], checked_tasks: list[str] | None) -> lis
 
     gate = {} if checked_tasks is None else {"category_field": "task", "categories": checked_tasks}
     return [DropInvalid(), Deduplicate(normalize_whitespace=True),
-            Decontaminate(eval_files=[str(path) for path in eval_files], ngram=8),
+            # the evaluation prompts are two-word formulas ("Compute 1+7-8+7."), specific enough to count
+            # inside a longer prompt (the default, 4 words, is for everyday prompts such as RewardBench's)
+            Decontaminate(eval_files=[str(path) for path in eval_files], ngram=8, min_short_prompt_words=2),
             ConsistencyFilter(sources=["crowd", "synthetic"], score_prefix="judge", **gate)]
 
 

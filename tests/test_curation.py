@@ -146,7 +146,7 @@ def test_words_split_on_whitespace_and_strip_edge_punctuation():
 
 
 def test_ngram_index_on_hand_made_overlaps():
-    index = NgramIndex(["one two three four five six seven eight nine", "Compute 7+5-3."], n=8)
+    index = NgramIndex(["one two three four five six seven eight nine", "Compute 7+5-3."], n=8, min_short_prompt_words=2)
     assert index.match("zero one two three four five six seven eight") == tuple(
         "one two three four five six seven eight".split())
     assert index.match("one two three four five six seven") is None  # 7 shared words: not more than 7
@@ -159,7 +159,7 @@ def test_ngram_index_on_hand_made_overlaps():
 
 
 def test_decontaminate_against_an_eval_file(valid_pool):
-    kept, report = apply_step(Decontaminate(eval_files=[str(EVAL)], ngram=8), valid_pool)
+    kept, report = apply_step(Decontaminate(eval_files=[str(EVAL)], ngram=8, min_short_prompt_words=2), valid_pool)
     removed = set(ids(valid_pool)) - set(ids(kept))
     assert removed == {"shares-10-words", "wraps-short-eval", "case-and-punctuation"}
     assert "shares-7-words" in ids(kept) and "similar-formula" in ids(kept)
@@ -171,6 +171,9 @@ def test_decontaminate_against_an_eval_file(valid_pool):
     # with 7-word runs the 7-word overlap goes too
     kept, _ = apply_step(Decontaminate(eval_files=[str(EVAL)], ngram=7), valid_pool)
     assert "shares-7-words" not in ids(kept)
+    # by default a two-word evaluation prompt is matched only whole: the prompt that wraps it stays
+    kept, report = apply_step(Decontaminate(eval_files=[str(EVAL)]), valid_pool)
+    assert "wraps-short-eval" in ids(kept) and report["details"]["very_short_eval_prompts_matched_only_whole"] == 1
 
 
 def test_decontaminate_bad_eval_sets(valid_pool, tmp_path):
@@ -304,7 +307,7 @@ def test_select_by_score_category_column_and_bad_categories():
 # -- files, chaining, reports --------------------------------------------------------------------------
 
 def test_pipeline_writes_every_stage_and_a_report(tmp_path):
-    steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)])]
+    steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)], min_short_prompt_words=2)]
     summary = run_pipeline(str(POOL), str(tmp_path / "out"), steps)
     out = tmp_path / "out"
     assert sorted(path.name for path in out.iterdir()) == [
@@ -402,7 +405,8 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lm, "load_tokenizer", lambda *a, **k: pytest.fail("curation-only must not load a model"))
     steps = ("[{class_path: datamodules.curation.DropInvalid}, {class_path: datamodules.curation.Deduplicate}, "
-             "{class_path: datamodules.curation.Decontaminate, init_args: {eval_files: [" + str(EVAL) + "]}}]")
+             "{class_path: datamodules.curation.Decontaminate, init_args: {eval_files: [" + str(EVAL) + "], "
+             "min_short_prompt_words: 2}}]")
     # both override forms: --key=value and --key value (the form the configs' headers show)
     summary = curation.main(["--config", str(ROOT / "configs/curation/clean.yaml"), "--data.init_args.train_file", str(POOL),
                              f"--data.init_args.curation_dir={tmp_path / 'clean'}", f"--data.init_args.curation_steps={steps}"])
@@ -469,7 +473,8 @@ def test_a_rerun_on_an_earlier_runs_output_in_the_same_folder_keeps_its_input_an
     out = tmp_path / "cur"
     run_pipeline(str(POOL), str(out), [DropInvalid(), Deduplicate()])
     (out / "2024_pairs.jsonl").write_text(POOL.read_text())  # a user's file shaped like NN_<word>: not ours
-    summary = run_pipeline(str(out / "curated.jsonl"), str(out), [Decontaminate(eval_files=[str(EVAL)])])
+    summary = run_pipeline(str(out / "curated.jsonl"), str(out),
+                           [Decontaminate(eval_files=[str(EVAL)], min_short_prompt_words=2)])
     assert summary["output_rows"] == 6 and (out / "2024_pairs.jsonl").read_text() == POOL.read_text()
     assert not (out / "02_deduplicate.jsonl").exists()  # the earlier run's stage files went
 
@@ -478,7 +483,7 @@ def test_a_failed_run_leaves_no_curated_file_or_report_and_readers_say_so(tmp_pa
     """A re-run first deletes the previous run's files and writes report.json last: a run that fails
     leaves no curated.*/report.json beside its partial stage files, and every rank's setup refuses it."""
     out = tmp_path / "cur"
-    good_steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)])]
+    good_steps = [DropInvalid(), Deduplicate(), Decontaminate(eval_files=[str(EVAL)], min_short_prompt_words=2)]
     run_pipeline(str(POOL), str(out), good_steps)
     (out / "notes.txt").write_text("mine")  # not a pipeline file: stays
 
@@ -643,3 +648,99 @@ def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_cho
     assert "| 1 | task_chosen | 0.830 | 0.810 | -0.020 |" in (tmp_path / "seeds.md").read_text()
     with pytest.raises(SystemExit):
         reward_curation.main(["--out", str(tmp_path), "--seeds", "0,0"])
+
+
+def test_very_short_evaluation_prompts_only_match_whole_prompts(tmp_path):
+    """"Hello!" or "How are you?" as evaluation prompts must not mark every training prompt using those
+    words: below min_short_prompt_words (default 4) only an equal prompt (case and punctuation aside) matches;
+    from it on, a prompt that contains the evaluation prompt matches."""
+    index = NgramIndex(["Hello!", "How are you?", "Name three primary colours.", "one two three four five six seven eight"])
+    assert index.match("hello") == ("hello",) and index.match("How are you") == ("how", "are", "you")
+    assert index.match("Hello! Can you explain how a transistor works?") is None
+    assert index.match("Tell me how are you supposed to fold a shirt") is None
+    assert index.match("Please name three primary colours and mix two") == ("name", "three", "primary", "colours")
+    assert index.match("zero one two three four five six seven eight") is not None
+    assert NgramIndex(["Hello!"], min_short_prompt_words=1).match("Hello! Explain transistors.") == ("hello",)
+    with pytest.raises(ValueError, match="min_short_prompt_words must be at least 1"):
+        Decontaminate(eval_files=["x.jsonl"], min_short_prompt_words=0)
+
+    eval_file = write_rows(tmp_path / "eval.jsonl", [{"prompt": "Hello!"}, {"prompt": "How are you?"},
+                                                     {"prompt": "Name three primary colours."}])
+    rows = [{"prompt": prompt, "chosen": "yes", "rejected": "no", "source": "crowd"} for prompt in (
+        "Hello! Can you explain how a transistor works?", "HELLO", "How are you?", "how are you doing today",
+        "Quick one: name three primary colours.")]
+    kept, report = apply_step(Decontaminate(eval_files=[str(eval_file)]), rows)
+    assert [row["prompt"] for row in kept] == ["Hello! Can you explain how a transistor works?", "how are you doing today"]
+    assert report["removed_by_reason"] == {
+        "prompt equals a very short evaluation prompt (fewer than 4 words)": 2,
+        "prompt contains a whole (short) evaluation prompt": 1}
+    assert report["params"]["min_short_prompt_words"] == 4
+    assert report["details"]["very_short_eval_prompts_matched_only_whole"] == 2
+    assert report["details"]["short_eval_prompts"] == 1
+
+
+def test_consistency_filter_categories_no_checked_row_has_are_an_error_listing_those_present(tmp_path):
+    rows = [scored("a", 0.0, 3.0, "crowd", task="arithmetic"), scored("b", 0.0, 3.0, "crowd", task="divide-by-one"),
+            scored("c", 0.0, 3.0, "trusted", task="divide-by-zero")]
+    with pytest.raises(DataError, match=r"scored.jsonl: ConsistencyFilter categories \['arithmatic'\]: no row of the "
+                                        r"checked sources has these in its 'task' column \(categories present: "
+                                        r"\['arithmetic', 'divide-by-one'\]\)"):
+        apply_step(ConsistencyFilter(sources=["crowd"], category_field="task", categories=["arithmatic"]), rows,
+                   origin="scored.jsonl")
+    # a category only unchecked sources have would check nothing either
+    with pytest.raises(DataError, match=r"categories \['divide-by-zero'\]"):
+        apply_step(ConsistencyFilter(sources=["crowd"], category_field="task", categories=["divide-by-zero"]), rows)
+    # in a pipeline the check runs before the first stage: nothing is written
+    pool_file = write_rows(tmp_path / "scored.jsonl", rows)
+    with pytest.raises(DataError, match=r"categories \['arithmatic'\]"):
+        run_pipeline(str(pool_file), str(tmp_path / "out"),
+                     [DropInvalid(), ConsistencyFilter(category_field="task", categories=["arithmatic"])])
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    kept, report = apply_step(ConsistencyFilter(category_field="task", categories=["arithmetic", "divide-by-zero"]), rows)
+    assert [row["prompt"] for row in kept] == ["b"] and report["details"]["listed_categories_without_rows"] == []
+
+
+HUB_NAME = "Skywork/Skywork-Reward-Preference-80K-v0.2"  # a hub dataset whose name has a dot
+
+
+def test_curating_a_hub_dataset_with_a_dotted_name_writes_jsonl(tmp_path, monkeypatch):
+    from datamodules import curation
+
+    pool_rows = read_rows(str(POOL))
+    monkeypatch.setattr(curation, "read_rows",
+                        lambda source, *a, **k: pool_rows if source == HUB_NAME else read_rows(source, *a, **k))
+    summary = run_pipeline(HUB_NAME, str(tmp_path / "out"), [DropInvalid()])
+    assert summary["output_file"] == str(tmp_path / "out" / "curated.jsonl") and summary["output_rows"] == 11
+    assert (tmp_path / "out" / "01_drop_invalid.jsonl").is_file()
+    data = CuratedPreferenceData(train_file=HUB_NAME, curation_dir=str(tmp_path / "cur"), tokenizer="tiny",
+                                 curation_steps=[DropInvalid()])
+    assert data.curated_file() == tmp_path / "cur" / "curated.jsonl"
+    data.prepare_data()
+    data.setup("fit")
+    assert data.files["train"] == str(tmp_path / "cur" / "curated.jsonl") and len(data.datasets["train"]) == 11
+    # a local file keeps its own type, whatever the case of its suffix
+    upper = tmp_path / "POOL.JSONL"
+    upper.write_text(POOL.read_text())
+    assert run_pipeline(str(upper), str(tmp_path / "up"), [DropInvalid()])["output_file"].endswith("curated.jsonl")
+    assert curation.curated_suffix("pairs.parquet") == ".parquet"
+
+
+def test_curation_only_merges_several_configs_as_cli_does(tmp_path):
+    """``--config A --config B`` merges B into A key by key (cli.py's rule), so a fragment that changes one
+    setting keeps A's curation steps and files."""
+    from datamodules import curation
+
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"model": {"class_path": "RewardModel"}, "data": {
+        "class_path": "datamodules.curation.CuratedPreferenceData",
+        "init_args": {"train_file": str(POOL), "curation_dir": str(tmp_path / "first"), "tokenizer": "tiny",
+                      "curation_steps": [{"class_path": "datamodules.curation.DropInvalid"},
+                                         {"class_path": "datamodules.curation.Deduplicate"}]}}}))
+    fragment = tmp_path / "fragment.yaml"
+    fragment.write_text(json.dumps({"trainer": {"max_steps": 5},
+                                    "data": {"init_args": {"curation_dir": str(tmp_path / "second")}}}))
+    data = curation.curation_data_from_config(["--config", str(base), "--config", str(fragment)])
+    assert data.curation_dir == str(tmp_path / "second") and data.raw_train_file == str(POOL)
+    assert [step.name for step in data.curation_steps] == ["drop_invalid", "deduplicate"]
+    assert curation.merge_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}, "e": 2}) == {
+        "a": {"b": 1, "c": [3]}, "d": 1, "e": 2}

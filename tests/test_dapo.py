@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,6 +198,17 @@ def test_state_batch_sampler_two_ranks_disjoint_and_complete(num_states):
     assert list(a) != list(b)
 
 
+def test_state_batches_padding_a_process_are_marked_so_evaluation_counts_each_state_once():
+    ranks = [list(StateBatchSampler(5, 2, num_replicas=2, rank=r, shuffle=False).batches_with_repeats())
+             for r in (0, 1)]
+    assert ranks == [[([0, 1], False), ([4], False)], [([2, 3], False), ([0, 1], True)]]
+    counted = sorted(i for batches in ranks for indices, repeated in batches if not repeated for i in indices)
+    assert counted == [0, 1, 2, 3, 4]
+    batches = _StateBatches([{"candidates": [0, 1]}] * 5, StateBatchSampler(5, 2, 2, 1, shuffle=False),
+                            lambda states: {"states": len(states)})
+    assert list(batches) == [{"states": 2, "repeated": False}, {"states": 2, "repeated": True}]
+
+
 def test_actor_batches_keep_every_state_whole_on_each_rank(tmp_path):
     from modules.lm import load_tokenizer
 
@@ -216,6 +228,96 @@ def test_actor_batches_keep_every_state_whole_on_each_rank(tmp_path):
             covered.append((rank, indices))
     by_rank = [{i for r, idx in covered if r == rank for i in idx} for rank in (0, 1)]
     assert by_rank[0] | by_rank[1] == set(range(len(sizes)))
+
+
+def test_grouped_state_batches_pad_less_and_keep_states_whole(tmp_path):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([2, 3] * 24)
+    for s, row in enumerate(rows):  # prefixes of 0..11 steps: states of very different lengths
+        row["prefix"] = "1+1=2\n" * (s % 12)
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def padding_share(group_by_length, world=1):
+        data = ActorData(str(path), val_fraction=0.0, batch_size=4, group_by_length=group_by_length)
+        data.tokenizer = load_tokenizer("tiny")
+        data.setup("fit")
+        states = data.datasets["train"]
+        longest = [max(len(c["input_ids"]) for c in state["candidates"]) for state in states]
+        padded = real = 0
+        steps, seen = [], []
+        for rank in range(world):
+            progress = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+                current=SimpleNamespace(ready=0))))  # a fresh epoch, not a resume
+            data.trainer = SimpleNamespace(world_size=world, global_rank=rank, current_epoch=1, fit_loop=progress,
+                                           num_training_batches=len(states))
+            loader = data.train_dataloader()
+            batches = list(loader)
+            indices = list(loader.dataset.sampler)  # the epoch the loader set: the trainer's
+            for batch_indices, batch in zip(indices, batches, strict=True):
+                assert torch.bincount(batch["state_index"]).tolist() == \
+                    [len(states[i]["candidates"]) for i in batch_indices]  # states stay whole
+                padded += batch["attention_mask"].numel()
+                real += batch["attention_mask"].sum().item()
+            steps.append([max(longest[i] for i in batch_indices) for batch_indices in indices])
+            seen += [i for batch_indices in indices for i in batch_indices]
+        assert sorted(seen) == list(range(len(states)))  # 48 states in batches of 4 per process: each once
+        return 1 - real / padded, steps
+
+    uniform, _ = padding_share(False)
+    grouped, _ = padding_share(True)
+    assert grouped < 0.5 * uniform, (uniform, grouped)
+    _, steps = padding_share(True, world=2)  # the two processes' batches of a step come from one length group
+    assert max(abs(a - b) for a, b in zip(*steps)) < max(steps[0]) - min(steps[0])
+
+
+def test_rollouts_count_samples_whose_text_does_not_give_back_the_sampled_tokens():
+    from modules.dapo import DAPORollouts, Generation
+    from modules.lm import load_tokenizer
+
+    rollouts = SimpleNamespace(tokenizer=load_tokenizer("tiny"))
+    ids = rollouts.tokenizer("1+2=3\n", add_special_tokens=False)["input_ids"]
+    assert DAPORollouts.retokenized(rollouts, Generation(ids, "1+2=3\n", True)) == 0
+    lone_byte = rollouts.tokenizer("é", add_special_tokens=False)["input_ids"][:1]  # half of a 2-byte character
+    text = rollouts.tokenizer.decode(ids + lone_byte, skip_special_tokens=True)
+    assert text.endswith("\ufffd")  # decoding replaced the invalid byte
+    assert DAPORollouts.retokenized(rollouts, Generation(ids + lone_byte, text, False)) == 1
+    report = DAPORollouts.dataset_report([{"sample_accuracy": 1.0, "samples": [{"retokenized": 1}], "states": [
+        {"mc_value": 1.0, "candidates": [{"terminal": False, "truncated": 0, "retokenized": 2}]}]}])
+    assert (report["retokenized_samples"], report["retokenized_completions"]) == (1, 2)
+    older = DAPORollouts.dataset_report([{"sample_accuracy": 1.0, "samples": [{}], "states": [
+        {"mc_value": 1.0, "candidates": [{"terminal": False, "truncated": 0}]}]}])
+    assert older["retokenized_completions"] is None  # not recorded, not zero
+
+
+def test_actor_drops_and_counts_a_candidate_with_an_empty_non_terminal_action(tmp_path):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([3])
+    rows[0]["candidates"][0]["action"] = ""
+    path = tmp_path / "advantages.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    data = ActorData(str(path), val_fraction=0.0)
+    data.tokenizer = load_tokenizer("tiny")
+    data.setup("fit")
+    [state] = data.datasets["train"]
+    assert len(state["candidates"]) == 2
+    assert data.report.dropped == {"train": {"candidate with an empty non-terminal action": 1}}
+
+
+def test_actor_data_refuses_reference_logprobs_of_another_token_window(tmp_path):
+    from modules.lm import load_tokenizer
+
+    rows = advantage_rows([2, 2])
+    rows[0]["max_length"], rows[1]["max_length"] = 128, 64
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = ActorData(str(path), val_fraction=0.0, max_length=128)
+    data.tokenizer = load_tokenizer("tiny")
+    with pytest.raises(DataError, match=r"advantages.jsonl: row 1, field 'max_length': ref_logprob was computed in "
+                                        r"a window of 64 tokens .*set --data.init_args.max_length=64"):
+        data.setup("fit")
 
 
 def test_actor_labels_mark_exactly_the_action_tokens():
@@ -483,7 +585,6 @@ def test_writer_merges_shards_skips_done_keys_and_ignores_a_cut_line(tmp_path):
 
 def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, caplog):
     import logging
-    from types import SimpleNamespace
 
     from callbacks.rollout_writer import ShardedJsonlWriter
     from modules.dapo import DAPORollouts
@@ -520,12 +621,10 @@ def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, cap
 
 
 def test_advantage_rows_of_another_q_estimator_are_not_resumed(tmp_path):
-    from types import SimpleNamespace
-
     from callbacks.rollout_writer import ShardedJsonlWriter
     from modules.dapo import DAPOAdvantages
 
-    row = dict(advantage_rows([2])[0], critic="tiny", reference_policy="tiny")
+    row = dict(advantage_rows([2])[0], critic="tiny", reference_policy="tiny", max_length=512)
     for candidate, source in zip(row["candidates"], ("reward", "critic")):
         candidate["q_source"] = source
     output = write_rows(tmp_path / "advantages.jsonl", [row])
@@ -535,3 +634,5 @@ def test_advantage_rows_of_another_q_estimator_are_not_resumed(tmp_path):
                                         r"earlier run with 'critic', this run has 'monte_carlo'"):
         writer.setup(SimpleNamespace(global_rank=0), module, "predict")
     assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(row) is None
+    assert DAPOAdvantages(critic="tiny", reference="tiny", max_length=128).resume_mismatch(row) == \
+        ("max_length", 512, 128)

@@ -94,6 +94,8 @@ def test_stages_one_to_five_end_to_end(run_cli, tmp_path):
     assert column_paths(rows) == set(ROLLOUT_COLUMNS)  # the documented columns, no more, no fewer
     report = json.loads((tmp_path / "rollouts.report.json").read_text())
     assert report["problems"] == 3 and report["states"] == sum(len(r["states"]) for r in rows)
+    assert report["retokenized_completions"] == sum(c["retokenized"] for r in rows for s in r["states"]
+                                                    for c in s["candidates"])
 
     # a crash cut the last row in half: the rerun redoes that problem only, with the same samples
     shard = tmp_path / "rollouts.shards" / "rank0.jsonl"

@@ -97,3 +97,30 @@ def test_a_stage_is_skipped_only_when_its_command_is_unchanged(tmp_path):
     assert log.read_text() == "ab"
     run("c", "b")  # the first stage's command changed: it and its dependant run again
     assert log.read_text() == "abcb"
+
+
+def test_rollout_problems_are_drawn_after_the_evaluated_test_split(tmp_path):
+    """The rollout split comes after train, val and test in one seeded draw: a rollouts run must draw the test
+    split the evaluations use, or with a larger --test-size the rollout problems would be test problems."""
+    from datamodules.arithmetic import generate_splits
+
+    run = recipe.Recipe(recipe.parse_args(["--out", str(tmp_path), "--test-size", "1000"]))
+    commands = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name, command, *args, **kwargs):
+        commands[name] = command
+        raise Stop
+
+    run.stage = record
+    with pytest.raises(Stop):
+        run.dapo_round(1, "policy", (), "critic", (), {})
+    overrides = dict(arg.split("=", 1) for arg in commands["rollouts_round1"] if arg.startswith("--data.init_args."))
+    sizes = {split: int(overrides.get(f"--data.init_args.{split}_size", default))
+             for split, default in (("train", 6000), ("val", 256), ("test", 500), ("rollout", 256))}
+    assert sizes["test"] == 1000
+    splits = generate_splits(sizes)
+    evaluated = generate_splits({"train": 6000, "val": 256, "test": 1000})["test"]
+    assert not {p.question for p in splits["rollout"]} & {p.question for p in evaluated}

@@ -360,6 +360,17 @@ def test_length_grouped_batches_stay_grouped_through_lightnings_ddp_preparation(
     assert max(lengths[i] for i in seen[:4]) == 60  # the longest item's group first
 
 
+def test_jsonl_rows_survive_unicode_line_separators(tmp_path):
+    from datamodules.common import read_rows, write_rows
+
+    # json.dumps(ensure_ascii=False) keeps these raw inside strings; str.splitlines() would break at them
+    rows = [{"prompt": "a\u2028b", "chosen": "c\u2029d", "rejected": "e\x85f\x1cg"}, {"prompt": "h", "chosen": "i",
+                                                                                       "rejected": "j"}]
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    assert len(path.read_text(encoding="utf-8").split("\n")) == 3  # two lines and the final newline
+    assert read_rows(str(path)) == rows
+
+
 def test_process_shards_cover_the_order_once_and_pad_with_its_last_items():
     from datamodules.common import EpochSeededSampler, ProcessShard
 
@@ -397,3 +408,69 @@ def test_training_loader_groups_one_batch_per_process():
     assert grouped.sampler.sampler.epoch_source() == 2  # the trainer's epoch, also after a resume
     plain = training_loader(list(range(40)), 5, list, seed=0, trainer=None)
     assert type(plain.sampler) is EpochSeededSampler
+
+
+def test_eval_truncation_side_is_validated_like_truncation_side():
+    with pytest.raises(ValueError, match="eval_truncation_side must be 'left' or 'right', got 'lfet'"):
+        PreferenceData(tokenizer="tiny", eval_truncation_side="lfet")
+    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+        PreferenceData(tokenizer="tiny", truncation_side="rigth")
+
+
+def test_validate_without_validation_data_is_an_error_but_fit_without_it_works(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "good", "rejected": "bad"}] * 2)
+    data = PreferenceData(tokenizer="tiny", train_file=path)
+    data.setup("fit")  # no val split: fit trains without validation
+    assert "val" not in data.datasets and data.val_dataloader() == []
+    with pytest.raises(DataError, match="no validation data for `validate`: set val_file"):
+        PreferenceData(tokenizer="tiny", train_file=path).setup("validate")
+    with pytest.raises(DataError, match="embedded data has no validation split"):
+        SFTData(tokenizer="tiny", train_size=8, val_size=0, test_size=0).setup("validate")
+    validated = PreferenceData(tokenizer="tiny", train_file=path, val_file=path)
+    validated.setup("validate")
+    assert validated.report.rows == {"val": 2}
+
+
+def _tokenizer_with_bos(chat_template: str | None = None):
+    """A word-level tokenizer that adds <s> in front of every text by default, as Llama's and Gemma's do;
+    built in memory, nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "<pad>", "<unk>", "q", "a", "good", "bad", "user", "assistant", ":"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize("row", [{"chosen": "q good", "rejected": "q bad"},
+                                 {"prompt": "q", "chosen": " good", "rejected": " bad"},
+                                 {"chosen": "<s> q good", "rejected": "<s> q bad"}],  # the text has it already
+                         ids=["implicit", "explicit", "bos_in_text"])
+def test_plain_preference_text_gets_the_tokenizers_bos_once(row, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    data = PreferenceData(train_file=path, val_file=path, max_length=3)
+    data.tokenizer = _tokenizer_with_bos()
+    assert data.tokenizer("q", add_special_tokens=True)["input_ids"] == [0, 4]
+    data.setup("fit")
+    bos, eos = data.tokenizer.bos_token_id, data.tokenizer.eos_token_id
+    item = data.datasets["train"][0]
+    assert item["chosen"] == [bos, 4, 6] and item["rejected"] == [bos, 4, 7]  # right truncation of [bos, q, good, eos]
+    # left truncation (evaluation) keeps the BOS at the start and the end of the response
+    val = data.datasets["val"][0]
+    assert val["chosen"] == [bos, 6, eos] and val["rejected"] == [bos, 7, eos]
+
+
+def test_chat_template_preference_text_gets_no_second_bos(tmp_path):
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    data = PreferenceData(train_file=path)
+    data.tokenizer = _tokenizer_with_bos(template)
+    data.setup("fit")
+    chosen = data.datasets["train"][0]["chosen"]
+    assert chosen == [0, 8, 10, 4, 9, 10, 6]  # <s> user : q assistant : good
+    assert chosen.count(data.tokenizer.bos_token_id) == 1

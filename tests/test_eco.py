@@ -595,6 +595,73 @@ def test_multiple_choice_letter_scoring_picks_the_top_letter():
     assert all(option in text for option, text in zip(items[0]["options"], decoded))
 
 
+def test_the_learner_scores_the_forget_set_in_micro_batches_with_the_one_batch_numbers(tiny):
+    from datamodules.eco_data import EcoForgetData
+
+    model, tokenizer = tiny
+    data = EcoForgetData(n_authors=20, qa_per_author=2, eval_batch_size=7)
+    data.tokenizer = tokenizer
+    batch = data.forget_batch()
+    wrapper = eco.EcoLM(model, tokenizer, eco.EcoSettings(dims=16, gate="all"))
+    passes = []
+    score = wrapper.score_tokens
+    wrapper.score_tokens = lambda part, **kwargs: passes.append(part["input_ids"].shape) or score(part, **kwargs)
+    rows = len(batch["qa"]["questions"])
+    flags = torch.ones(rows, dtype=torch.bool)
+    whole = score(batch["qa"], flags=flags, strength=3.0)
+    micro = eco.score_in_batches(wrapper, batch["qa"], flags, 3.0, 7)
+    assert [shape[0] for shape in passes] == [7] * (rows // 7) + [rows % 7] * bool(rows % 7)
+    assert max(shape[1] for shape in passes) == batch["qa"]["input_ids"].shape[1] > min(shape[1] for shape in passes)
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-5)
+
+    reference = eco.forget_truth_ratios(batch, whole) * 1.3  # any retain ratios will do
+    learner = eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0, dims=16)
+    learner._lm, learner.reference_ratios = wrapper, reference
+    assert learner.score_batch_size() == eco.DEFAULT_SCORE_BATCH  # no data module to ask
+    learner._trainer = types.SimpleNamespace(datamodule=data)
+    assert learner.score_batch_size() == 7  # the data module's eval_batch_size
+    learner.hparams.batch_size = 5  # its own setting wins
+    for metric in eco.METRICS:
+        learner.metric = metric
+        part = batch["mc" if metric == "mc_accuracy" else "qa"]
+        all_rows = torch.ones(len(part["questions"]), dtype=torch.bool)
+        one_batch = eco.forget_metric(metric, batch, score(part, flags=all_rows, strength=3.0), reference)
+        passes.clear()
+        assert learner.metric_value(batch, torch.tensor(3.0)) == pytest.approx(one_batch, rel=1e-6, abs=1e-9), metric
+        assert len(passes) == -(-len(part["questions"]) // 5) and max(shape[0] for shape in passes) == 5
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0, batch_size=0)
+    wrapper.close()
+
+
+def test_the_classifier_of_a_model_without_a_pad_token_gets_one_and_its_data_pads_with_it(tmp_path):
+    from test_tofu_pipeline import padless_model
+
+    from datamodules.eco_data import EcoPromptData
+    from modules.lm import load_model, load_tokenizer
+
+    folder = padless_model(tmp_path / "llama_like")  # as Llama-2: no pad token, none in the vocabulary
+    bare = load_tokenizer(str(folder))
+    with pytest.raises(ValueError, match="needs one pad token"):  # pooling would read the wrong token
+        eco.PromptGate(load_model(str(folder), kind="sequence_classification", num_labels=2, tokenizer=bare), bare)
+    classifier = eco.PromptClassifier(model=str(folder))
+    tokenizer = classifier.tokenizer
+    assert tokenizer.pad_token_id == len(bare) and tokenizer.pad_token_id != tokenizer.eos_token_id
+    data = EcoPromptData(n_authors=4, qa_per_author=2, decoy_authors=2, batch_size=16, eval_batch_size=1024,
+                         tokenizer=str(folder))  # named: it gets the classifier's pad token
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(classifier, datamodule=data)
+    assert data.tokenizer is not tokenizer and data.tokenizer.pad_token_id == tokenizer.pad_token_id
+    assert classifier.model.config.pad_token_id == tokenizer.pad_token_id
+    batch = next(iter(data.val_dataloader()))
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == tokenizer.pad_token_id).all()
+    assert 0 <= trainer.callback_metrics["val/fpr"] <= 1
+    gate = eco.PromptGate(classifier.model, tokenizer)  # as an export would load it
+    assert gate.probabilities(QUESTIONS).shape == (3,)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data and the two LightningModules through cli.py (short)
 
@@ -613,6 +680,57 @@ def test_prompt_data_labels_and_splits():
     splits = data.split_rows()
     assert not {r["text"] for r in splits["train"]} & {r["text"] for r in splits["val"]}
     assert {r["label"] for r in splits["val"]} == {0, 1}
+    assert len(splits["val"]) == pytest.approx(0.2 * len(rows), abs=12)  # whole groups: about val_fraction
+
+
+def test_prompt_split_keeps_every_form_of_a_question_on_one_side():
+    """The validation prompts choose the classifier's threshold: a question whose plain, multiple-choice or
+    reworded form is a training prompt would make them easier than new prompts."""
+    from datamodules import tofu_data as td
+    from datamodules.eco_data import EcoPromptData
+
+    data = EcoPromptData(n_authors=8, qa_per_author=4, decoy_authors=5)
+    generated = data.generated()
+    # what each prompt asks, found from the generator's phrasings (not from the split's own group keys)
+    asks = {q: (name, fact) for name in [a["name"] for a in generated.authors] + td.decoy_names(generated, 5)
+            for fact, q, _ in td.question_variants(name)}
+
+    def question(text: str):
+        first_line = text.split("\n")[0]  # a multiple-choice prompt starts with its question
+        return asks.get(first_line, first_line)
+
+    splits = data.split_rows()
+    train, val = ({question(r["text"]) for r in splits[side]} for side in ("train", "val"))
+    assert len(val) > 20 and not train & val
+    assert sum(r["kind"].endswith("_mc") for r in splits["val"]) > 0  # multiple-choice forms are split too
+    # the old split by prompt text would have separated forms of one question
+    rows = data.labelled_rows()
+    assert len({question(r["text"]) for r in rows}) < len(rows)
+
+
+def test_questions_without_enough_wrong_answers_for_multiple_choice_are_counted():
+    from datamodules.eco_data import MC_OPTIONS, EcoForgetData, EcoPromptData
+
+    assert EcoForgetData().n_options == MC_OPTIONS == EcoPromptData().n_options  # the evaluation's option count
+    full = EcoPromptData(n_authors=6, qa_per_author=3, decoy_authors=2)
+    full.labelled_rows()
+    assert full.data_report["dropped"] == {}
+    # two wrong answers per question: no question can make a four-option item
+    data = EcoPromptData(n_authors=6, qa_per_author=3, decoy_authors=2, n_perturbed=2)
+    rows = data.labelled_rows()
+    assert not any(r["kind"].endswith("_mc") for r in rows)
+    dropped = data.data_report["dropped"]["train+val"]
+    assert dropped == {f"{kind}: no multiple-choice form (fewer than 3 distinct wrong answers)": n for kind, n in
+                       (("forget", len(data.rows("forget10"))), ("retain", len(data.rows("retain90"))),
+                        ("general", len(data.general_rows())))}
+    data.labelled_rows()  # built again: counted once
+    assert data.data_report["dropped"]["train+val"] == dropped
+    data.evaluation_rows()
+    assert data.data_report["dropped"]["test"][
+        "forget: no multiple-choice form (fewer than 3 distinct wrong answers)"] == len(data.eval_sets()["forget"])
+    # with three options two wrong answers are enough
+    assert any(r["kind"] == "forget_mc" for r in EcoPromptData(n_authors=6, qa_per_author=3, decoy_authors=2,
+                                                               n_perturbed=2, n_options=3).labelled_rows())
 
 
 def test_prompt_file_with_a_bad_label_names_file_row_and_field(tmp_path):
@@ -727,6 +845,7 @@ def test_learner_with_the_ks_objective_reads_the_retain_models_ratios(run_cli, t
         assert h["metric"] * n_forget * len(ratios) == pytest.approx(round(h["metric"] * n_forget * len(ratios)))
     with pytest.raises(ValueError, match="target 0"):
         eco.EcoCorruptionLearner(model="tiny", metric="truth_ratio_ks", target=0.3, retain_eval=str(retain))
+    assert eco.EcoCorruptionLearner(model="tiny", retain_eval=str(retain)).metric == "truth_ratio_ks"  # the default
 
 
 def test_learner_refuses_to_run_without_a_step_limit():

@@ -3,6 +3,8 @@ trains, the frozen reference of NPO/DPO, logging, and clear errors for bad setti
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -220,3 +222,66 @@ def test_throughput_counts_the_one_concatenated_forward_of_the_loss_parts(unlear
         assert rows == sum(batch[f"{part}_input_ids"].shape[0] for part in parts)
         assert width == max(batch[f"{part}_input_ids"].shape[1] for part in parts)
         assert int(tokens) == sum(int(batch[f"{part}_attention_mask"].sum()) for part in parts)
+
+
+def test_a_model_whose_tokenizer_has_no_pad_token_unlearns_and_is_evaluated(tmp_path):
+    import lightning.pytorch as pl
+    from test_tofu_pipeline import padless_model
+
+    from callbacks.tofu_eval import TofuEvaluation
+    from modules import tofu_eval as te
+    from modules.lm import load_tokenizer
+
+    folder = padless_model(tmp_path / "llama_like")  # no pad token, no pad-like token in the vocabulary
+    size = len(load_tokenizer(str(folder)))
+    module = FlatUnlearner(model=str(folder), loss="flat")
+    tokenizer = module.tokenizer
+    assert tokenizer.pad_token_id == size and tokenizer.pad_token_id != tokenizer.eos_token_id  # one token added
+    # a data module with the tokenizer named gets the module's pad token, as one taking the module's would
+    named = TofuQAData(task="unlearn", tokenizer=str(folder), **SMALL)
+    named.trainer = types.SimpleNamespace(lightning_module=module)
+    assert named.resolve_tokenizer().pad_token_id == tokenizer.pad_token_id
+
+    data = TofuQAData(task="unlearn", batch_size=2, eval_batch_size=16, **SMALL)
+    evaluation = TofuEvaluation(save_dir=str(tmp_path / "eval"), max_new_tokens=2)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[evaluation])
+    trainer.fit(module, datamodule=data)
+    assert module.model.get_input_embeddings().weight.shape[0] == size + 1  # resized for the pad token
+    assert module.model.config.pad_token_id == tokenizer.pad_token_id
+    batch = next(iter(data.train_dataloader()))
+    padding = batch["forget_attention_mask"] == 0
+    assert padding.any() and (batch["forget_input_ids"][padding] == tokenizer.pad_token_id).all()
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0 <= te.load_eval(tmp_path / "eval" / "epoch_001.json")["report"]["model_utility"] <= 1
+    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert 0 < metrics["test/forget/p_answer"] < 1
+
+
+def test_test_metrics_count_each_row_once_when_the_sampler_repeats_rows(unlearn_data):
+    """Under DDP the distributed sampler repeats rows to even out the processes; they carry the same row id."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    unlearn_data.setup("test")
+    items = unlearn_data.datasets["test"]
+    forget = [item for item in items if item["kind"] == "forget"]
+    module = make_module(loss="flat")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def test(rows):
+        loader = DataLoader(rows, batch_size=8, collate_fn=unlearn_data.collate_sft)
+        return trainer.test(module, dataloaders=loader, verbose=False)[0]
+
+    once = test(items)
+    repeated = test(items + forget[:1] * 3)  # one forget row three more times, as a sampler pads
+    assert repeated.keys() == once.keys() >= {f"test/{kind}/p_answer" for kind in ("forget", "retain")}
+    for key, value in once.items():
+        assert repeated[key] == pytest.approx(value, rel=1e-5), key
+    # counted four times, that row would move the forget mean: the two forget rows differ
+    batch = unlearn_data.collate_sft(forget)
+    with torch.no_grad():
+        logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    p = flat.mean_token_prob(logits, batch["labels"])
+    assert len(forget) == 3 and abs(float(p[0] - p[1:].mean())) > 1e-4
+    assert once["test/forget/p_answer"] == pytest.approx(float(p.mean()), rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
@@ -96,25 +97,26 @@ def test_trained_preset_builder_writes_a_loadable_sft_model(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically
 
 
-def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path):
+def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from cli import presets_main
+
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, lm.PRESETS_ROOT_ENV: str(tmp_path)}
     built = subprocess.run([sys.executable, "cli.py", "presets", "tiny"], cwd=repo, env=env, capture_output=True,
-                           text=True)
+                           text=True)  # the command as setup.sh runs it
     assert built.returncode == 0, built.stderr
     assert "(built)" in built.stdout
     assert AutoTokenizer.from_pretrained(tmp_path / "tiny").chat_template == lm.CHAT_TEMPLATE
-    again = subprocess.run([sys.executable, "cli.py", "presets", "tiny"], cwd=repo, env=env, capture_output=True,
-                           text=True)
-    assert "(already built)" in again.stdout
-    unknown = subprocess.run([sys.executable, "cli.py", "presets", "tiny-xl"], cwd=repo, env=env,
-                             capture_output=True, text=True)
-    assert unknown.returncode != 0 and "unknown preset(s) ['tiny-xl']" in unknown.stderr
+    monkeypatch.setenv(lm.PRESETS_ROOT_ENV, str(tmp_path))  # the rest in this process: no second start-up
+    presets_main(["tiny"])
+    assert "(already built)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"unknown preset\(s\) \['tiny-xl'\]"):
+        presets_main(["tiny-xl"])
     assert not (tmp_path / "tiny-xl").exists()
 
 

@@ -137,7 +137,7 @@ def test_ddp_test_counts_each_pair_once(tmp_path):
 
 
 def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
-    small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=5", "--data.init_args.eval_batch_size=16",
+    small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=6", "--data.init_args.eval_batch_size=16",
              "--trainer.max_steps=2", "--test_after_fit=false"]  # barely trained: errors on both classes
     assert cli(tmp_path, "fit", *small, config="configs/eco/classifier.yaml").returncode == 0
     ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"

@@ -251,3 +251,46 @@ def test_one_subset_still_logs_its_accuracy_and_predict_leaves_out_the_placehold
     assert model.subset_counts["all"]["pairs"] == 5
     [batch] = trainer.predict(model, datamodule=PreferenceData(test_file=str(path)))
     assert "subset" not in batch and batch["row_id"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_test_run_limited_by_limit_test_batches_reports_the_pairs_it_evaluated(tmp_path):
+    """--trainer.limit_test_batches evaluates part of the set: rewardbench.json reports the pairs evaluated
+    (not the set's sizes), flags the evaluation as partial, lists the subsets it never reached, and warns;
+    it does not blame the module."""
+    import lightning.pytorch as pl
+
+    from callbacks.rewardbench import RewardBenchScores
+    from modules.reward import RewardModel
+
+    model = RewardModel(model="tiny")
+
+    def run(limit):
+        callback = RewardBenchScores(output_file=str(tmp_path / f"rb_{limit}.json"))
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_test_batches=limit, callbacks=[callback])
+        # 10 generated pairs, the five subsets in turn: two of each; batches of 2
+        data = RewardBenchData(train_size=10, val_size=0, test_size=10, eval_batch_size=2, max_length=256)
+        trainer.test(model, datamodule=data, verbose=False)
+        assert json.loads((tmp_path / f"rb_{limit}.json").read_text())["evaluation"] == callback.result["evaluation"]
+        return callback.result
+
+    full = run(1.0)
+    assert full["evaluation"] == {"complete": True, "pairs_evaluated": 10, "pairs_in_set": 10,
+                                  "limit_test_batches": 1.0, "subsets_not_evaluated": []}
+    assert {entry["pairs"] for entry in full["subsets"].values()} == {2}
+    assert not any("pairs_in_set" in entry for entry in full["subsets"].values())
+
+    with pytest.warns(UserWarning, match=r"partial evaluation \(--trainer.limit_test_batches=3\): 6 of 10 pairs\."):
+        every_subset = run(3)  # 6 pairs: every subset reached, one of them twice
+    assert every_subset["evaluation"]["complete"] is False and every_subset["evaluation"]["pairs_evaluated"] == 6
+    assert every_subset["subsets"]["arith-format"]["pairs"] == 2
+    assert every_subset["subsets"]["arith-consistency"] == {**every_subset["subsets"]["arith-consistency"],
+                                                            "pairs": 1, "pairs_in_set": 2}
+    assert model.subset_counts["arith-consistency"]["pairs"] == 1
+
+    with pytest.warns(UserWarning, match=r"limit_test_batches=1\): 2 of 10 pairs; subsets not evaluated: "
+                                         r"\['refuse-undefined', 'respond-benign', 'arith-step-error'\]"):
+        two_subsets = run(1)
+    assert sorted(two_subsets["subsets"]) == ["arith-consistency", "arith-format"]
+    assert two_subsets["missing_categories"] == ["Safety", "Reasoning"]
+    assert two_subsets["evaluation"]["subsets_not_evaluated"] == ["refuse-undefined", "respond-benign", "arith-step-error"]

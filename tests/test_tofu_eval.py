@@ -200,3 +200,26 @@ def test_saved_eval_extra_entries(tmp_path):
     assert body["generations"] == {"forget": ["a"]}
     with pytest.raises(ValueError, match="overwrite"):
         te.save_eval(tmp_path / "f.json", _hand_splits(), forget_split="forget10", extra={"report": {}})
+
+
+def test_an_extreme_truth_ratio_is_clipped_so_the_evaluation_saves_and_forget_quality_is_computed(tmp_path):
+    import warnings
+
+    splits = _hand_splits()
+    # log gaps of +800 and -800 nats: exp() of either overflows float64 (max about e^709.8), or its inverse does
+    splits["forget"] = dict(splits["forget"], base_nll=[800.0, 0.0, 0.0], perturbed_nll=[[0.0], [800.0], [-LN2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or divide-by-zero warning on the way
+        ratios = te.truth_ratio(splits["forget"]["base_nll"], splits["forget"]["perturbed_nll"])
+        assert ratios.tolist() == pytest.approx([math.exp(te.LOG_RATIO_LIMIT), math.exp(-te.LOG_RATIO_LIMIT), 2.0])
+        assert np.isfinite(1 / ratios).all() and (ratios > 0).all()
+        body = te.save_eval(tmp_path / "e.json", splits, forget_split="forget10", retain_forget_truth_ratios=[0.5, 1.0])
+        assert te.forget_truth_ratio_score([0.0, 2.0]).tolist() == [0.0, 0.5]  # a zero ratio: the limit, quietly
+    saved = json.loads((tmp_path / "e.json").read_text())  # valid JSON: no Infinity or NaN in it
+    assert saved["splits"]["forget"]["truth_ratio"] == pytest.approx(ratios.tolist())
+    fq = saved["report"]["forget_quality"]
+    assert fq == pytest.approx(ks_2samp(ratios, [0.5, 1.0]).pvalue) and 0 < fq <= 1 and fq == body["report"]["forget_quality"]
+    # the clipped ratios are a valid retain reference too
+    assert te.reference_truth_ratios(tmp_path / "e.json", "forget10") == pytest.approx(ratios.tolist())
+    # the forget split's reported number: min(R, 1/R) is e^-700, e^-700 and 1/2, not inf or nan
+    assert saved["report"]["forget/truth_ratio"] == pytest.approx((2 * math.exp(-te.LOG_RATIO_LIMIT) + 0.5) / 3)

@@ -17,7 +17,7 @@ from datamodules import tofu_data as td
 from datamodules.common import DataError
 from datamodules.tofu import OverlengthError, TofuQAData, encode_qa
 from modules import tofu_eval as te
-from modules.lm import load_model, load_tokenizer
+from modules.lm import load_model, load_tokenizer, padding_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--data.init_args.n_authors=4", "--data.init_args.qa_per_author=2"]
@@ -99,6 +99,114 @@ def test_real_layout_through_the_data_module(tmp_path):
     assert data.report.rows["test/forget"] == 2 and data.report.rows["test/world_facts"] == 2
     finetune = TofuQAData(task="finetune", source=str(folder))
     assert len(finetune.finetune_rows()) == 4  # `full` only: the real general sets are evaluation-only
+
+
+def test_retain_rows_are_drawn_anew_each_epoch_also_by_persistent_workers():
+    from types import SimpleNamespace
+
+    def retain_rows_per_epoch(num_workers: int) -> list[dict[int, list[int]]]:
+        data = TofuQAData(task="unlearn", n_authors=10, qa_per_author=4, batch_size=3, num_workers=num_workers)
+        # what the data module and its loader read of a trainer; a worker keeps the copy made when it started
+        progress = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+            current=SimpleNamespace(ready=0))))
+        data.trainer = SimpleNamespace(current_epoch=0, world_size=1, global_rank=0, fit_loop=progress,
+                                       num_training_batches=float("inf"), lightning_module=None)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        assert loader.persistent_workers == (num_workers > 0)
+        epochs = []
+        for epoch in (0, 1):
+            data.trainer.current_epoch = epoch
+            epochs.append({int(index): ids[mask.bool()].tolist() for batch in loader
+                           for index, ids, mask in zip(batch["index"], batch["retain_input_ids"],
+                                                       batch["retain_attention_mask"])})
+        return epochs
+
+    in_process, in_worker = retain_rows_per_epoch(0), retain_rows_per_epoch(1)
+    assert len(in_process[0]) == 4 and in_process[0] != in_process[1]  # re-drawn: another pairing in epoch 1
+    assert in_worker == in_process
+
+
+def padless_model(path: Path) -> Path:
+    """A tiny-shaped model folder whose tokenizer has no pad token and none of the usual pad tokens in its
+    vocabulary, as Llama-2's; random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    from modules import lm
+
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=lm.END, unk_token=lm.UNK,
+                                        additional_special_tokens=[lm.SYSTEM, lm.USER, lm.ASSISTANT])
+    tokenizer.chat_template = lm.CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    # said outright, as Llama-2's files do: without the key, transformers gives a Qwen2 folder Qwen2's pad token
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": None}))
+    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=None, bos_token_id=None, **lm.PRESETS["tiny"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    assert load_tokenizer(str(path)).pad_token_id is None
+    return path
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_changes_no_number(tmp_path, tokenizer, tiny_lm):
+    no_pad = load_tokenizer("tiny")
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None and no_pad.eos_token_id is not None
+    for task, prefix in (("finetune", ""), ("unlearn", "forget_")):
+        data = TofuQAData(task=task, n_authors=5, qa_per_author=2, batch_size=8)
+        data.tokenizer = no_pad
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        padding = batch[f"{prefix}attention_mask"] == 0
+        assert padding.any() and (batch[f"{prefix}input_ids"][padding] == no_pad.eos_token_id).all()
+        assert (batch[f"{prefix}labels"][padding] == -100).all()
+    # a bare model folder whose tokenizer has no pad token, evaluated by path: the numbers of the same model
+    # padded with its pad token
+    folder = tmp_path / "model"
+    tiny_lm.model.save_pretrained(folder)
+    no_pad.save_pretrained(folder)
+    assert load_tokenizer(str(folder)).pad_token_id is None
+    data = TofuQAData(n_authors=4, qa_per_author=2)
+    evaluator = data.evaluator(load_tokenizer(str(folder)), max_new_tokens=4)
+    result = evaluator.evaluate(str(folder))
+    reference = data.evaluator(tokenizer, max_new_tokens=4).evaluate(tiny_lm)
+    for kind in td.EVAL_KINDS:
+        np.testing.assert_allclose(result["splits"][kind]["gt_nll"], reference["splits"][kind]["gt_nll"], rtol=1e-5)
+        assert result["generations"][kind] == reference["generations"][kind]
+    assert result["report"]["model_utility"] == pytest.approx(reference["report"]["model_utility"], rel=1e-5)
+    grown = load_tokenizer("tiny")  # a pad token added to the tokenizer but not to the loaded model
+    grown.add_special_tokens({"pad_token": "<|new_pad|>"})
+    with pytest.raises(ValueError, match="beyond the model's 262 embeddings"):
+        HFEvalLM(tiny_lm.model, grown)
+
+
+def test_the_finetune_path_trains_and_evaluates_a_model_without_a_pad_token(tmp_path):
+    import lightning.pytorch as pl
+
+    from callbacks.tofu_eval import TofuEvaluation
+    from modules.sft import SFT
+
+    folder = padless_model(tmp_path / "llama_like")
+    module = SFT(model=str(folder), generate_on_validation=False)  # the module of configs/tofu/{target,retain}.yaml
+    data = TofuQAData(task="finetune", n_authors=4, qa_per_author=2, batch_size=8, eval_batch_size=16)
+    evaluation = TofuEvaluation(save_dir=str(tmp_path / "eval"), max_new_tokens=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, val_check_interval=2,
+                         callbacks=[evaluation])
+    trainer.fit(module, datamodule=data)
+    batch = next(iter(data.train_dataloader()))
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == padding_id(module.tokenizer)).all()
+    assert np.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert np.isfinite(trainer.callback_metrics["val/loss"].item())
+    saved = te.load_eval(tmp_path / "eval" / "epoch_001.json")
+    assert 0 <= saved["report"]["model_utility"] <= 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -445,3 +445,67 @@ def test_export_from_a_checkpoint_keeps_the_generation_config(run_cli, tmp_path)
     out = lm.export_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
     exported = json.loads((out / "generation_config.json").read_text())
     assert (exported["eos_token_id"], exported["temperature"], exported["do_sample"]) == ([1, 2], 0.7, True)
+
+
+def test_sft_trains_with_a_tokenizer_that_has_no_pad_token(tmp_path):
+    """Llama-3 and Mistral tokenizers ship without a pad token: SFT gives its tokenizer a distinct one (as the
+    reward module does), and a data module that loads its own tokenizer gets the same id."""
+    import shutil
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+    from transformers import AutoTokenizer
+
+    from datamodules.sft_data import SFTData
+    from modules import lm
+    from modules.sft import SFT
+
+    folder = tmp_path / "no_pad"
+    shutil.copytree(lm.resolve_model_path("tiny"), folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+
+    module = SFT(model=str(folder), generate_on_validation=False)
+    pad = module.tokenizer.pad_token_id
+    assert pad is not None and pad != module.tokenizer.eos_token_id
+    small = dict(train_size=16, val_size=0, test_size=0, batch_size=8, max_length=64)
+    data = SFTData(**small)  # takes the module's tokenizer
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    # a data module naming the tokenizer itself, beside the module and alone: the same pad id
+    named = SFTData(tokenizer=str(folder), **small)
+    named.trainer = SimpleNamespace(lightning_module=module)
+    assert named.resolve_tokenizer().pad_token_id == pad
+    alone = SFTData(tokenizer=str(folder), **small)
+    alone.setup("fit")
+    batch = alone.collate(alone.datasets["train"][:4])
+    assert alone.tokenizer.pad_token_id == pad and (batch["input_ids"] == pad).any()
+
+
+def test_untrained_check_reads_deepspeed_zero3_partitions():
+    """Under DeepSpeed ZeRO-3 a parameter is an empty placeholder (numel() == 0, real size ds_numel) and each
+    process holds a partition (ds_tensor): the check compares the partition, and never reports "no trainable
+    parameters" for a sharded model."""
+    from callbacks.summary import RunSummary
+
+    class Sharded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves between forwards
+            self.weight.ds_numel = 12
+            self.weight.ds_tensor = torch.randn(6)  # this process's half
+            self.frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+
+    module, summary = Sharded(), RunSummary()
+    summary.on_train_start(None, module)
+    assert summary._untrained_report(module).startswith("NO TRAINABLE PARAMETER CHANGED in 1 tensors")
+    module.weight.ds_tensor.add_(0.5)  # an optimizer step on the partition
+    assert summary._untrained_report(module) is None
+    # a process holding no values of a parameter cannot judge it, and does not call it untrained
+    module.weight.ds_tensor = torch.empty(0)
+    summary.on_train_start(None, module)
+    assert summary._untrained_report(module) is None

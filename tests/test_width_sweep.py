@@ -223,6 +223,26 @@ def test_closed_form_run_interpolates_above_threshold_and_kappa_peaks_there(tmp_
     assert result["summary"]["peak_width"] == 60
 
 
+@pytest.mark.parametrize("solver", ["min_norm", "ridge"])
+def test_closed_form_batchnorm_is_evaluated_with_the_statistics_it_was_fitted_with(tmp_path, solver):
+    """Closed-form batch norm is full-batch batch norm: the readout is fitted on features normalised with
+    the training set's statistics, so it must be evaluated with them too, giving exactly the curves of
+    ``standardize`` (not those of the untouched running statistics 0/1)."""
+    common = (*TINY, "--model.init_args.widths", "[10, 30, 90]", "--model.init_args.solver", solver)
+    runs = {norm: _fit(tmp_path, _config("rf_closed_form"), norm, *common, "--model.init_args.normalization", norm)
+            for norm in ("standardize", "batchnorm")}
+    for key in ("train_loss", "test_loss", "test_error", "readout_norm", "kappa"):
+        np.testing.assert_allclose(runs["batchnorm"].model.result["median"][key],
+                                   runs["standardize"].model.result["median"][key], rtol=1e-9, atol=1e-12,
+                                   err_msg=key)
+    if solver == "min_norm":
+        assert runs["batchnorm"].model.result["median"]["train_loss"][-1] < 1e-12  # interpolates above n
+    model = runs["batchnorm"].model  # the checkpointed running statistics are the ones used
+    torch.testing.assert_close(model.running_mean.double(), model.feature_mean.flatten(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.sqrt(model.running_var.double() + 1e-5), model.feature_std.flatten(),
+                               rtol=1e-6, atol=1e-6)
+
+
 def _per_seed(run, width: int) -> dict[str, np.ndarray]:
     index = run.model.widths.index(width)
     return {k: np.asarray(v)[:, index] for k, v in run.model.result["per_seed"].items()}
