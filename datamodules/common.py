@@ -180,6 +180,20 @@ def _checked_objects(rows: list[Any], source: str) -> list[dict[str, Any]]:
     return rows
 
 
+def padding_id(tokenizer) -> int:
+    """The id that fills the padding positions of a batch: the pad token's, else EOS's.
+
+    Llama-2/3 tokenizers come without a pad token. Where padding is masked (attention 0, label -100) any id
+    of the vocabulary serves, and EOS is one every causal LM has. Where the id itself matters (a sequence
+    classifier pools at the last non-pad token) the module gives its tokenizer a distinct pad token with
+    ``ensure_distinct_pad_token`` instead, and this returns it."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(token_id, int):
+            return token_id
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has neither "
+                     f"a pad nor an EOS token to pad batches with; set tokenizer.pad_token")
+
+
 @dataclass
 class DataReport:
     """What the data pipeline kept, dropped and truncated; logged and written to the run summary."""
@@ -290,14 +304,15 @@ class ProcessShard(DistributedSampler):
 
 
 def training_loader(data: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
-                    trainer: Any, num_workers: int = 0, lengths: Sequence[int] | None = None) -> DataLoader:
-    """The training loader every data module uses: a seeded order per epoch, resumable mid-epoch; with
-    ``lengths``, grouped by length (``LengthGroupedSampler``, groups of one batch per process). With
-    several processes, each gets its ``ProcessShard`` of the one order."""
+                    trainer: Any, num_workers: int = 0, lengths: Sequence[int] | None = None,
+                    order: type[EpochSeededSampler] = EpochSeededSampler) -> DataLoader:
+    """The training loader every data module uses: a seeded order per epoch (an ``order`` sampler),
+    resumable mid-epoch; with ``lengths``, grouped by length (``LengthGroupedSampler``, groups of one batch
+    per process). With several processes, each gets its ``ProcessShard`` of the one order."""
     epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
     processes = trainer.world_size if trainer is not None else 1
     if lengths is None:
-        sampler: Sampler[int] = EpochSeededSampler(len(data), seed, epoch_source=epoch_source)
+        sampler: Sampler[int] = order(len(data), seed, epoch_source=epoch_source)
     else:
         sampler = LengthGroupedSampler(lengths, batch_size * processes, seed, epoch_source=epoch_source)
     if processes > 1:

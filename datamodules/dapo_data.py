@@ -48,6 +48,7 @@ from datamodules.common import (
     DataReport,
     LengthGroupedSampler,
     pad_sequences,
+    padding_id,
     read_rows,
     row_error,
 )
@@ -509,7 +510,7 @@ class _StatesData(pl.LightningDataModule):
         self.datasets: dict[str, list] = {}
 
     resolve_tokenizer = TextDataModule.resolve_tokenizer  # the model's tokenizer, else ``tokenizer`` by name
-    pads_batches = True  # for resolve_tokenizer: states and actions are padded with the pad token
+    pads_batches = False  # for resolve_tokenizer; the critic's data, whose value is read at the last non-pad token, does
 
     def split_of(self, problem_id: str) -> str:
         return "val" if stable_fraction(f"{self.seed}:{problem_id}") < self.val_fraction else "train"
@@ -535,6 +536,8 @@ class CriticData(_StatesData):
     probability ``val_fraction`` (by a hash of their id). ``group_by_length``: training batches of states
     of similar length (see ``TextDataModule``).
     """
+
+    pads_batches = True  # the critic reads the value at the last non-pad token (DAPOCritic gives its own)
 
     def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -636,7 +639,7 @@ class StateBatchSampler:
 
     ``states_per_batch`` states per batch, in a permutation fixed by (seed, epoch) when ``shuffle``. Under
     DDP each of ``num_replicas`` processes takes every ``num_replicas``-th batch starting at its ``rank``;
-    the batch list is padded by repeating its first batches (or cut, with ``drop_last``) so every process
+    the batch list is padded by repeating its last batches (or cut, with ``drop_last``) so every process
     runs the same number of steps. Yields lists of state indices.
 
     ``lengths`` (one per state, when shuffling): the permutation is a ``LengthGroupedSampler``'s, whose groups
@@ -683,8 +686,9 @@ class StateBatchSampler:
         batches = self._all_batches()
         real = len(batches)
         total = len(self) * self.num_replicas
-        if total > real:  # pad: every process must take the same number of steps
-            batches = batches + [batches[i % real] for i in range(total - real)]
+        if total > real:  # pad: every process must take the same number of steps; repeat the last batches
+            # (the shortest ones, where lengths group them: the longest group comes first)
+            batches = batches + [batches[(real - 1 - i) % real] for i in range(total - real)]
         return ((batches[i], i >= real) for i in range(self.rank, total, self.num_replicas))
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -809,7 +813,7 @@ class ActorData(_StatesData):
 
     def collate(self, states: list[dict]) -> dict[str, torch.Tensor]:
         rows = [(index, candidate) for index, state in enumerate(states) for candidate in state["candidates"]]
-        pad = self.tokenizer.pad_token_id
+        pad = padding_id(self.tokenizer)  # masked (attention 0, label -100): EOS serves a tokenizer without one
         return {
             "input_ids": pad_sequences([c["input_ids"] for _, c in rows], pad),
             "attention_mask": pad_sequences([[1] * len(c["input_ids"]) for _, c in rows], 0),

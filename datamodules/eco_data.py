@@ -40,9 +40,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules import tofu_data as td
-from datamodules.common import DataError, pad_sequences, read_rows, row_error
+from datamodules.common import DataError, pad_sequences, padding_id, read_rows, row_error
 from datamodules.tofu import TofuQAData, encode_qa
-from modules.lm import padding_id
 
 KINDS = ("forget", "retain", "general", "decoy")
 # Options per multiple-choice item: the classifier learns the multiple-choice prompts the evaluation sends

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 
 from datamodules import arithmetic
-from datamodules.common import pad_sequences, row_error, truncate
+from datamodules.common import pad_sequences, padding_id, row_error, truncate
 from datamodules.text import TextDataModule, encode_text, render_chat, validate_messages, validate_text
 
 
 class SFTData(TextDataModule):
-    pads_batches = True
-
     def __init__(self, prompt_field: str = "prompt", response_field: str = "response",
                  messages_field: str = "messages", use_chat_template: bool = True,
                  train_size: int = 4000, val_size: int = 256, test_size: int = 500,
@@ -111,7 +109,7 @@ class SFTData(TextDataModule):
         return len(item["input_ids"])
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id
+        pad = padding_id(self.tokenizer)  # masked everywhere: EOS serves a tokenizer without a pad token
         input_ids = pad_sequences([item["input_ids"] for item in items], pad)
         prompt_ids = pad_sequences([item["prompt_ids"] for item in items], pad, side="left")
         lengths = [len(item["input_ids"]) for item in items]

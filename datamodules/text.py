@@ -94,7 +94,8 @@ class TextDataModule(pl.LightningDataModule):
             return bool(self.dataset and self.hub_splits.get(split))
         return bool(self.embedded_rows(split))
 
-    # whether ``collate`` pads with the tokenizer's pad token (then the tokenizer must have one)
+    # whether batches need the tokenizer's own pad token: a reward or value read at the last non-pad token
+    # (others pad with modules.lm.padding_id, EOS where there is no pad token, since padding is masked)
     pads_batches = False
 
     def resolve_tokenizer(self):
@@ -110,13 +111,15 @@ class TextDataModule(pl.LightningDataModule):
             prepare = getattr(module, "prepare_tokenizer", None)
             if prepare is not None:
                 prepare(self.tokenizer)  # as the module prepared its own, so the two agree on the pad token's id
-            elif self.pads_batches:
-                ensure_distinct_pad_token(self.tokenizer)  # what the reward and SFT modules do to theirs
+            elif self.pads_batches and module is None:
+                # alone, as the modules that pool at the last non-pad token do to theirs (a module without
+                # prepare_tokenizer keeps its model's vocabulary: no token is added behind its back)
+                ensure_distinct_pad_token(self.tokenizer)
         if self.pads_batches and self.tokenizer.pad_token_id is None:
             name = self.tokenizer_name or getattr(module, "model_name_or_path", None) or "the model's"
             raise DataError(f"tokenizer {name} has no pad token, which {type(self).__name__} needs to batch "
                             f"sequences of different lengths; its module should set one "
-                            f"(modules.lm.ensure_distinct_pad_token, as RewardModel and SFT do)")
+                            f"(modules.lm.ensure_distinct_pad_token, as RewardModel and DAPOCritic do)")
         return self.tokenizer
 
     def load_split(self, split: str) -> list[dict[str, Any]] | None:

@@ -47,12 +47,10 @@ from datamodules.common import (
     DataError,
     DataReport,
     EpochSeededSampler,
-    ProcessShard,
-    ResumableDataLoader,
     pad_sequences,
+    padding_id,
     training_loader,
 )
-from modules.lm import padding_id
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -371,21 +369,10 @@ class TofuQAData(pl.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def _unlearn_training_loader(self) -> DataLoader:
-        """``common.training_loader`` with ``_EpochTaggedSampler`` as the seeded order: the same batches, each
-        item carrying the epoch its retain row is drawn for."""
-        trainer, data = self.trainer, self.datasets["train"]
-        epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
-        sampler = _EpochTaggedSampler(len(data), self.seed, epoch_source=epoch_source)
-        if trainer is not None and trainer.world_size > 1:
-            sampler = ProcessShard(sampler, trainer.world_size, trainer.global_rank)
-        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_unlearn,
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                   trainer=trainer)
-
     def train_dataloader(self) -> DataLoader:
-        if self.task == "unlearn":
-            return self._unlearn_training_loader()
+        if self.task == "unlearn":  # the same order, each item carrying the epoch its retain row is drawn for
+            return training_loader(self.datasets["train"], self.batch_size, self.collate_unlearn, self.seed,
+                                   self.trainer, self.num_workers, order=_EpochTaggedSampler)
         return self._loader(self.datasets["train"], self.batch_size, True, self.collate_sft)
 
     def reference_dataloader(self) -> DataLoader:

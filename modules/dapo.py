@@ -271,7 +271,7 @@ class RolloutEngine:
 
     def _generate_chunk(self, prompts, counts, max_new_tokens, temperature, top_p, generator):
         device, model = self.device, self.model
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        pad = lm.padding_id(self.tokenizer)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -678,8 +678,8 @@ class DAPOAdvantages(pl.LightningModule):
         differs."""
         for name, expected in (("critic", self.critic_path), ("reference_policy", self.reference_path),
                                ("max_length", self.max_length)):
-            if row.get(name) != expected:
-                return name, row.get(name), expected
+            if row.get(name) != expected and not (name == "max_length" and row.get(name) is None):
+                return name, row.get(name), expected  # (rows written before max_length was recorded lack it)
         for c, candidate in enumerate(row.get("candidates") or []):
             recorded = candidate.get("q_source") if isinstance(candidate, dict) else None
             if recorded not in ("reward", self.q_estimator):  # q_source names the estimator, or exact reward
@@ -712,7 +712,7 @@ class DAPOAdvantages(pl.LightningModule):
         """Summed log π_ref(a|s) and token counts of (prompt_text, prefix, action, terminal) rows."""
         logps, lengths = [], []
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = lm.padding_id(tok)
         for start in range(0, len(rows), self.rows_per_forward):
             encoded = [state_action_tokens(tok, *row, max_length=self.max_length)
                        for row in rows[start:start + self.rows_per_forward]]

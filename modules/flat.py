@@ -277,11 +277,6 @@ class FlatUnlearner(HFModule):
         self._frozen_reference: list[torch.nn.Module] = []  # a list: not a submodule, not in the state dict
         self._test_rows = EvalRows(columns=3)  # kind index, P (mean token probability), mean token log-prob
 
-    def prepare_tokenizer(self, tokenizer) -> None:
-        # Llama-2/3 tokenizers have no pad token; the data module takes this tokenizer (and a named one gets
-        # the same pad token), and load_model resizes the embeddings if a token had to be added
-        lm.ensure_distinct_pad_token(tokenizer)
-
     # -- forward ---------------------------------------------------------------------------------------
     def _parts(self) -> tuple[str, ...]:
         return ("forget", "template", "retain") if self.use_retain else ("forget", "template")

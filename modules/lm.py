@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from datamodules.common import padding_id  # noqa: F401  (re-exported: the modules pad with it too)
+
 PRESETS_ROOT_ENV = "TRAINERS_PRESETS"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,20 +163,6 @@ def ensure_distinct_pad_token(tokenizer) -> bool:
             return False
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return True
-
-
-def padding_id(tokenizer) -> int:
-    """The id that fills the padding positions of a batch: the pad token's, else EOS's.
-
-    Llama-2/3 tokenizers come without a pad token. Where padding is masked (attention 0, label -100) any id
-    of the vocabulary serves, and EOS is one every causal LM has. Where the id itself matters (a sequence
-    classifier pools at the last non-pad token) the module gives its tokenizer a distinct pad token with
-    ``ensure_distinct_pad_token`` instead, and this returns it."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(token_id, int):
-            return token_id
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has neither "
-                     f"a pad nor an EOS token to pad batches with; set tokenizer.pad_token")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")

@@ -46,11 +46,6 @@ class SFT(HFModule):
         self.max_new_tokens = max_new_tokens
         self.generate_on_validation = generate_on_validation
 
-    def prepare_tokenizer(self, tokenizer) -> None:
-        # batches are padded and generation left-pads prompts: Llama-3 and Mistral tokenizers ship without a
-        # pad token. The same distinct pad as the reward and DAPO modules, so a later stage's tokenizer agrees.
-        lm.ensure_distinct_pad_token(tokenizer)
-
     def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             use_cache=False).logits  # no cache: it would grow under activation checkpointing
@@ -69,7 +64,7 @@ class SFT(HFModule):
         """Greedy completions (decoded, special tokens removed) of left-padded prompts."""
         output = self.model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=False,
-            max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=lm.padding_id(self.tokenizer),
             eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.batch_decode(output[:, prompt_input_ids.shape[1]:], skip_special_tokens=True)
 

@@ -201,12 +201,37 @@ def test_state_batch_sampler_two_ranks_disjoint_and_complete(num_states):
 def test_state_batches_padding_a_process_are_marked_so_evaluation_counts_each_state_once():
     ranks = [list(StateBatchSampler(5, 2, num_replicas=2, rank=r, shuffle=False).batches_with_repeats())
              for r in (0, 1)]
-    assert ranks == [[([0, 1], False), ([4], False)], [([2, 3], False), ([0, 1], True)]]
+    assert ranks == [[([0, 1], False), ([4], False)], [([2, 3], False), ([4], True)]]  # the last batch again
     counted = sorted(i for batches in ranks for indices, repeated in batches if not repeated for i in indices)
     assert counted == [0, 1, 2, 3, 4]
     batches = _StateBatches([{"candidates": [0, 1]}] * 5, StateBatchSampler(5, 2, 2, 1, shuffle=False),
                             lambda states: {"states": len(states)})
-    assert list(batches) == [{"states": 2, "repeated": False}, {"states": 2, "repeated": True}]
+    assert list(batches) == [{"states": 2, "repeated": False}, {"states": 1, "repeated": True}]
+
+
+def test_actor_validation_gives_a_repeated_batch_no_weight(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from modules.dapo import DAPOActor
+
+    path = tmp_path / "advantages.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in advantage_rows([2, 3, 4])))
+    data = ActorData(str(path), val_fraction=0.0)
+    actor = DAPOActor(model="tiny")
+    data.tokenizer = actor.tokenizer
+    data.setup("fit")
+    states = data.datasets["train"]
+    first, other = data.collate(states[:2]), data.collate(states[2:])
+
+    def validate(batches):
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return trainer.validate(actor, dataloaders=DataLoader(batches, batch_size=None), verbose=False)[0]
+
+    alone = validate([{**first, "repeated": False}])
+    padded = validate([{**first, "repeated": False}, {**other, "repeated": True}])
+    counted = validate([{**first, "repeated": False}, {**other, "repeated": False}])
+    assert padded == pytest.approx(alone) and counted["val/loss"] != pytest.approx(alone["val/loss"])
 
 
 def test_actor_batches_keep_every_state_whole_on_each_rank(tmp_path):

@@ -137,6 +137,7 @@ def test_ddp_test_counts_each_pair_once(tmp_path):
 
 
 def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
+    # 6 decoy authors: an odd number of validation prompts (143), so the sampler repeats one on 2 processes
     small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=6", "--data.init_args.eval_batch_size=16",
              "--trainer.max_steps=2", "--test_after_fit=false"]  # barely trained: errors on both classes
     assert cli(tmp_path, "fit", *small, config="configs/eco/classifier.yaml").returncode == 0
