@@ -510,7 +510,7 @@ class _StatesData(pl.LightningDataModule):
         self.datasets: dict[str, list] = {}
 
     resolve_tokenizer = TextDataModule.resolve_tokenizer  # the model's tokenizer, else ``tokenizer`` by name
-    pads_batches = False  # for resolve_tokenizer; the critic's data, whose value is read at the last non-pad token, does
+    pads_batches = False  # padding is masked here (padding_id); CriticData, whose value is pooled, needs a pad token
 
     def split_of(self, problem_id: str) -> str:
         return "val" if stable_fraction(f"{self.seed}:{problem_id}") < self.val_fraction else "train"
