@@ -52,7 +52,7 @@ from datamodules.common import (
     read_rows,
     row_error,
 )
-from datamodules.text import TextDataModule, encode_text, render_chat, validate_text
+from datamodules.text import TextDataModule, encode_text, render_chat, validate_text, with_default_prefix
 
 STEP_SEPARATOR = "\n"
 
@@ -123,8 +123,13 @@ def stable_fraction(key: str) -> float:
 # Tokens of states and actions
 
 
+def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
+    """The prompt's ids: a chat template carries any BOS, plain text gets the tokenizer's default one."""
+    return with_default_prefix(tokenizer, encode_text(tokenizer, prompt_text))
+
+
 def encode_state(tokenizer, prompt_text: str, prefix: str) -> list[int]:
-    return encode_text(tokenizer, prompt_text) + (encode_text(tokenizer, prefix) if prefix else [])
+    return encode_prompt(tokenizer, prompt_text) + (encode_text(tokenizer, prefix) if prefix else [])
 
 
 def encode_action(tokenizer, action: str, terminal: bool) -> list[int]:
@@ -455,7 +460,7 @@ class DAPOProblems(TextDataModule):
         _check_unique(self._first_row_of_id.setdefault(source, {}), problem_id, source, index,
                       "task_id" if self.row_format == "humaneval" else self.id_field)
         prompt_text = prompt_text_for(self.tokenizer, prompt, self.use_chat_template and self.row_format != "humaneval")
-        prompt_ids = encode_text(self.tokenizer, prompt_text)
+        prompt_ids = encode_prompt(self.tokenizer, prompt_text)
         if len(prompt_ids) > self.max_length:
             self.report.drop(split, "prompt longer than max_length")
             return None

@@ -27,11 +27,12 @@ from datamodules import arithmetic
 from datamodules.common import check_side, pad_sequences, row_error, truncate
 from datamodules.text import (
     TextDataModule,
-    default_prefix_ids,
+    cached_prefix_ids,
     encode_text,
     render_chat,
     validate_messages,
     validate_text,
+    with_default_prefix,
 )
 
 
@@ -106,7 +107,6 @@ class PreferenceData(TextDataModule):
         self.embedded_subsets = tuple(subsets)
         self.train_subset_weights = train_subset_weights
         self.subset_names: list[str] = []
-        self._prefix: tuple[Any, list[int]] | None = None  # (tokenizer, its default leading special ids)
 
     def embedded_rows(self, split: str) -> list[dict[str, Any]] | None:
         split = "test" if split == "predict" else split
@@ -116,12 +116,6 @@ class PreferenceData(TextDataModule):
                                           weights=self.train_subset_weights if split == "train" else None)
 
     # -- one side of a pair as token ids -------------------------------------------------------------
-    def prefix_ids(self) -> list[int]:
-        """The special tokens (a BOS) the tokenizer puts before a text by default; computed once per tokenizer."""
-        if self._prefix is None or self._prefix[0] is not self.tokenizer:
-            self._prefix = (self.tokenizer, default_prefix_ids(self.tokenizer))
-        return self._prefix[1]
-
     def _side_ids(self, row: dict[str, Any], field: str) -> list[int]:
         """Token ids of one side of a pair that ``validate_pair`` accepted."""
         value, prompt = row[field], row.get(self.prompt_field)
@@ -135,11 +129,7 @@ class PreferenceData(TextDataModule):
         if prompt is not None and tokenizer.chat_template:
             return encode_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt},
                                                                   {"role": "assistant", "content": value}]))
-        text = (prompt or "") + value + (tokenizer.eos_token or "")
-        # plain text has no template to carry the BOS a Llama or Gemma backbone was trained with: add it once
-        # (not when the text itself starts with it)
-        ids, prefix = encode_text(tokenizer, text), self.prefix_ids()
-        return ids if ids[:len(prefix)] == prefix else prefix + ids
+        return with_default_prefix(tokenizer, encode_text(tokenizer, (prompt or "") + value + (tokenizer.eos_token or "")))
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         validate_pair(row, source, index, self.prompt_field, self.chosen_field, self.rejected_field)
@@ -164,7 +154,7 @@ class PreferenceData(TextDataModule):
 
     def _truncate(self, ids: list[int], side: str) -> tuple[list[int], bool]:
         """``truncate`` to ``max_length``, keeping a leading BOS when cutting on the left (it belongs at the start)."""
-        prefix = self.prefix_ids()
+        prefix = cached_prefix_ids(self.tokenizer)
         if side == "left" and prefix and ids[:len(prefix)] == prefix and self.max_length > len(prefix):
             rest, cut = truncate(ids[len(prefix):], self.max_length - len(prefix), side)
             return prefix + rest, cut

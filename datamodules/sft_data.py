@@ -20,7 +20,14 @@ import torch
 
 from datamodules import arithmetic
 from datamodules.common import pad_sequences, padding_id, row_error, truncate
-from datamodules.text import TextDataModule, encode_text, render_chat, validate_messages, validate_text
+from datamodules.text import (
+    TextDataModule,
+    encode_text,
+    render_chat,
+    validate_messages,
+    validate_text,
+    with_default_prefix,
+)
 
 
 class SFTData(TextDataModule):
@@ -91,7 +98,9 @@ class SFTData(TextDataModule):
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         prompt, response = self.split_row(row, source, index)
-        prompt_ids, response_ids = encode_text(self.tokenizer, prompt), encode_text(self.tokenizer, response)
+        # a chat template carries its BOS; plain text gets the tokenizer's default one (as TRL's SFT does)
+        prompt_ids = with_default_prefix(self.tokenizer, encode_text(self.tokenizer, prompt))
+        response_ids = encode_text(self.tokenizer, response)
         ids, was_truncated = truncate(prompt_ids + response_ids, self.max_length, self.truncation_side)
         labels = [-100] * len(prompt_ids) + response_ids
         labels, _ = truncate(labels, self.max_length, self.truncation_side)

@@ -254,6 +254,24 @@ def default_prefix_ids(tokenizer) -> list[int]:
     return []
 
 
+_PREFIXES: dict[int, tuple[Any, list[int]]] = {}  # id(tokenizer) -> (tokenizer, its default_prefix_ids)
+
+
+def cached_prefix_ids(tokenizer) -> list[int]:
+    """``default_prefix_ids``, computed once per tokenizer object."""
+    cached = _PREFIXES.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        cached = _PREFIXES[id(tokenizer)] = (tokenizer, default_prefix_ids(tokenizer))
+    return cached[1]
+
+
+def with_default_prefix(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` of plain text (no chat template to carry the BOS a Llama or Gemma backbone was trained with)
+    starting with the tokenizer's ``default_prefix_ids``, added once: unchanged if they already start so."""
+    prefix = cached_prefix_ids(tokenizer)
+    return ids if ids[:len(prefix)] == prefix else prefix + ids
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of already-formatted text. The chat template carries any BOS, so the tokenizer must not
     add another (a doubled BOS shifts every reward)."""

@@ -465,6 +465,29 @@ def test_plain_preference_text_gets_the_tokenizers_bos_once(row, tmp_path):
     assert val["chosen"] == [bos, 6, eos] and val["rejected"] == [bos, 7, eos]
 
 
+def test_plain_sft_prompts_and_dapo_states_get_the_tokenizers_bos_once(tmp_path):
+    from datamodules.dapo_data import DAPOProblems, encode_state, state_action_tokens
+
+    tokenizer = _tokenizer_with_bos()
+    bos = tokenizer.bos_token_id
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "response": " good"}])
+    sft = SFTData(train_file=path, use_chat_template=False)
+    sft.tokenizer = tokenizer
+    sft.setup("fit")
+    item = sft.datasets["train"][0]
+    assert item["input_ids"] == [bos, 4, 6, 1] and item["labels"] == [-100, -100, 6, 1]  # <s> q | good </s>
+    # DAPO: the problem's prompt ids (what the rollout engine conditions on) and every later stage's states agree
+    problems = write_jsonl(tmp_path / "problems.jsonl", [{"id": "p0", "prompt": "q", "answer": 1}])
+    dapo = DAPOProblems(train_file=problems, use_chat_template=False)
+    dapo.tokenizer = tokenizer
+    dapo.setup("predict")
+    [problem] = dapo.datasets["predict"]
+    assert problem["prompt_ids"] == [bos, 4] == encode_state(tokenizer, problem["prompt_text"], "")
+    assert encode_state(tokenizer, "<s> q", "a") == [bos, 4, 5]  # a BOS already in the text is not doubled
+    ids, labels = state_action_tokens(tokenizer, "q", "a", "good", False, 16)
+    assert ids == [bos, 4, 5, 6] and labels == [-100, -100, -100, 6]
+
+
 def test_chat_template_preference_text_gets_no_second_bos(tmp_path):
     template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
