@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import torch
 
-    from datamodules.common import pad_sequences
+    from datamodules.common import pad_sequences, padding_id
     from datamodules.tofu import render_prompt
     from datamodules.tofu_data import generate_tofu
     from modules import eco
@@ -60,11 +60,11 @@ def main(argv=None) -> dict:
     sets = {"unflagged": [r["question"] for r in data.split("retain_perturbed")][:args.batch_size],
             "flagged": [r["question"] for r in data.split("forget10_perturbed")][:args.batch_size]}
     kwargs = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                  pad_token_id=padding_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
 
     def prompts(questions):
         ids = [tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
-        return (pad_sequences(ids, tokenizer.pad_token_id, side="left"),
+        return (pad_sequences(ids, padding_id(tokenizer), side="left"),
                 pad_sequences([[1] * len(x) for x in ids], 0, side="left"))
 
     def timed(fn):

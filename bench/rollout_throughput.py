@@ -52,10 +52,10 @@ def parse_args(argv=None):
 
 def load_prompts(tokenizer, count: int) -> list[list[int]]:
     from datamodules import arithmetic
-    from datamodules.dapo_data import encode_text, prompt_text_for
+    from datamodules.dapo_data import encode_prompt, prompt_text_for
 
     problems = arithmetic.generate_splits({"bench": count}, seed=1234)["bench"]
-    return [encode_text(tokenizer, prompt_text_for(tokenizer, p.question, True)) for p in problems]
+    return [encode_prompt(tokenizer, prompt_text_for(tokenizer, p.question, True)) for p in problems]
 
 
 def run_engine(engine, prompts, args, seed) -> tuple[int, float]:
@@ -69,6 +69,8 @@ def run_engine(engine, prompts, args, seed) -> tuple[int, float]:
 
 
 def run_naive(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
+    from datamodules.common import padding_id
+
     pairs = [(p, k) for p in prompts for k in range(args.samples)][:args.naive_sequences]
     torch.manual_seed(seed)
     tokens, start = 0, time.perf_counter()
@@ -76,23 +78,23 @@ def run_naive(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
         ids = torch.tensor([prompt], device=args.device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                              temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=padding_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
         tokens += out.shape[1] - ids.shape[1]
     return tokens, time.perf_counter() - start
 
 
 def run_hf_batched(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
-    from datamodules.common import pad_sequences
+    from datamodules.common import pad_sequences, padding_id
 
     torch.manual_seed(seed)
-    ids = pad_sequences(prompts, tokenizer.pad_token_id, side="left").to(args.device)
+    ids = pad_sequences(prompts, padding_id(tokenizer), side="left").to(args.device)
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(args.device)
     tokens, start = 0, time.perf_counter()
     for first in range(0, len(prompts), max(1, args.max_batch_sequences // args.samples)):
         last = first + max(1, args.max_batch_sequences // args.samples)
         out = model.generate(input_ids=ids[first:last], attention_mask=mask[first:last], do_sample=True,
                              temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=args.samples, pad_token_id=tokenizer.pad_token_id,
+                             num_return_sequences=args.samples, pad_token_id=padding_id(tokenizer),
                              eos_token_id=tokenizer.eos_token_id)
         generated = out[:, ids.shape[1]:]
         for row in generated.tolist():  # up to and including the first EOS

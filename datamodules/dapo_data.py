@@ -124,7 +124,7 @@ def stable_fraction(key: str) -> float:
 
 
 def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
-    """The prompt's ids: a chat template carries any BOS, plain text gets the tokenizer's default one."""
+    """The prompt's ids, starting with the tokenizer's default BOS once (``with_default_prefix``)."""
     return with_default_prefix(tokenizer, encode_text(tokenizer, prompt_text))
 
 

@@ -233,7 +233,10 @@ class EcoPromptData(TofuQAData):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [item["input_ids"] for item in items]
-        return {"input_ids": pad_sequences(ids, padding_id(self.tokenizer)),
+        if self.tokenizer.pad_token_id is None:  # the classifier reads the last non-pad token: EOS cannot pad
+            raise DataError(f"EcoPromptData: tokenizer {self.tokenizer.name_or_path!r} has no pad token; the "
+                            f"PromptClassifier gives its own one (use its tokenizer, or set tokenizer.pad_token)")
+        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
                 "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0),
                 "labels": torch.tensor([item["label"] for item in items]),
                 "kind": [item["kind"] for item in items],

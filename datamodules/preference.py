@@ -125,10 +125,10 @@ class PreferenceData(TextDataModule):
             if prompt is not None:
                 messages += prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             messages += value if isinstance(value, list) else [{"role": "assistant", "content": value}]
-            return encode_text(tokenizer, render_chat(tokenizer, messages))  # the template carries any BOS
+            return with_default_prefix(tokenizer, encode_text(tokenizer, render_chat(tokenizer, messages)))
         if prompt is not None and tokenizer.chat_template:
-            return encode_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt},
-                                                                  {"role": "assistant", "content": value}]))
+            return with_default_prefix(tokenizer, encode_text(tokenizer, render_chat(
+                tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}])))
         return with_default_prefix(tokenizer, encode_text(tokenizer, (prompt or "") + value + (tokenizer.eos_token or "")))
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:

@@ -98,7 +98,7 @@ class SFTData(TextDataModule):
 
     def encode(self, row: dict[str, Any], split: str, source: str, index: int) -> dict[str, Any] | None:
         prompt, response = self.split_row(row, source, index)
-        # a chat template carries its BOS; plain text gets the tokenizer's default one (as TRL's SFT does)
+        # the tokenizer's default BOS once, as TRL's SFT gets it (a chat template that renders it is not doubled)
         prompt_ids = with_default_prefix(self.tokenizer, encode_text(self.tokenizer, prompt))
         response_ids = encode_text(self.tokenizer, response)
         ids, was_truncated = truncate(prompt_ids + response_ids, self.max_length, self.truncation_side)

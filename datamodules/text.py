@@ -11,6 +11,7 @@ model it feeds; ``tokenizer`` names one explicitly for use without a trainer.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -95,7 +96,7 @@ class TextDataModule(pl.LightningDataModule):
         return bool(self.embedded_rows(split))
 
     # whether batches need the tokenizer's own pad token: a reward or value read at the last non-pad token
-    # (others pad with modules.lm.padding_id, EOS where there is no pad token, since padding is masked)
+    # (others pad with datamodules.common.padding_id, EOS where there is no pad token, since padding is masked)
     pads_batches = False
 
     def resolve_tokenizer(self):
@@ -254,20 +255,21 @@ def default_prefix_ids(tokenizer) -> list[int]:
     return []
 
 
-_PREFIXES: dict[int, tuple[Any, list[int]]] = {}  # id(tokenizer) -> (tokenizer, its default_prefix_ids)
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its default_prefix_ids
 
 
 def cached_prefix_ids(tokenizer) -> list[int]:
-    """``default_prefix_ids``, computed once per tokenizer object."""
-    cached = _PREFIXES.get(id(tokenizer))
-    if cached is None or cached[0] is not tokenizer:
-        cached = _PREFIXES[id(tokenizer)] = (tokenizer, default_prefix_ids(tokenizer))
-    return cached[1]
+    """``default_prefix_ids``, computed once per tokenizer object (its BOS handling is not changed after)."""
+    if tokenizer not in _PREFIXES:
+        _PREFIXES[tokenizer] = default_prefix_ids(tokenizer)
+    return _PREFIXES[tokenizer]
 
 
 def with_default_prefix(tokenizer, ids: list[int]) -> list[int]:
-    """``ids`` of plain text (no chat template to carry the BOS a Llama or Gemma backbone was trained with)
-    starting with the tokenizer's ``default_prefix_ids``, added once: unchanged if they already start so."""
+    """``ids`` starting with the tokenizer's ``default_prefix_ids`` (the BOS a Llama or Gemma backbone was
+    trained with), added once: unchanged if they already start so, as a chat template that renders the BOS
+    makes them. Every text the models see goes through this (``encode_prompt``, the preference sides, SFT
+    prompts), so one that lacks its BOS, plain text or a template without one, gets it."""
     prefix = cached_prefix_ids(tokenizer)
     return ids if ids[:len(prefix)] == prefix else prefix + ids
 

@@ -488,6 +488,24 @@ def test_plain_sft_prompts_and_dapo_states_get_the_tokenizers_bos_once(tmp_path)
     assert ids == [bos, 4, 5, 6] and labels == [-100, -100, -100, 6]
 
 
+def test_a_chat_template_without_bos_gets_the_tokenizers_bos_everywhere(tmp_path):
+    from datamodules.dapo_data import encode_state, prompt_text_for
+
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"  # renders no BOS
+    tokenizer = _tokenizer_with_bos(template)
+    bos = tokenizer.bos_token_id
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    pairs = PreferenceData(train_file=path)
+    pairs.tokenizer = tokenizer
+    pairs.setup("fit")
+    assert pairs.datasets["train"][0]["chosen"] == [bos, 8, 10, 4, 9, 10, 6]  # <s> user : q assistant : good
+    sft = SFTData(train_file=write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "response": "good"}]))
+    sft.tokenizer = tokenizer
+    sft.setup("fit")
+    assert sft.datasets["train"][0]["input_ids"][:4] == [bos, 8, 10, 4]
+    assert encode_state(tokenizer, prompt_text_for(tokenizer, "q", True), "")[:4] == [bos, 8, 10, 4]
+
+
 def test_chat_template_preference_text_gets_no_second_bos(tmp_path):
     template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
