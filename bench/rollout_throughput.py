@@ -33,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from datamodules.common import pad_sequences, padding_id  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,8 +71,6 @@ def run_engine(engine, prompts, args, seed) -> tuple[int, float]:
 
 
 def run_naive(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
-    from datamodules.common import padding_id
-
     pairs = [(p, k) for p in prompts for k in range(args.samples)][:args.naive_sequences]
     torch.manual_seed(seed)
     tokens, start = 0, time.perf_counter()
@@ -84,8 +84,6 @@ def run_naive(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
 
 
 def run_hf_batched(model, tokenizer, prompts, args, seed) -> tuple[int, float]:
-    from datamodules.common import pad_sequences, padding_id
-
     torch.manual_seed(seed)
     ids = pad_sequences(prompts, padding_id(tokenizer), side="left").to(args.device)
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(args.device)

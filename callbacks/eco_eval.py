@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.common import padding_id
 from datamodules.tofu import EncodedQA, collate_qa, encode_qa
-from modules.lm import padding_id
 
 SCORINGS = ("letter", "option")
 

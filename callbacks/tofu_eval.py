@@ -39,10 +39,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import tofu_data as td
+from datamodules.common import padding_id
 from datamodules.tofu import OVERLENGTH, EncodedQA, collate_prompts, collate_qa, encode_qa
 from modules import tofu_eval as te
 from modules.base import run_in_root_forward
-from modules.lm import padding_id
 
 # the config whose validation rules apply to each evaluation split
 _VALIDATION_CONFIG = {"forget": "forget10_perturbed", "retain": "retain_perturbed",

@@ -513,8 +513,9 @@ class ConsistencyFilter(CurationStep):
         # in a pipeline a listed source can be gone by now (earlier stages removed all its pairs): reported
         present = {row_source(row, fields) for row in rows}
         absent = [source for source in self.sources or () if source not in present]
-        categories_present = [row.get(self.category_field) for row in rows] if self.categories is not None else []
-        absent_categories = [category for category in self.categories or () if category not in categories_present]
+        present_values = [row.get(self.category_field) for row in rows] if self.categories is not None else []
+        present_categories = {value for value in present_values if isinstance(value, Hashable)}
+        absent_categories = [category for category in self.categories or () if category not in present_categories]
         return StepResult(kept, removed, {"model_accuracy_per_source": accuracy, "checked_per_source": dict(sorted(checked.items())),
                                           "rows_without_category_column": without_category,
                                           "listed_sources_without_rows": absent,

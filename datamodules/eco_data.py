@@ -88,6 +88,8 @@ def validate_prompt_row(row: Any, source: str, index: int) -> dict[str, Any]:
 
 
 class EcoPromptData(TofuQAData):
+    pads_batches = True  # the classifier reads the last non-pad token: EOS cannot pad (resolve_tokenizer checks)
+
     def __init__(self, val_fraction: float = 0.2, decoy_authors: int = 40, include_variants: bool = True,
                  include_multiple_choice: bool = True, n_options: int = MC_OPTIONS, train_file: str | None = None,
                  val_file: str | None = None, test_file: str | None = None, **kwargs):
@@ -233,10 +235,7 @@ class EcoPromptData(TofuQAData):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [item["input_ids"] for item in items]
-        if self.tokenizer.pad_token_id is None:  # the classifier reads the last non-pad token: EOS cannot pad
-            raise DataError(f"EcoPromptData: tokenizer {self.tokenizer.name_or_path!r} has no pad token; the "
-                            f"PromptClassifier gives its own one (use its tokenizer, or set tokenizer.pad_token)")
-        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
+        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),  # pads_batches: it has one
                 "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0),
                 "labels": torch.tensor([item["label"] for item in items]),
                 "kind": [item["kind"] for item in items],

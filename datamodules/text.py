@@ -100,10 +100,13 @@ class TextDataModule(pl.LightningDataModule):
     pads_batches = False
 
     def resolve_tokenizer(self):
-        if self.tokenizer is not None:
-            return self.tokenizer
+        """The module's tokenizer (the same object, with the pad token the module gave it), else
+        ``tokenizer`` by name, prepared as the module prepares its own; one set already is kept. With
+        ``pads_batches`` a tokenizer without a pad token is an error naming it."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
+        if self.tokenizer is not None:
+            pass
+        elif self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
             self.tokenizer = module.tokenizer
         else:
             from modules.lm import ensure_distinct_pad_token, load_tokenizer

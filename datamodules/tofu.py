@@ -51,6 +51,7 @@ from datamodules.common import (
     padding_id,
     training_loader,
 )
+from datamodules.text import TextDataModule
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -252,22 +253,9 @@ class TofuQAData(pl.LightningDataModule):
                              forget_split=self.forget_split, **kwargs)
 
     # -- encoding --------------------------------------------------------------------------------------
-    def resolve_tokenizer(self):
-        if self.tokenizer is not None:
-            return self.tokenizer
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        model_tokenizer = getattr(module, "tokenizer", None)
-        if self.tokenizer_name is None and model_tokenizer is not None:
-            self.tokenizer = model_tokenizer  # the same object: it carries the pad token the module gave it
-        else:
-            from modules.lm import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
-            prepare = getattr(module, "prepare_tokenizer", None)
-            if prepare is not None:  # as the module prepared its own: the same pad token, so the same id
-                prepare(self.tokenizer)
-        return self.tokenizer
+    # the module's tokenizer, else ``tokenizer`` by name prepared as the module prepares its own
+    resolve_tokenizer = TextDataModule.resolve_tokenizer
+    pads_batches = False  # padding is masked (padding_id); EcoPromptData, whose prompts are pooled, needs a pad token
 
     def _encode(self, split: str, question: str, answer: str, where: str) -> EncodedQA | None:
         item = encode_qa(self.tokenizer, question, answer, self.max_length, self.use_chat_template,

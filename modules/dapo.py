@@ -55,7 +55,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from datamodules.common import shards_parameters, write_rows
+from datamodules.common import padding_id, shards_parameters, write_rows
 from datamodules.dapo_data import (
     balanced_keep,
     encode_state,
@@ -271,7 +271,7 @@ class RolloutEngine:
 
     def _generate_chunk(self, prompts, counts, max_new_tokens, temperature, top_p, generator):
         device, model = self.device, self.model
-        pad = lm.padding_id(self.tokenizer)
+        pad = padding_id(self.tokenizer)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -712,7 +712,7 @@ class DAPOAdvantages(pl.LightningModule):
         """Summed log π_ref(a|s) and token counts of (prompt_text, prefix, action, terminal) rows."""
         logps, lengths = [], []
         tok = self.tokenizer
-        pad = lm.padding_id(tok)
+        pad = padding_id(tok)
         for start in range(0, len(rows), self.rows_per_forward):
             encoded = [state_action_tokens(tok, *row, max_length=self.max_length)
                        for row in rows[start:start + self.rows_per_forward]]

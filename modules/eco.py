@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.common import padding_id
 from modules import lm
 from modules.base import HFModule, gather_objects
 
@@ -604,7 +605,7 @@ class EcoLM:
     def generate_answers(self, batch: Mapping[str, Any], max_new_tokens: int, flags: torch.Tensor | None = None) -> list[str]:
         prompt = batch["prompt_input_ids"]
         output = self.generate(prompt, batch["prompt_attention_mask"], batch["questions"], flags, do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=lm.padding_id(self.tokenizer),
+                               max_new_tokens=max_new_tokens, pad_token_id=padding_id(self.tokenizer),
                                eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
 

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from datamodules.common import padding_id
 from modules import lm
 from modules.base import EvalRows, HFModule
-from modules.lm import padding_id, token_logprobs
+from modules.lm import token_logprobs
 
 LOG2 = math.log(2.0)
 

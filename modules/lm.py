@@ -22,8 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from datamodules.common import padding_id  # noqa: F401  (re-exported: the modules pad with it too)
-
 PRESETS_ROOT_ENV = "TRAINERS_PRESETS"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules import lm
+from datamodules.common import padding_id
 from modules.base import EvalRows, HFModule
 
 
@@ -64,7 +64,7 @@ class SFT(HFModule):
         """Greedy completions (decoded, special tokens removed) of left-padded prompts."""
         output = self.model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=False,
-            max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=lm.padding_id(self.tokenizer),
+            max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=padding_id(self.tokenizer),
             eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.batch_decode(output[:, prompt_input_ids.shape[1]:], skip_special_tokens=True)
 

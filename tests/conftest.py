@@ -54,3 +54,33 @@ SMALL_SFT = ["--data.init_args.train_size=64", "--data.init_args.val_size=16", "
 SMALL_REWARD = ["--model.init_args.model=tiny", "--data.init_args.train_size=64", "--data.init_args.val_size=24", "--data.init_args.test_size=24",
                 "--data.init_args.batch_size=8", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
                 "--test_after_fit=false"]
+
+
+def padless_model(path: Path) -> Path:
+    """A tiny-shaped model folder whose tokenizer has no pad token and none of the usual pad tokens in its
+    vocabulary, as Llama-2's; random weights."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    from modules import lm
+
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=lm.END, unk_token=lm.UNK,
+                                        additional_special_tokens=[lm.SYSTEM, lm.USER, lm.ASSISTANT])
+    tokenizer.chat_template = lm.CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    # said outright, as Llama-2's files do: without the key, transformers gives a Qwen2 folder Qwen2's pad token
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": None}))
+    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=None, bos_token_id=None, **lm.PRESETS["tiny"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    assert lm.load_tokenizer(str(path)).pad_token_id is None
+    return path

@@ -228,9 +228,11 @@ def test_a_model_whose_tokenizer_has_no_pad_token_unlearns_and_is_evaluated(tmp_
     """Llama-2/3 tokenizers have no pad token. FLAT's padding is masked, so it pads with EOS and adds no token:
     the unlearned model keeps the target's vocabulary."""
     import lightning.pytorch as pl
-    from test_tofu_pipeline import padless_model
+    from conftest import padless_model
+    from test_tofu_pipeline import assert_padding_changes_no_number
 
     from callbacks.tofu_eval import TofuEvaluation
+    from modules import lm
     from modules import tofu_eval as te
     from modules.lm import load_tokenizer
 
@@ -253,9 +255,10 @@ def test_a_model_whose_tokenizer_has_no_pad_token_unlearns_and_is_evaluated(tmp_
     padding = batch["forget_attention_mask"] == 0
     assert padding.any() and (batch["forget_input_ids"][padding] == tokenizer.eos_token_id).all()
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert 0 <= te.load_eval(tmp_path / "eval" / "epoch_001.json")["report"]["model_utility"] <= 1
+    assert_padding_changes_no_number(te.load_eval(tmp_path / "eval" / "epoch_001.json"), data, module)
     metrics = trainer.test(module, datamodule=data, verbose=False)[0]
-    assert 0 < metrics["test/forget/p_answer"] < 1
+    tokenizer.pad_token = lm.UNK  # the data module pads with the module's tokenizer: now with another id
+    assert trainer.test(module, datamodule=data, verbose=False)[0] == pytest.approx(metrics, rel=1e-5)
 
 
 def test_test_metrics_count_each_row_once_when_the_sampler_repeats_rows(unlearn_data):

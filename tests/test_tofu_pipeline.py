@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import padless_model
 from scipy.stats import ks_2samp
 
 from callbacks.tofu_eval import EvalLM, HFEvalLM, TofuEvaluator, as_eval_lm
 from datamodules import tofu_data as td
-from datamodules.common import DataError
+from datamodules.common import DataError, padding_id
 from datamodules.tofu import OverlengthError, TofuQAData, encode_qa
 from modules import tofu_eval as te
-from modules.lm import load_model, load_tokenizer, padding_id
+from modules.lm import load_model, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--data.init_args.n_authors=4", "--data.init_args.qa_per_author=2"]
@@ -127,33 +128,6 @@ def test_retain_rows_are_drawn_anew_each_epoch_also_by_persistent_workers():
     assert in_worker == in_process
 
 
-def padless_model(path: Path) -> Path:
-    """A tiny-shaped model folder whose tokenizer has no pad token and none of the usual pad tokens in its
-    vocabulary, as Llama-2's; random weights."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    from modules import lm
-
-    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                                   merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=lm.END, unk_token=lm.UNK,
-                                        additional_special_tokens=[lm.SYSTEM, lm.USER, lm.ASSISTANT])
-    tokenizer.chat_template = lm.CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    # said outright, as Llama-2's files do: without the key, transformers gives a Qwen2 folder Qwen2's pad token
-    settings = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": None}))
-    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=None, bos_token_id=None, **lm.PRESETS["tiny"])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    assert load_tokenizer(str(path)).pad_token_id is None
-    return path
-
-
 def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_changes_no_number(tmp_path, tokenizer, tiny_lm):
     no_pad = load_tokenizer("tiny")
     no_pad.pad_token = None
@@ -203,10 +177,22 @@ def test_the_finetune_path_trains_and_evaluates_a_model_without_a_pad_token(tmp_
     batch = next(iter(data.train_dataloader()))
     padding = batch["attention_mask"] == 0
     assert padding.any() and (batch["input_ids"][padding] == padding_id(module.tokenizer)).all()
-    assert np.isfinite(trainer.callback_metrics["train/loss"].item())
-    assert np.isfinite(trainer.callback_metrics["val/loss"].item())
-    saved = te.load_eval(tmp_path / "eval" / "epoch_001.json")
-    assert 0 <= saved["report"]["model_utility"] <= 1
+    assert trainer.global_step == 2 and np.isfinite(trainer.callback_metrics["val/loss"].item())
+    assert_padding_changes_no_number(te.load_eval(tmp_path / "eval" / "epoch_001.json"), data, module)
+
+
+def assert_padding_changes_no_number(saved: dict, data: TofuQAData, module) -> None:
+    """``saved`` (a TOFU evaluation of ``module`` padded with EOS) equals an evaluation of the same weights
+    padded with another token: the padding is masked everywhere."""
+    from modules import lm
+
+    other = load_tokenizer(module.model_name_or_path)
+    other.pad_token = lm.UNK
+    assert other.pad_token_id != module.tokenizer.eos_token_id
+    again = data.evaluator(other, max_new_tokens=2).evaluate(module.model)
+    for kind in td.EVAL_KINDS:
+        np.testing.assert_allclose(saved["splits"][kind]["gt_nll"], again["splits"][kind]["gt_nll"], rtol=1e-5)
+    assert saved["report"]["model_utility"] == pytest.approx(again["report"]["model_utility"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

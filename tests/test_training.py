@@ -450,21 +450,16 @@ def test_export_from_a_checkpoint_keeps_the_generation_config(run_cli, tmp_path)
 def test_sft_trains_with_a_tokenizer_that_has_no_pad_token(tmp_path):
     """Llama-3 and Mistral tokenizers ship without a pad token. SFT's padding is masked (attention 0, labels
     -100), so it pads with EOS and adds no token: the model keeps its vocabulary."""
-    import shutil
-
     import lightning.pytorch as pl
-    from transformers import AutoConfig, AutoTokenizer
+    from conftest import padless_model
+    from transformers import AutoConfig
 
     from datamodules.sft_data import SFTData
-    from modules import lm
+    from modules.lm import load_tokenizer
     from modules.sft import SFT
 
-    folder = tmp_path / "no_pad"
-    shutil.copytree(lm.resolve_model_path("tiny"), folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.pad_token = None
-    tokenizer.save_pretrained(folder)
-    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+    folder = padless_model(tmp_path / "llama_like")
+    tokenizer = load_tokenizer(str(folder))
 
     module = SFT(model=str(folder), generate_on_validation=False)
     vocabulary = AutoConfig.from_pretrained(folder).vocab_size
