@@ -104,11 +104,9 @@ class TextDataModule(pl.LightningDataModule):
         ``tokenizer`` by name, prepared as the module prepares its own; one set already is kept. With
         ``pads_batches`` a tokenizer without a pad token is an error naming it."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.tokenizer is not None:
-            pass
-        elif self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
+        if self.tokenizer is None and self.tokenizer_name is None and getattr(module, "tokenizer", None) is not None:
             self.tokenizer = module.tokenizer
-        else:
+        elif self.tokenizer is None:
             from modules.lm import ensure_distinct_pad_token, load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer_name or "tiny")
