@@ -398,10 +398,16 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str 
     return out
 
 
-def truncate(ids: list[int], max_length: int, side: str) -> tuple[list[int], bool]:
+def truncate(ids: list[int], max_length: int, side: str, keep_first: int = 0) -> tuple[list[int], bool]:
+    """``ids`` cut to ``max_length`` on ``side``, and whether they were cut. A cut on the left keeps the
+    first ``keep_first`` ids in front (a BOS: the model saw it at position 0 in training, and it holds no
+    content), unless they leave no room for anything else."""
     if len(ids) <= max_length:
         return ids, False
-    return (ids[-max_length:] if side == "left" else ids[:max_length]), True
+    if side == "right":
+        return ids[:max_length], True
+    head = ids[:keep_first] if keep_first < max_length else []
+    return head + ids[len(ids) - (max_length - len(head)):], True
 
 
 def check_side(value: str, name: str) -> str:

@@ -51,8 +51,17 @@ from datamodules.common import (
     padding_id,
     read_rows,
     row_error,
+    truncate,
 )
-from datamodules.text import TextDataModule, encode_text, render_chat, validate_text, with_default_prefix
+from datamodules.text import (
+    TextDataModule,
+    cached_prefix_ids,
+    encode_text,
+    leading_prefix_length,
+    render_chat,
+    validate_text,
+    with_default_prefix,
+)
 
 STEP_SEPARATOR = "\n"
 
@@ -132,6 +141,27 @@ def encode_state(tokenizer, prompt_text: str, prefix: str) -> list[int]:
     return encode_prompt(tokenizer, prompt_text) + (encode_text(tokenizer, prefix) if prefix else [])
 
 
+def state_tokens(tokenizer, prompt_text: str, prefix: str, max_length: int) -> tuple[list[int], bool]:
+    """The state's ids left-truncated to ``max_length`` with its BOS kept in front (what the critic scores
+    in stages 2 and 3), and whether they were cut."""
+    ids = encode_state(tokenizer, prompt_text, prefix)
+    return truncate(ids, max_length, "left", leading_prefix_length(tokenizer, ids))
+
+
+def bos_mismatch(recorded: list[int] | None, tokenizer) -> str | None:
+    """Why states whose ref_logprob began with ``recorded`` (an advantage row's ``bos_ids``) do not encode
+    as this tokenizer encodes them, or None. Files written before ``bos_ids`` was recorded lack it; their
+    states began with no BOS, which matches only a tokenizer without one."""
+    expected = cached_prefix_ids(tokenizer)
+    if recorded is None and expected:
+        return (f"this file predates bos_ids: its ref_logprob were computed on states without the BOS {expected} "
+                f"that this tokenizer begins them with; rerun stage 3 (advantages)")
+    if recorded is not None and list(recorded) != expected:
+        return (f"ref_logprob were computed on states beginning with {recorded} and this tokenizer begins them "
+                f"with {expected}: another tokenizer than stage 3's reference policy")
+    return None
+
+
 def encode_action(tokenizer, action: str, terminal: bool) -> list[int]:
     ids = encode_text(tokenizer, action) if action else []
     return ids + [tokenizer.eos_token_id] if terminal else ids
@@ -139,15 +169,17 @@ def encode_action(tokenizer, action: str, terminal: bool) -> list[int]:
 
 def state_action_tokens(tokenizer, prompt_text: str, prefix: str, action: str, terminal: bool,
                         max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of s∘a and labels (−100 except the action's tokens), left-truncated to ``max_length``.
+    """Token ids of s∘a and labels (−100 except the action's tokens), left-truncated to ``max_length`` with
+    the state's BOS kept in front.
 
     The one definition shared by the cached reference log-probs (stage 3) and the actor (stage 4), so
     log π_θ − log π_ref compares the same tokens.
     """
     state_ids = encode_state(tokenizer, prompt_text, prefix)
     action_ids = encode_action(tokenizer, action, terminal)
-    ids = (state_ids + action_ids)[-max_length:]
-    labels = [-100] * (len(ids) - len(action_ids)) + action_ids[-len(ids):]
+    bos = leading_prefix_length(tokenizer, state_ids)
+    ids, _ = truncate(state_ids + action_ids, max_length, "left", bos)
+    labels, _ = truncate([-100] * len(state_ids) + action_ids, max_length, "left", bos)
     return ids, labels
 
 
@@ -212,6 +244,8 @@ ADVANTAGE_COLUMNS = {
     "critic": "str, the critic model",
     "reference_policy": "str, the pi_ref model",
     "max_length": "int, the token window (left-truncated) of ref_logprob: the actor's data must use the same",
+    "bos_ids": "list of int, the tokenizer's default BOS that began every state when ref_logprob was computed "
+               "(empty for a tokenizer without one): the actor's tokenizer must begin them alike",
     "candidates": "list, the state's candidates in the rollout file's order",
     "candidates[].action": "str, as in the rollouts",
     "candidates[].terminal": "bool, as in the rollouts",
@@ -559,9 +593,8 @@ class CriticData(_StatesData):
         for row in rows:
             split = self.split_of(row["problem_id"])
             for state in row["states"]:
-                ids = encode_state(tokenizer, row["prompt_text"], state["prefix"])
-                if len(ids) > self.max_length:
-                    ids = ids[-self.max_length:]
+                ids, was_truncated = state_tokens(tokenizer, row["prompt_text"], state["prefix"], self.max_length)
+                if was_truncated:
                     self.count_truncated(split)
                 self.datasets[split].append({"input_ids": ids, "target": float(state["mc_value"]),
                                              "num_correct": state["num_correct"],
@@ -757,6 +790,9 @@ class ActorData(_StatesData):
             raise row_error(source, index, "max_length", f"ref_logprob was computed in a window of {window} tokens "
                             f"and this actor data has max_length {self.max_length}: with another window a long "
                             f"state's π_θ and π_ref see different context (set --data.init_args.max_length={window})")
+        mismatch = bos_mismatch(row.get("bos_ids"), self.tokenizer)
+        if mismatch:
+            raise row_error(source, index, "bos_ids", mismatch)
         if gap < self.min_gap:
             self.report.drop(split, f"advantage gap below {self.min_gap}")
             return None
@@ -781,8 +817,8 @@ class ActorData(_StatesData):
                 self.report.drop(split, "candidate with an empty non-terminal action")
                 continue
             action_length = len(encode_action(self.tokenizer, candidate["action"], terminal))
-            if action_length >= self.max_length:
-                self.report.drop(split, "action longer than max_length")
+            if action_length + leading_prefix_length(self.tokenizer, state_ids) >= self.max_length:
+                self.report.drop(split, "action leaves no room for its state within max_length")
                 return None
             if len(state_ids) + action_length > self.max_length:
                 self.count_truncated(split)

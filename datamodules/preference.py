@@ -27,8 +27,8 @@ from datamodules import arithmetic
 from datamodules.common import check_side, pad_sequences, row_error, truncate
 from datamodules.text import (
     TextDataModule,
-    cached_prefix_ids,
     encode_text,
+    leading_prefix_length,
     render_chat,
     validate_messages,
     validate_text,
@@ -153,12 +153,7 @@ class PreferenceData(TextDataModule):
                 "subset": self.subset_names.index(subset), "row_id": index}
 
     def _truncate(self, ids: list[int], side: str) -> tuple[list[int], bool]:
-        """``truncate`` to ``max_length``, keeping a leading BOS when cutting on the left (it belongs at the start)."""
-        prefix = cached_prefix_ids(self.tokenizer)
-        if side == "left" and prefix and ids[:len(prefix)] == prefix and self.max_length > len(prefix):
-            rest, cut = truncate(ids[len(prefix):], self.max_length - len(prefix), side)
-            return prefix + rest, cut
-        return truncate(ids, self.max_length, side)
+        return truncate(ids, self.max_length, side, keep_first=leading_prefix_length(self.tokenizer, ids))
 
     def item_length(self, item: dict[str, Any]) -> int:
         return max(len(item["chosen"]), len(item["rejected"]))  # both sides go into the same padded batch

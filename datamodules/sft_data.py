@@ -23,6 +23,7 @@ from datamodules.common import pad_sequences, padding_id, row_error, truncate
 from datamodules.text import (
     TextDataModule,
     encode_text,
+    leading_prefix_length,
     render_chat,
     validate_messages,
     validate_text,
@@ -101,18 +102,18 @@ class SFTData(TextDataModule):
         # the tokenizer's default BOS once, as TRL's SFT gets it (a chat template that renders it is not doubled)
         prompt_ids = with_default_prefix(self.tokenizer, encode_text(self.tokenizer, prompt))
         response_ids = encode_text(self.tokenizer, response)
-        ids, was_truncated = truncate(prompt_ids + response_ids, self.max_length, self.truncation_side)
-        labels = [-100] * len(prompt_ids) + response_ids
-        labels, _ = truncate(labels, self.max_length, self.truncation_side)
+        bos = leading_prefix_length(self.tokenizer, prompt_ids)  # a left cut keeps it (``truncate``)
+        ids, was_truncated = truncate(prompt_ids + response_ids, self.max_length, self.truncation_side, bos)
+        labels, _ = truncate([-100] * len(prompt_ids) + response_ids, self.max_length, self.truncation_side, bos)
         if was_truncated:
             self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
         if all(label == -100 for label in labels):
             self.report.drop(split, "no response token left after truncation to max_length")
             return None
         reference = str(row["answer"]) if self.is_embedded else response
+        prompt_ids, _ = truncate(prompt_ids, self.max_length, "left", bos)  # what generation conditions on
         # row_id: the row's index in its split, so evaluation counts each row once under DDP
-        return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids[-self.max_length:],
-                "reference": reference, "row_id": index}
+        return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": reference, "row_id": index}
 
     def item_length(self, item: dict[str, Any]) -> int:
         return len(item["input_ids"])

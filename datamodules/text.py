@@ -275,6 +275,13 @@ def with_default_prefix(tokenizer, ids: list[int]) -> list[int]:
     return ids if ids[:len(prefix)] == prefix else prefix + ids
 
 
+def leading_prefix_length(tokenizer, ids: list[int]) -> int:
+    """How many of ``ids``' first ids are the tokenizer's default prefix: ``truncate``'s ``keep_first``, so
+    that cutting a long text on the left keeps its BOS at the start."""
+    prefix = cached_prefix_ids(tokenizer)
+    return len(prefix) if prefix and ids[:len(prefix)] == prefix else 0
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of already-formatted text. The chat template carries any BOS, so the tokenizer must not
     add another (a doubled BOS shifts every reward)."""

@@ -58,13 +58,16 @@ import torch.nn.functional as F
 from datamodules.common import padding_id, shards_parameters, write_rows
 from datamodules.dapo_data import (
     balanced_keep,
+    bos_mismatch,
     encode_state,
     encode_text,
     first_step,
     split_steps,
     state_action_tokens,
     state_prefixes,
+    state_tokens,
 )
+from datamodules.text import cached_prefix_ids
 from modules import lm
 from modules.base import EvalRows, HFModule, gather_objects
 
@@ -680,6 +683,8 @@ class DAPOAdvantages(pl.LightningModule):
                                ("max_length", self.max_length)):
             if row.get(name) != expected and not (name == "max_length" and row.get(name) is None):
                 return name, row.get(name), expected  # (rows written before max_length was recorded lack it)
+        if bos_mismatch(row.get("bos_ids"), self.tokenizer):
+            return "bos_ids", row.get("bos_ids"), cached_prefix_ids(self.tokenizer)
         for c, candidate in enumerate(row.get("candidates") or []):
             recorded = candidate.get("q_source") if isinstance(candidate, dict) else None
             if recorded not in ("reward", self.q_estimator):  # q_source names the estimator, or exact reward
@@ -701,7 +706,7 @@ class DAPOAdvantages(pl.LightningModule):
         values: list[float] = []
         tok = self.critic_tokenizer
         for start in range(0, len(texts), self.rows_per_forward):
-            ids = [encode_state(tok, p, s)[-self.max_length:] for p, s in texts[start:start + self.rows_per_forward]]
+            ids = [state_tokens(tok, p, s, self.max_length)[0] for p, s in texts[start:start + self.rows_per_forward]]
             batch = padded_batch(ids, tok.pad_token_id, device=self.device)
             logits = self.critic_model(**batch).logits.squeeze(-1).float()
             values.extend(torch.sigmoid(logits).tolist())
@@ -765,7 +770,7 @@ class DAPOAdvantages(pl.LightningModule):
                          "mc_value": state["mc_value"], "critic_value": state_values[index],
                          "gap": gaps[index].item(), "kept": kept[index], "candidates": candidates,
                          "critic": self.critic_path, "reference_policy": self.reference_path,
-                         "max_length": self.max_length})
+                         "max_length": self.max_length, "bos_ids": cached_prefix_ids(self.tokenizer)})
         return rows
 
     @staticmethod

@@ -661,3 +661,6 @@ def test_advantage_rows_of_another_q_estimator_are_not_resumed(tmp_path):
     assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(row) is None
     assert DAPOAdvantages(critic="tiny", reference="tiny", max_length=128).resume_mismatch(row) == \
         ("max_length", 512, 128)
+    # rows whose states began with a BOS that this reference tokenizer (tiny: none) does not add
+    assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(dict(row, bos_ids=[0])) == \
+        ("bos_ids", [0], [])

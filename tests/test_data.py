@@ -431,16 +431,17 @@ def test_validate_without_validation_data_is_an_error_but_fit_without_it_works(t
     assert validated.report.rows == {"val": 2}
 
 
-def _tokenizer_with_bos(chat_template: str | None = None):
-    """A word-level tokenizer that adds <s> in front of every text by default, as Llama's and Gemma's do;
-    built in memory, nothing downloaded."""
+def _tokenizer_with_bos(chat_template: str | None = None, adds_bos: bool = True):
+    """A word-level tokenizer that adds <s> in front of every text by default, as Llama's and Gemma's do
+    (with ``adds_bos`` false, the same vocabulary without that); built in memory, nothing downloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = ["<s>", "</s>", "<pad>", "<unk>", "q", "a", "good", "bad", "user", "assistant", ":"]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
     tokenizer.chat_template = chat_template
@@ -515,3 +516,68 @@ def test_chat_template_preference_text_gets_no_second_bos(tmp_path):
     chosen = data.datasets["train"][0]["chosen"]
     assert chosen == [0, 8, 10, 4, 9, 10, 6]  # <s> user : q assistant : good
     assert chosen.count(data.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("ids,max_length,side,keep_first,expected", [
+    ([0, 1, 2, 3, 4], 3, "left", 1, ([0, 3, 4], True)),    # the first id stays in front
+    ([0, 1, 2, 3, 4], 3, "left", 0, ([2, 3, 4], True)),
+    ([0, 1, 2, 3, 4], 3, "right", 1, ([0, 1, 2], True)),   # a right cut keeps the start anyway
+    ([0, 1, 2, 3, 4], 1, "left", 1, ([4], True)),          # no room besides the kept id: a plain cut
+    ([0, 1, 2], 3, "left", 1, ([0, 1, 2], False)),
+])
+def test_truncate_keeps_the_first_ids_on_a_left_cut(ids, max_length, side, keep_first, expected):
+    from datamodules.common import truncate
+
+    assert truncate(ids, max_length, side, keep_first) == expected
+
+
+def test_left_truncated_sft_rows_keep_their_bos(tmp_path):
+    tokenizer = _tokenizer_with_bos()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q a a a", "response": " good"}])
+    sft = SFTData(train_file=path, use_chat_template=False, max_length=4, truncation_side="left")
+    sft.tokenizer = tokenizer
+    sft.setup("fit")
+    item = sft.datasets["train"][0]
+    assert item["input_ids"] == [bos, 5, 6, eos] and item["labels"] == [-100, -100, 6, eos]  # <s> … a | good </s>
+    assert item["prompt_ids"] == [bos, 5, 5, 5]  # <s> q a a a, cut to 4 on the left for generation
+    assert sft.report.truncated == {"train": 1}
+
+
+def test_left_truncated_dapo_states_keep_their_bos():
+    from datamodules.dapo_data import state_action_tokens, state_tokens
+
+    tokenizer = _tokenizer_with_bos()
+    bos = tokenizer.bos_token_id
+    assert state_tokens(tokenizer, "q a a", "a", 3) == ([bos, 5, 5], True)  # the critic's view of <s> q a a a
+    assert state_tokens(tokenizer, "q", "a", 3) == ([bos, 4, 5], False)
+    ids, labels = state_action_tokens(tokenizer, "q a a a", "a", "good", False, 4)
+    assert ids == [bos, 5, 5, 6] and labels == [-100, -100, -100, 6]
+
+
+def _bos_advantage_row(**fields) -> dict:
+    candidates = [{"action": action, "terminal": False, "advantage": advantage, "ref_logprob": -1.0}
+                  for action, advantage in (("good", 0.5), ("bad", -0.5))]
+    return {"state_id": "p0/0", "problem_id": "p0", "prompt_text": "q", "prefix": "a", "gap": 1.0, "kept": True,
+            "candidates": candidates, **fields}
+
+
+@pytest.mark.parametrize("bos_ids,tokenizer_has_bos,error", [
+    ([0], True, None),
+    ([], False, None),
+    (None, False, None),  # a file from before bos_ids, read with a tokenizer that adds none: encoded alike
+    (None, True, r"this file predates bos_ids: its ref_logprob were computed on states without the BOS \[0\]"),
+    ([0], False, r"ref_logprob were computed on states beginning with \[0\] and this tokenizer begins them with \[\]"),
+], ids=["same_bos", "no_bos", "old_file_no_bos", "old_file_with_bos", "other_tokenizer"])
+def test_actor_data_refuses_reference_logprobs_of_another_bos(bos_ids, tokenizer_has_bos, error, tmp_path):
+    from datamodules.dapo_data import ActorData
+
+    row = _bos_advantage_row(**({} if bos_ids is None else {"bos_ids": bos_ids}))
+    data = ActorData(str(write_jsonl(tmp_path / "advantages.jsonl", [row])), val_fraction=0.0)
+    data.tokenizer = _tokenizer_with_bos(adds_bos=tokenizer_has_bos)
+    if error is None:
+        data.setup("fit")
+        assert data.datasets["train"][0]["candidates"][0]["input_ids"][-2:] == [5, 6]  # … a good
+    else:
+        with pytest.raises(DataError, match=r"advantages.jsonl: row 0, field 'bos_ids': " + error):
+            data.setup("fit")
