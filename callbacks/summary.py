@@ -51,12 +51,25 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _jsonable(value: Any) -> Any:
+    """A metric as strict JSON: tensors become numbers or lists, and NaN/inf the strings "nan"/"inf" (bare
+    NaN is not JSON, and strict parsers refuse it)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().float().cpu()
-        return value.item() if value.numel() == 1 else value.tolist()
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def _epochs_trained(trainer: pl.Trainer) -> float | None:
+    """Passes over the training data, fractional: Lightning's epoch counter also counts an epoch that
+    ``max_steps`` cut short."""
+    batches_per_epoch = trainer.num_training_batches
+    if not batches_per_epoch or not math.isfinite(batches_per_epoch):
+        return None
+    return round(trainer.global_step * trainer.accumulate_grad_batches / batches_per_epoch, 4)
 
 
 def parameter_size(param: torch.Tensor) -> int:
@@ -92,6 +105,7 @@ class RunSummary(pl.Callback):
         self._param_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._unsampled: list[str] = []  # trainable, but none of their values on this process
         self.warnings: list[str] = []
+        self._written: set[Path] = set()  # summaries this process wrote: later stages of it add sections
         self._created_at = time.time()
         self._loop_started = False  # a failure after this keeps the run's logs
 
@@ -159,7 +173,9 @@ class RunSummary(pl.Callback):
     @rank_zero_only
     def _write_file(self, trainer: pl.Trainer, path: Path, stage: str, extra: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        # a file this process did not write is an earlier run's (a rerun into a fixed log version): replaced,
+        # not merged, so none of its stages or warnings pass for this run's
+        payload = json.loads(path.read_text()) if path in self._written and path.exists() else {"stages": {}}
         metrics = {key: _jsonable(value) for key, value in sorted(trainer.callback_metrics.items())
                    if not key.startswith(("train/", "epoch")) or stage == "fit"}
         data_report = getattr(trainer.datamodule, "data_report", None)
@@ -170,6 +186,7 @@ class RunSummary(pl.Callback):
         payload["manifest"] = self._manifest(trainer, path)
         payload["warnings"] = sorted(set(payload.get("warnings", []) + self.warnings))
         write_json_atomic(path, payload)
+        self._written.add(path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_trained:
@@ -181,7 +198,7 @@ class RunSummary(pl.Callback):
         throughput = next((cb.summary for cb in trainer.callbacks if isinstance(cb, Throughput) and cb.summary), None)
         self._write(trainer, "fit", {
             **({"throughput": throughput} if throughput else {}),
-            "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step, "epochs_trained": _epochs_trained(trainer),
             "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
             "limit_train_batches": trainer.limit_train_batches, "limit_val_batches": trainer.limit_val_batches,
             "interrupted": trainer.interrupted,

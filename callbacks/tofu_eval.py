@@ -351,6 +351,13 @@ class TofuEvaluation(pl.Callback):
                        f"{report.get('forget/rougeL_recall', float('nan')):.3f} ({result['seconds']:.1f} s)")
         return result
 
+    # -- resuming: history.json goes on with the evaluations before the checkpoint ------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
     # -- hooks -----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_start:
@@ -361,7 +368,9 @@ class TofuEvaluation(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        # the fit's last epoch, also one that max_steps ends (a step-limited fit has max_epochs -1)
+        last = ((trainer.max_epochs or 0) > 0 and epoch >= trainer.max_epochs) or \
+            (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
         if epoch % self.every_n_epochs and not last:
             return
         result = self.run(trainer, pl_module, f"epoch_{epoch:03d}")

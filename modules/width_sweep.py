@@ -461,7 +461,7 @@ class WidthSweepModule(TrainableModule):
         for key, value in self.result["summary"].items():
             if math.isfinite(value):
                 metrics[f"sweep/{key}"] = torch.tensor(value, dtype=torch.float64)
-        self.write_outputs()
+        self.write_outputs(self.output_dir())  # asked on every process: trainer.log_dir is collective under DDP
 
     # -- outputs ---------------------------------------------------------------------------------------------
     def output_dir(self) -> Path | None:
@@ -473,9 +473,8 @@ class WidthSweepModule(TrainableModule):
                 "num_seeds": self.num_seeds, "seed": self.seed, "data": self.data_info}
 
     @rank_zero_only
-    def write_outputs(self) -> None:
+    def write_outputs(self, out_dir: Path | None) -> None:
         result = self.result
-        out_dir = self.output_dir()
         if out_dir is None:
             return
         out_dir.mkdir(parents=True, exist_ok=True)

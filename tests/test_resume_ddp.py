@@ -33,7 +33,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight = cli(tmp_path, "straight", *EPOCHS)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = cli(tmp_path, "resumed", *EPOCHS, "--trainer.callbacks+=sigkill_callback.SigkillAtStep",
+    killed = cli(tmp_path, "resumed", *EPOCHS, "--trainer.callbacks+=fault_callbacks.SigkillAtStep",
                  "--trainer.callbacks.step=9")  # mid second epoch: last.ckpt holds the end of epoch one
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
@@ -49,8 +49,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("accumulate, kill_step, saved_step, last_step", [
-    (1, 9, 8, 16),  # checkpoints every 4 steps; killed in epoch two, 2 of its 6 batches done
-    (2, 5, 4, 8),   # 2 batches per step: checkpoints every 2 steps, on optimizer steps; the same batches
+    (1, 9, 8, 18),  # checkpoints every 4 steps; killed in epoch two, 2 of its 6 batches done; 18 steps in all
+    (2, 5, 4, 9),   # 2 batches per step: checkpoints every 2 steps, on optimizer steps; the same batches
 ])
 def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopped(
         tmp_path, accumulate, kill_step, saved_step, last_step):
@@ -60,7 +60,7 @@ def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopp
                  f"--trainer.accumulate_grad_batches={accumulate}"]
     straight = cli(tmp_path, "straight", *mid_epoch)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = cli(tmp_path, "resumed", *mid_epoch, "--trainer.callbacks+=sigkill_callback.SigkillAtStep",
+    killed = cli(tmp_path, "resumed", *mid_epoch, "--trainer.callbacks+=fault_callbacks.SigkillAtStep",
                  f"--trainer.callbacks.step={kill_step}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -71,7 +71,7 @@ def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopp
     expected, actual = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    # last.ckpt is written at each validation (every 4 batches): batch 16, two epochs after the resumed one
+    # last.ckpt is written at each validation (every 4 batches) and at the end of the fit: the final step
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == last_step
 
 
@@ -110,6 +110,31 @@ def test_ddp_two_cpu_processes(tmp_path):
     # (Lightning's own distributed sampler would reshuffle the grouped order and undo it)
     assert 1 - throughput["tokens"] / throughput["padded_tokens"] < 0.12
     assert "mfu" not in throughput  # no peak is known for a CPU
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_guards_message(tmp_path):
+    # rank 1 alone sees a NaN loss: rank 0 must not go on into backward and wait for its gradients
+    run = cli(tmp_path, "nan", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--model.init_args.model=tiny",
+              "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
+              "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--test_after_fit=false",
+              "--trainer.callbacks+=fault_callbacks.NanLossOnRank", "--trainer.callbacks.rank=1",
+              "--trainer.callbacks.step=2", timeout=200)
+    assert run.returncode != 0
+    assert "non-finite training loss (nan) at global step 2" in run.stderr  # rank 1, where it happened
+    assert "non-finite training loss (finite here, not on another process) at global step 2" in run.stderr  # rank 0
+    assert "Connection closed by peer" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_ddp_width_sweep_writes_its_outputs_and_summary(tmp_path):
+    # the sweep's files are written by process 0 only, but finding their folder is a collective call
+    run = cli(tmp_path, "sweep", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps=3",
+              "--model.init_args.num_widths=3", "--model.init_args.num_seeds=1", "--model.init_args.eval_every_n_steps=0",
+              "--export.dirpath=null", "--test_after_fit=false", config="configs/width_sweep/two_layer_adam.yaml",
+              timeout=200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [folder] = list((tmp_path / "sweep").glob("version_*"))
+    assert {"width_sweep.csv", "width_sweep.json", "summary.json"} <= {path.name for path in folder.iterdir()}
+    assert json.loads((folder / "summary.json").read_text())["manifest"]["world_size"] == 2
 
 
 def test_ddp_test_counts_each_pair_once(tmp_path):

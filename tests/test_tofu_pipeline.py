@@ -181,6 +181,40 @@ def test_the_finetune_path_trains_and_evaluates_a_model_without_a_pad_token(tmp_
     assert_padding_changes_no_number(te.load_eval(tmp_path / "eval" / "epoch_001.json"), data, module)
 
 
+@pytest.mark.parametrize("max_epochs, max_steps, evaluated", [
+    (-1, 60, [3, 6]),       # a step-limited fit (max_epochs -1): every 3 epochs, and the epoch max_steps ends
+    (-1, 50, [3, 5]),
+    (10, 45, [3, 5]),       # max_steps ends it before max_epochs
+    (4, -1, [3, 4]),        # the last of max_epochs
+])
+def test_tofu_evaluation_runs_every_n_epochs_and_after_the_last(max_epochs, max_steps, evaluated):
+    from types import SimpleNamespace
+
+    from callbacks.tofu_eval import TofuEvaluation
+
+    evaluation = TofuEvaluation(every_n_epochs=3)
+    tags = []
+    evaluation.run = lambda trainer, module, tag: tags.append(tag) or {"report": {}, "seconds": 0.0}
+    module = SimpleNamespace(log_dict=lambda *a, **k: None, log=lambda *a, **k: None)
+    for epoch in range(10):  # 10 steps per epoch
+        trainer = SimpleNamespace(current_epoch=epoch, max_epochs=max_epochs, max_steps=max_steps,
+                                  global_step=min(10 * (epoch + 1), max_steps if max_steps > 0 else 10 ** 9))
+        evaluation.on_train_epoch_end(trainer, module)
+        if (max_steps > 0 and trainer.global_step >= max_steps) or (max_epochs > 0 and epoch + 1 >= max_epochs):
+            break
+    assert tags == [f"epoch_{epoch:03d}" for epoch in evaluated]
+
+
+def test_tofu_evaluation_history_survives_a_resume():
+    from callbacks.tofu_eval import TofuEvaluation
+
+    before = TofuEvaluation()
+    before.history = [{"tag": "epoch_001", "global_step": 10}]
+    after = TofuEvaluation()
+    after.load_state_dict(before.state_dict())
+    assert after.history == before.history
+
+
 def assert_padding_changes_no_number(saved: dict, data: TofuQAData, module) -> None:
     """``saved`` (a TOFU evaluation of ``module`` padded with EOS) equals an evaluation of the same weights
     padded with another token: the padding is masked everywhere."""

@@ -509,3 +509,57 @@ def test_untrained_check_reads_deepspeed_zero3_partitions():
     module.weight.ds_tensor = torch.empty(0)
     summary.on_train_start(None, module)
     assert summary._untrained_report(module) is None
+
+
+@pytest.mark.parametrize("monitor, best_step", [("val/accuracy", 4), ("null", 6)])
+def test_a_fit_between_checkpoint_points_saves_its_final_step(run_cli, tmp_path, monitor, best_step):
+    # validation (and checkpointing) every 4 steps, 6 steps in all: the last 2 steps must not be lost
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=6", f"--checkpoint.monitor={monitor}")
+    folder = tmp_path / "run" / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+    # a monitored best keeps its validated step; without a monitor the latest is the best
+    [best] = [path for path in folder.glob("*.ckpt") if path.name != "last.ckpt"]
+    assert torch.load(best, weights_only=False)["global_step"] == best_step
+    assert read_summary(tmp_path)["stages"]["fit"]["epochs_trained"] == 0.75  # 6 of the 8 batches of 8 pairs
+
+
+def test_a_rerun_into_the_same_log_folder_replaces_its_summary(run_cli, tmp_path):
+    fixed = "--trainer.logger.init_args.version=0"
+    with pytest.warns(UserWarning, match="NO TRAINABLE PARAMETER CHANGED"):
+        run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, fixed, "--model.init_args.optimizer.init_args.lr=0",
+                "--model.init_args.optimizer.init_args.weight_decay=0", "--test_after_fit=true")
+    assert set(read_summary(tmp_path)["stages"]) == {"fit", "test"} and read_summary(tmp_path)["warnings"]
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, fixed)
+    summary = read_summary(tmp_path)
+    assert set(summary["stages"]) == {"fit"} and summary["warnings"] == []  # none of the first run's
+
+
+def test_summary_metrics_are_strict_json():
+    from callbacks.summary import _jsonable
+
+    values = {"nan": torch.tensor(float("nan")), "inf": torch.tensor(float("inf")), "x": torch.tensor([1.0, -float("inf")]),
+              "plain": float("-inf"), "ok": torch.tensor(0.5)}
+    text = json.dumps({key: _jsonable(value) for key, value in values.items()}, allow_nan=False)
+    assert json.loads(text) == {"nan": "nan", "inf": "inf", "x": [1.0, "-inf"], "plain": "-inf", "ok": 0.5}
+
+
+def test_a_failed_export_stops_every_process():
+    from types import SimpleNamespace
+
+    from callbacks.export import ExportPretrained
+
+    def trainer(rank: int, failure_on_zero: str | None):
+        strategy = SimpleNamespace(broadcast=lambda value, src=0: value if rank == 0 else failure_on_zero)
+        callback = SimpleNamespace(best_model_path="", last_model_path="")
+        return SimpleNamespace(is_global_zero=rank == 0, strategy=strategy, checkpoint_callback=callback)
+
+    class Module:
+        def export_pretrained(self, path):
+            raise FileExistsError(f"{path} holds other files")
+
+    export = ExportPretrained("out")
+    with pytest.raises(FileExistsError, match="out holds other files"):  # process 0: its own error
+        export.on_fit_end(trainer(0, None), Module())
+    with pytest.raises(RuntimeError, match="the export to out failed on process 0: FileExistsError: out holds"):
+        export.on_fit_end(trainer(1, "FileExistsError: out holds other files"), Module())
+    export.on_fit_end(trainer(1, None), Module())  # no failure: the others go on
