@@ -8,9 +8,11 @@ presets ahead of time (``setup.sh`` runs it, as one would download a base model)
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +22,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from jsonargparse.typing import import_object  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
@@ -40,7 +43,31 @@ from callbacks import (  # noqa: E402
 )
 
 
+class CheckpointClassError(ValueError):
+    """--ckpt_path names a checkpoint of another LightningModule than the config's; cli.py prints it in one line."""
+
+
 class TrainerCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model by the checkpoint's own class and settings. Where the two
+        classes differ (a reward model's checkpoint given to the scorer, an SFT checkpoint to the DAPO
+        evaluator), the config's stage would silently not run; refuse and say how to run it."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+            written_by = hparams.get("_class_path")
+            configured = self.config[subcommand].get("model", {}).get("class_path")
+            if written_by and configured and written_by != configured:
+                short = configured.rsplit(".", 1)[-1]
+                scorer_hint = (f" or pass it as --model.init_args.checkpoint={ckpt_path}"
+                               if "checkpoint" in inspect.signature(import_object(configured)).parameters else "")
+                raise CheckpointClassError(
+                    f"--ckpt_path {ckpt_path} holds a {written_by.rsplit('.', 1)[-1]}, and this config runs {short}: "
+                    f"Lightning would run the checkpoint's class instead of {short}. Export it (python cli.py export "
+                    f"{ckpt_path} DIR) and pass --model.init_args.model=DIR{scorer_hint}")
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # a rerun of a config replaces best.ckpt / last.ckpt instead of writing best-v1.ckpt beside them,
@@ -53,9 +80,12 @@ class TrainerCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, run test with the best checkpoint (the last if none is ranked)")
         parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="put this run's logs (RUN_DIR/version_N), checkpoints (RUN_DIR/checkpoints) and "
-                                 "export (RUN_DIR/export) under RUN_DIR instead of the config's paths: an ablation "
-                                 "by overrides then leaves the config's own run untouched")
+                            help="put this run's logs (RUN_DIR/version_N, and what is written beside them by "
+                                 "default: summary.json, TOFU evaluations), checkpoints (RUN_DIR/checkpoints) and "
+                                 "export (RUN_DIR/export) under RUN_DIR instead of the config's paths. Other outputs "
+                                 "a config names by path stay where it says (ECO settings_dir, a TofuEvaluation "
+                                 "save_dir, curation_dir, a scorer's output_file, the DAPO writers' output): "
+                                 "override those too for an ablation")
         parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
                             help="torch.set_float32_matmul_precision: 'high' lets float32 matmuls use TF32 tensor "
                                  "cores on NVIDIA GPUs (and oneDNN's reduced-precision float32 on CPUs that have "
@@ -174,7 +204,6 @@ def presets_main(argv: list[str]) -> None:
 def missing_input_hint(error: BaseException, argv: list[str]) -> str:
     """For a missing file or folder, the other configs that name it: usually the earlier stage writing it."""
     import re
-    from pathlib import Path
 
     match = re.search(r"not found: (\S+)", str(error))
     if match is None:
@@ -191,26 +220,47 @@ def missing_input_hint(error: BaseException, argv: list[str]) -> str:
     return "\nhint: run the stage or recipe that writes it first, or point the config at an existing path"
 
 
-if __name__ == "__main__":
+PROJECT_PACKAGES = tuple(Path(__file__).resolve().parent / name for name in ("modules", "datamodules", "callbacks"))
+
+
+def is_setting_error(error: BaseException) -> bool:
+    """A ValueError raised by the project's own checks (a misspelt loss, split or subset name): its message
+    names the setting and the choices, unlike a ValueError from deep inside a library."""
+    if not isinstance(error, ValueError) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    raised_in = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return any(raised_in.is_relative_to(package) for package in PROJECT_PACKAGES)
+
+
+def run_reporting_errors(command) -> None:
+    """Run ``command()``. Bad input, a bad setting or a missing earlier stage (also when jsonargparse wraps it
+    while building a class) ends the process with one ``error:`` line that says what and where, and exit
+    status 1; a traceback would bury it (``CLI_TRACEBACK=1`` shows it). Other errors keep their traceback."""
     from datamodules.common import DataError
 
-    commands = {"export": export_main, "presets": presets_main}
     try:
-        if len(sys.argv) > 1 and sys.argv[1] in commands:
-            commands[sys.argv[1]](sys.argv[2:])
-        else:
-            main()
+        command()
     except Exception as raised:
-        # bad input or a missing earlier stage (also when jsonargparse wraps it while building a class): the
-        # message says what and where; a traceback would bury it
         error: BaseException | None = raised
         # follow explicit chaining only ("raise ... from"): an error merely raised while handling another is
         # not its cause
-        while error is not None and not isinstance(error, (NonFiniteLossError, DataError, FileNotFoundError,
-                                                           FileExistsError)):
+        while error is not None and not (isinstance(error, (NonFiniteLossError, DataError, FileNotFoundError,
+                                                            FileExistsError, CheckpointClassError))
+                                         or is_setting_error(error)):
             error = error.__cause__
         if error is None or os.environ.get("CLI_TRACEBACK"):
             raise
         print(f"error: {error}{missing_input_hint(error, sys.argv)}\n(CLI_TRACEBACK=1 shows the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    commands = {"export": export_main, "presets": presets_main}
+    if len(sys.argv) > 1 and sys.argv[1] in commands:
+        run_reporting_errors(lambda: commands[sys.argv[1]](sys.argv[2:]))
+    else:
+        run_reporting_errors(main)

@@ -1073,6 +1073,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from cli import run_reporting_errors
     from datamodules.curation import main as package_main  # one copy of the classes, the package's
 
-    package_main()
+    run_reporting_errors(package_main)  # bad input: one error line naming file, row and field, as cli.py

@@ -964,9 +964,14 @@ class EcoCorruptionLearner(pl.LightningModule):
 
         trainer = self.trainer
         timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)  # trainer.max_time
-        if trainer.max_steps < 0 and (trainer.max_epochs is None or trainer.max_epochs < 0) and not timed:
+        # Lightning turns "neither max_steps nor max_epochs" into max_epochs=1000 before any hook runs, so
+        # 1000 epochs without max_steps is taken as no limit set
+        unlimited_epochs = trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs == 1000
+        if trainer.max_steps < 0 and unlimited_epochs and not timed:
             raise ValueError("EcoCorruptionLearner needs a step limit: set trainer.max_steps (one step = one pass "
-                             "over the forget set) or trainer.max_epochs (data.steps_per_epoch steps each)")
+                             "over the forget set) or trainer.max_epochs (data.steps_per_epoch steps each); "
+                             "max_epochs 1000 without max_steps is Lightning's default when neither is set, so it "
+                             "counts as unset (for 1000 steps, set max_steps)")
 
     def on_fit_start(self) -> None:
         self._check_step_limit()

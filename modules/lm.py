@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -137,11 +138,35 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def naming_the_model(name_or_path: str):
+    """Turn a failed hub lookup of a name that is no local folder (a typo'd path, a model not cached while
+    offline) into an error that names it; transformers' own message names neither the model nor the folder."""
+    try:
+        yield
+    except OSError as error:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"model not found: {name_or_path} (no local folder of that name, and the Hugging "
+                                f"Face hub lookup failed: {reason})") from error
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path),
-                                              trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone, which encodes all text to []
+        raise FileNotFoundError(f"no tokenizer in {folder}: it has none of {', '.join(TOKENIZER_FILES)}; save one "
+                                f"there (tokenizer.save_pretrained), e.g. the base model's, beside config.json")
+    with naming_the_model(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = padding_side
     return tokenizer
 
@@ -214,7 +239,8 @@ def load_model(name_or_path: str, kind: str = "causal_lm", dtype: str | None = N
             raise ValueError(f"{path}: cannot load the model from this folder ({type(error).__name__}: {error}); "
                              f"if the folder is an incomplete export, export it again") from error
     else:
-        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+        with naming_the_model(path):
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     # a sequence classifier built on a causal LM starts with a random head: evaluating it untrained is a
     # mistake worth a warning (cli.py), training it is the point
     model.newly_initialized_weights = sorted(info.get("missing_keys", ()))

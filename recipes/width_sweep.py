@@ -111,7 +111,8 @@ def run_setting(setting: dict, out: Path, common: list[str]) -> tuple[list[dict]
 
     args = ["fit", "--config", setting["config"], *common, *setting["overrides"],
             "--trainer.logger.init_args.save_dir", str(out / "runs"),
-            "--trainer.logger.init_args.name", setting["name"]]
+            "--trainer.logger.init_args.name", setting["name"],
+            "--checkpoint.dirpath", str(out / "runs" / setting["name"] / "checkpoints")]
     budgets = setting.get("budgets", [])
     if budgets:
         args += ["--model.init_args.eval_every_n_steps", str(math.gcd(*budgets))]

@@ -81,3 +81,32 @@ def test_float32_matmul_precision_is_set_before_the_model_is_built(choice):
         assert torch.get_float32_matmul_precision() == (choice or "high")  # TF32 on NVIDIA GPUs by default
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.init_args.loss=focall", "error: unknown reward loss 'focall'; choose one of ('bt', 'bt_temperature'"),
+    ("--data.init_args.subsets=[formatt]", "error: unknown subset 'formatt'; choose from ('format', 'consistency'"),
+])
+def test_a_misspelt_setting_value_is_one_error_line(override, message, capsys, tmp_path):
+    import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_reporting_errors(lambda: cli.main(["fit", "--config", str(ROOT / BASE), "--model.init_args.model=tiny",
+                                                   f"--run_dir={tmp_path}", override]))
+    assert exit_info.value.code == 1
+    # the run ends with the one error line (in-process, logging may print its own complaints earlier)
+    last, hint = capsys.readouterr().err.rstrip().splitlines()[-2:]
+    assert last.startswith(message) and hint == "(CLI_TRACEBACK=1 shows the traceback)"
+
+
+def test_only_the_projects_own_value_errors_count_as_setting_errors():
+    import json
+
+    import cli
+    from modules.reward import preference_loss
+
+    with pytest.raises(ValueError) as ours:
+        preference_loss(None, None, kind="focall")
+    with pytest.raises(ValueError) as library:
+        json.loads("{")
+    assert cli.is_setting_error(ours.value) and not cli.is_setting_error(library.value)

@@ -415,6 +415,18 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
     assert (tmp_path / "clean" / "curated.jsonl").exists()
 
 
+def test_the_curation_script_reports_a_missing_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "datamodules" / "curation.py"), "--config",
+                          str(ROOT / "configs/curation/clean.yaml"), "--data.init_args.train_file", str(POOL),
+                          f"--data.init_args.curation_dir={tmp_path / 'out'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # no runs/curation/eval.jsonl here
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "error: data file not found: runs/curation/eval.jsonl" in run.stderr
+
+
 # -- the recipe's data ---------------------------------------------------------------------------------
 
 def test_recipe_pool_is_disjoint_from_the_embedded_defaults_and_the_evaluation_sets():

@@ -851,11 +851,12 @@ def test_learner_with_the_ks_objective_reads_the_retain_models_ratios(run_cli, t
     assert eco.EcoCorruptionLearner(model="tiny", retain_eval=str(retain)).metric == "truth_ratio_ks"  # the default
 
 
-def test_learner_refuses_to_run_without_a_step_limit():
+@pytest.mark.parametrize("max_epochs", [-1, None, 1000])  # 1000: what fit makes of None without max_steps
+def test_learner_refuses_to_run_without_a_step_limit(max_epochs):
     import lightning.pytorch as pl
 
     learner = eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0)
-    learner.trainer = pl.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
+    learner.trainer = pl.Trainer(max_steps=-1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="needs a step limit: set trainer.max_steps"):
         learner.on_fit_start()

@@ -44,6 +44,25 @@ def test_config_only_folder_gives_fresh_weights(tmp_path):
     assert model.config.hidden_size == 32 and model.score.out_features == 1
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused(tmp_path):
+    # transformers alone would build a one-token tokenizer from config.json that encodes all text to []
+    Qwen2Config(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"no tokenizer in {tmp_path}: it has none of tokenizer.json"):
+        lm.load_tokenizer(str(tmp_path))
+
+
+def test_a_failed_hub_lookup_names_the_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model not found: exports/bt \(no local folder of that name, and "
+                                                r"the Hugging Face hub lookup failed: couldn't connect\)"):
+        with lm.naming_the_model("exports/bt"):
+            raise OSError("couldn't connect\nmore detail")
+    with pytest.raises(OSError, match="damaged") as kept:  # a local folder's own error is left as it is
+        with lm.naming_the_model(str(tmp_path)):
+            raise OSError("damaged")
+    assert not isinstance(kept.value, FileNotFoundError)
+
+
 def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path):
     from modules.reward import RewardModel
 

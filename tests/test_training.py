@@ -563,3 +563,15 @@ def test_a_failed_export_stops_every_process():
     with pytest.raises(RuntimeError, match="the export to out failed on process 0: FileExistsError: out holds"):
         export.on_fit_end(trainer(1, "FileExistsError: out holds other files"), Module())
     export.on_fit_end(trainer(1, None), Module())  # no failure: the others go on
+
+
+def test_a_checkpoint_of_another_module_class_is_refused_with_what_to_do(run_cli, tmp_path):
+    from cli import CheckpointClassError
+
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD)
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    # Lightning would run the checkpoint's RewardModel in place of the scorer, which then writes nothing
+    with pytest.raises(CheckpointClassError, match=r"holds a RewardModel, and this config runs RewardScorer: .*export "
+                                                   r".* or pass it as --model.init_args.checkpoint="):
+        run_cli("predict", "configs/curation/score.yaml", f"--ckpt_path={best}", name="score")
+    run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, f"--ckpt_path={best}", name="test")  # same class: runs
