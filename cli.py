@@ -9,6 +9,7 @@ presets ahead of time (``setup.sh`` runs it, as one would download a base model)
 from __future__ import annotations
 
 import inspect
+import linecache
 import logging
 import os
 import sys
@@ -55,7 +56,9 @@ class TrainerCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+            # memory-mapped: only the hyperparameters are read here, not the weights and optimizer state
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            hparams = checkpoint.get("hyper_parameters") or {}
             written_by = hparams.get("_class_path")
             configured = self.config[subcommand].get("model", {}).get("class_path")
             if written_by and configured and written_by != configured:
@@ -224,15 +227,18 @@ PROJECT_PACKAGES = tuple(Path(__file__).resolve().parent / name for name in ("mo
 
 
 def is_setting_error(error: BaseException) -> bool:
-    """A ValueError raised by the project's own checks (a misspelt loss, split or subset name): its message
-    names the setting and the choices, unlike a ValueError from deep inside a library."""
+    """A ValueError from a ``raise`` statement of the project's own checks (a misspelt loss, split or subset
+    name): its message names the setting and the choices. Not one from a library, nor one that a built-in
+    raised inside project code (a failed unpacking, ``int("x")``): those are bugs and keep their traceback."""
     if not isinstance(error, ValueError) or error.__traceback__ is None:
         return False
     frame = error.__traceback__
     while frame.tb_next is not None:
         frame = frame.tb_next
     raised_in = Path(frame.tb_frame.f_code.co_filename).resolve()
-    return any(raised_in.is_relative_to(package) for package in PROJECT_PACKAGES)
+    if not any(raised_in.is_relative_to(package) for package in PROJECT_PACKAGES):
+        return False
+    return linecache.getline(str(raised_in), frame.tb_lineno).lstrip().startswith("raise ")
 
 
 def run_reporting_errors(command) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from modules.base import on_rank_zero_for_all
+
 
 class ExportPretrained(pl.Callback):
     def __init__(self, dirpath: str | None = None):
@@ -17,23 +19,16 @@ class ExportPretrained(pl.Callback):
             return
         callback = trainer.checkpoint_callback
         checkpoint = callback and (callback.best_model_path or callback.last_model_path)
-        error: BaseException | None = None
-        if trainer.is_global_zero:
-            try:
-                if checkpoint:
-                    from modules.lm import export_checkpoint
 
-                    # from the checkpoint, on one process: also right under FSDP/DeepSpeed, where the live
-                    # module holds only a shard
-                    export_checkpoint(checkpoint, self.dirpath)
-                else:
-                    pl_module.export_pretrained(self.dirpath)
-                rank_zero_info(f"exported {checkpoint or 'final weights'} -> {self.dirpath}")
-            except Exception as exc:  # every process learns of it below, instead of waiting for this one
-                error = exc
-        # in place of a barrier: the other processes stop too when the export failed
-        failure = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
-        if error is not None:
-            raise error
-        if failure is not None:
-            raise RuntimeError(f"the export to {self.dirpath} failed on process 0: {failure}")
+        def export() -> None:
+            if checkpoint:
+                from modules.lm import export_checkpoint
+
+                # from the checkpoint, on one process: also right under FSDP/DeepSpeed, where the live module
+                # holds only a shard
+                export_checkpoint(checkpoint, self.dirpath)
+            else:
+                pl_module.export_pretrained(self.dirpath)
+            rank_zero_info(f"exported {checkpoint or 'final weights'} -> {self.dirpath}")
+
+        on_rank_zero_for_all(trainer, export, f"the export to {self.dirpath}")

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.common import DataError
+from modules.base import on_rank_zero_for_all
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -132,9 +133,7 @@ class ShardedJsonlWriter(BasePredictionWriter):
         rank_zero_info(f"[ShardedJsonlWriter] {self.output}: {written} rows written, {skipped} {self.key}s skipped "
                        "(already written)")
         trainer.strategy.barrier()
-        if trainer.global_rank == 0:
-            self.merge(pl_module)
-        trainer.strategy.barrier()
+        on_rank_zero_for_all(trainer, lambda: self.merge(pl_module), f"merging the shards into {self.output}")
 
     def merge(self, pl_module: pl.LightningModule | None = None) -> Path:
         """Write ``output``: the union of the merged file and all shards, one row per key, sorted by key."""

@@ -64,12 +64,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _epochs_trained(trainer: pl.Trainer) -> float | None:
-    """Passes over the training data, fractional: Lightning's epoch counter also counts an epoch that
-    ``max_steps`` cut short."""
+    """Passes over the training data, fractional, from the batches trained (a resumed run's included):
+    Lightning's epoch counter also counts an epoch that ``max_steps`` cut short."""
     batches_per_epoch = trainer.num_training_batches
     if not batches_per_epoch or not math.isfinite(batches_per_epoch):
         return None
-    return round(trainer.global_step * trainer.accumulate_grad_batches / batches_per_epoch, 4)
+    return round(trainer.fit_loop.epoch_loop.batch_progress.total.completed / batches_per_epoch, 4)
 
 
 def parameter_size(param: torch.Tensor) -> int:

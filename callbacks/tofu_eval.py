@@ -43,6 +43,7 @@ from datamodules.common import padding_id
 from datamodules.tofu import OVERLENGTH, EncodedQA, collate_prompts, collate_qa, encode_qa
 from modules import tofu_eval as te
 from modules.base import run_in_root_forward
+from modules.lm import generation_sync_kwargs
 
 # the config whose validation rules apply to each evaluation split
 _VALIDATION_CONFIG = {"forget": "forget10_perturbed", "retain": "retain_perturbed",
@@ -93,7 +94,8 @@ class HFEvalLM:
         prompt = batch["prompt_input_ids"].to(device)
         output = self.model.generate(
             input_ids=prompt, attention_mask=batch["prompt_attention_mask"].to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+            **generation_sync_kwargs(self.model))
         return self.tokenizer.batch_decode(output[:, prompt.shape[1]:], skip_special_tokens=True)
 
 
@@ -352,6 +354,11 @@ class TofuEvaluation(pl.Callback):
         return result
 
     # -- resuming: history.json goes on with the evaluations before the checkpoint ------------------------
+    @property
+    def state_key(self) -> str:  # one per evaluation setting, so a trainer may hold several
+        return self._generate_state_key(save_dir=self.save_dir, retain_eval=self.retain_eval,
+                                        every_n_epochs=self.every_n_epochs, at_start=self.at_start)
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 

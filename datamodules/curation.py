@@ -958,10 +958,28 @@ class CuratedPreferenceData(PreferenceData):
         return self.curation_summary
 
     def prepare_data(self) -> None:
-        if self.curation_steps:
+        self._curation_failure = None
+        if not self.curation_steps:
+            return
+        try:
             self.curate()
+        except Exception as error:
+            if self.trainer is None or self.trainer.world_size == 1:
+                raise
+            # only process 0 curates (prepare_data_per_node is off) while the others wait for setup: raised
+            # there, on every process, instead of leaving them waiting for this one
+            self._curation_failure = error
 
     def setup(self, stage: str) -> None:
+        if self.curation_steps and self.trainer is not None and self.trainer.world_size > 1:
+            failure = getattr(self, "_curation_failure", None)
+            message = self.trainer.strategy.broadcast(None if failure is None else f"{type(failure).__name__}: "
+                                                      f"{failure}", src=0)
+            if failure is not None:
+                self._curation_failure = None
+                raise failure
+            if message is not None:
+                raise DataError(f"curation failed on process 0: {message}")
         if self.curation_steps and self.raw_train_file:
             # every rank checks the files on disk (ranks other than the curating one have no summary in memory)
             summary = read_curation_report(self.curation_dir, self.raw_train_file)

@@ -154,8 +154,9 @@ def bos_mismatch(recorded: list[int] | None, tokenizer) -> str | None:
     states began with no BOS, which matches only a tokenizer without one."""
     expected = cached_prefix_ids(tokenizer)
     if recorded is None and expected:
-        return (f"this file predates bos_ids: its ref_logprob were computed on states without the BOS {expected} "
-                f"that this tokenizer begins them with; rerun stage 3 (advantages)")
+        return (f"this file predates bos_ids, so it does not say whether its ref_logprob were computed on states "
+                f"beginning with the BOS {expected} that this tokenizer adds (older versions left it out, or lost it "
+                f"when cutting a long state on the left); rerun stage 3 (advantages)")
     if recorded is not None and list(recorded) != expected:
         return (f"ref_logprob were computed on states beginning with {recorded} and this tokenizer begins them "
                 f"with {expected}: another tokenizer than stage 3's reference policy")
@@ -790,7 +791,10 @@ class ActorData(_StatesData):
             raise row_error(source, index, "max_length", f"ref_logprob was computed in a window of {window} tokens "
                             f"and this actor data has max_length {self.max_length}: with another window a long "
                             f"state's π_θ and π_ref see different context (set --data.init_args.max_length={window})")
-        mismatch = bos_mismatch(row.get("bos_ids"), self.tokenizer)
+        recorded = row.get("bos_ids")
+        if recorded is not None and not (isinstance(recorded, list) and all(type(i) is int for i in recorded)):
+            raise row_error(source, index, "bos_ids", f"expected a list of token ids, got {recorded!r}")
+        mismatch = bos_mismatch(recorded, self.tokenizer)
         if mismatch:
             raise row_error(source, index, "bos_ids", mismatch)
         if gap < self.min_gap:
@@ -800,6 +804,7 @@ class ActorData(_StatesData):
             self.report.drop(split, "kept is false in the advantage file")
             return None
         state_ids = encode_state(self.tokenizer, row["prompt_text"], row["prefix"])
+        bos = leading_prefix_length(self.tokenizer, state_ids)  # kept in front when the window cuts the state
         candidates = []
         for c, candidate in enumerate(row["candidates"]):
             where = f"candidates[{c}]"
@@ -817,7 +822,7 @@ class ActorData(_StatesData):
                 self.report.drop(split, "candidate with an empty non-terminal action")
                 continue
             action_length = len(encode_action(self.tokenizer, candidate["action"], terminal))
-            if action_length + leading_prefix_length(self.tokenizer, state_ids) >= self.max_length:
+            if action_length + bos >= self.max_length:
                 self.report.drop(split, "action leaves no room for its state within max_length")
                 return None
             if len(state_ids) + action_length > self.max_length:

@@ -30,6 +30,23 @@ def gather_objects(trainer: Any, value: Any) -> list[Any]:
     return [value]
 
 
+def on_rank_zero_for_all(trainer: Any, work: Callable[[], Any], what: str) -> None:
+    """``work()`` on process 0 while the others wait, with its failure raised on every process. A failure on
+    process 0 alone would leave the others waiting at their next collective (a hang under NCCL). The
+    broadcast of the outcome is the barrier; on one process it is a plain call."""
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            work()
+        except Exception as raised:
+            error = raised
+    failure = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise RuntimeError(f"{what} failed on process 0: {failure}")
+
+
 def gather_unique_rows(local: torch.Tensor, strategy) -> torch.Tensor:
     """Every rank's rows of ``local`` (N_rank, C; column 0 a row id), each row id once, sorted by id.
 

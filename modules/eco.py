@@ -696,40 +696,49 @@ class PromptClassifier(HFModule):
         return loss
 
     def _collect(self, batch: dict[str, Any], stage: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        self.log(f"{stage}/loss", weighted_cross_entropy(logits, batch["labels"], self.weights),
-                 batch_size=len(batch["labels"]))
+        logits = self(batch["input_ids"], batch["attention_mask"]).float()
         store = self._collected.setdefault(stage, [])
         row_id = batch.get("row_id")
-        store.append((torch.softmax(logits.float(), -1)[:, 1].cpu(), batch["labels"].cpu(), list(batch.get("kind", [])),
-                      row_id.cpu() if row_id is not None else None))
+        store.append((torch.softmax(logits, -1)[:, 1].cpu(), batch["labels"].cpu(), list(batch.get("kind", [])),
+                      row_id.cpu() if row_id is not None else None,
+                      F.cross_entropy(logits, batch["labels"], reduction="none").cpu()))
 
-    def _gather(self, stage: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _gather(self, stage: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """Scores, labels, kinds and cross-entropies of every prompt of all ranks, each once."""
         parts = self._collected.pop(stage, [])
-        scores = torch.cat([p for p, _, _, _ in parts]).numpy() if parts else np.zeros(0)
-        labels = torch.cat([y for _, y, _, _ in parts]).numpy() if parts else np.zeros(0)
-        kinds = [k for _, _, ks, _ in parts for k in ks]
-        numbered = bool(parts) and all(ids is not None for _, _, _, ids in parts)
-        row_ids = torch.cat([ids for _, _, _, ids in parts]).numpy() if numbered else None
-        # every rank holds a share of the prompts: the threshold and the rates need all of them
-        shares = gather_objects(self.trainer, (scores, labels, kinds, row_ids))
+        scores = torch.cat([part[0] for part in parts]).numpy() if parts else np.zeros(0)
+        labels = torch.cat([part[1] for part in parts]).numpy() if parts else np.zeros(0)
+        kinds = [kind for part in parts for kind in part[2]]
+        numbered = bool(parts) and all(part[3] is not None for part in parts)
+        row_ids = torch.cat([part[3] for part in parts]).numpy() if numbered else None
+        losses = torch.cat([part[4] for part in parts]).numpy() if parts else np.zeros(0)
+        # every rank holds a share of the prompts: the threshold, the rates and the loss need all of them
+        shares = gather_objects(self.trainer, (scores, labels, kinds, row_ids, losses))
         if len(shares) > 1:
             scores = np.concatenate([share[0] for share in shares])
             labels = np.concatenate([share[1] for share in shares])
             kinds = [kind for share in shares for kind in share[2]]
+            losses = np.concatenate([share[4] for share in shares])
             if all(share[3] is not None for share in shares):
                 # the distributed sampler repeats prompts to even out the ranks: keep each once
                 _, first = np.unique(np.concatenate([share[3] for share in shares]), return_index=True)
-                scores, labels, kinds = scores[first], labels[first], [kinds[i] for i in first]
-        return scores, labels, kinds
+                scores, labels, kinds, losses = scores[first], labels[first], [kinds[i] for i in first], losses[first]
+        return scores, labels, kinds, losses
+
+    def _log_loss(self, stage: str, labels: np.ndarray, losses: np.ndarray) -> None:
+        """The class-weighted cross-entropy over every prompt once (as ``weighted_cross_entropy``); equal on every
+        rank, so sync_dist only keeps Lightning's epoch-end check quiet."""
+        weights = self.weights.cpu().numpy()[labels.astype(int)]
+        self.log(f"{stage}/loss", float((weights * losses).sum() / weights.sum()), sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._collect(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        scores, labels, _ = self._gather("val")
+        scores, labels, _, losses = self._gather("val")
         if scores.size == 0 or self.trainer.sanity_checking:
             return
+        self._log_loss("val", labels, losses)
         if self.fixed_threshold is None:
             if self.target_fpr is not None:
                 self.threshold.fill_(calibrate_threshold(scores[labels == 0], self.target_fpr))
@@ -743,9 +752,10 @@ class PromptClassifier(HFModule):
         self._collect(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        scores, labels, kinds = self._gather("test")
+        scores, labels, kinds, losses = self._gather("test")
         if scores.size == 0:
             return
+        self._log_loss("test", labels, losses)
         tau = float(self.threshold)
         rates = error_rates(scores, labels, tau)
         self.log_dict({"test/fpr": rates["fpr"], "test/fnr": rates["fnr"], "test/threshold": tau})
@@ -972,6 +982,14 @@ class EcoCorruptionLearner(pl.LightningModule):
                              "over the forget set) or trainer.max_epochs (data.steps_per_epoch steps each); "
                              "max_epochs 1000 without max_steps is Lightning's default when neither is set, so it "
                              "counts as unset (for 1000 steps, set max_steps)")
+
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the module (DDP refuses one without trainable parameters, with a message
+        # about DDP, not about this learner)
+        if stage == "fit" and self.trainer.world_size > 1:
+            raise ValueError(f"EcoCorruptionLearner runs on one process (each step is a few forward passes over "
+                             f"the forget set, and its strength is no parameter DDP could synchronise); got "
+                             f"{self.trainer.world_size} processes: set trainer.devices=1 and drop the strategy")
 
     def on_fit_start(self) -> None:
         self._check_step_limit()

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from datamodules.common import padding_id
+from datamodules.common import padding_id, shards_parameters
 from modules import lm
-from modules.base import EvalRows, HFModule
+from modules.base import EvalRows, HFModule, run_in_root_forward
 from modules.lm import token_logprobs
 
 LOG2 = math.log(2.0)
@@ -340,14 +340,19 @@ class FlatUnlearner(HFModule):
         was_training = model.training
         model.eval()
         forget, template = {}, {}
-        for batch in datamodule.reference_dataloader():
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            # the training step's precision (bf16 autocast ...): the first step's log-ratio is then 0 up to the
-            # rounding of a differently padded batch, not a float32-vs-bf16 difference
-            with self.trainer.precision_plugin.forward_context():
-                scores = self._reference_scores(model, batch)
-            for i, index in enumerate(batch["index"].tolist()):
-                forget[index], template[index] = scores["forget"][i].item(), scores["template"][i].item()
+
+        def score_every_forget_sample() -> None:
+            for batch in datamodule.reference_dataloader():  # the whole set on every process
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                # the training step's precision (bf16 autocast ...): the first step's log-ratio is then 0 up to
+                # the rounding of a differently padded batch, not a float32-vs-bf16 difference
+                with self.trainer.precision_plugin.forward_context():
+                    scores = self._reference_scores(model, batch)
+                for i, index in enumerate(batch["index"].tolist()):
+                    forget[index], template[index] = scores["forget"][i].item(), scores["template"][i].item()
+
+        # outside a training step FSDP keeps the embeddings and head sharded: run inside the root's forward
+        run_in_root_forward(self.trainer, self, score_every_forget_sample)
         model.train(was_training)
         self._frozen_reference.clear()  # the numbers are all that is needed
         size = max(forget) + 1
@@ -373,6 +378,12 @@ class FlatUnlearner(HFModule):
         return out
 
     def on_fit_start(self) -> None:
+        copies_itself = self.loss_name in _REFERENCE_LOSSES and self.reference_mode == "frozen" and self.reference is None
+        if copies_itself and shards_parameters(self.trainer.strategy):
+            raise ValueError(f"loss {self.loss_name!r} with reference_mode 'frozen' copies the model as its "
+                             f"reference, and under FSDP or DeepSpeed ZeRO-3 each process holds only a shard of it: "
+                             f"pass the initial model's path as `reference`"
+                             + ("" if self.loss_name == "ga_kl" else " or use reference_mode: precompute"))
         if self.loss_name in _REFERENCE_LOSSES and self.reference_mode == "precompute" and self.reference_logps is None:
             self.precompute_reference()
 

@@ -147,9 +147,27 @@ def naming_the_model(name_or_path: str):
     except OSError as error:
         if Path(name_or_path).expanduser().exists():
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"model not found: {name_or_path} (no local folder of that name, and the Hugging "
-                                f"Face hub lookup failed: {reason})") from error
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        if "not a valid model identifier" in text or "Repository Not Found" in text:
+            raise FileNotFoundError(f"model not found: {name_or_path} (neither a local folder nor a model on the "
+                                    f"Hugging Face hub: {reason})") from error
+        # offline, unreachable, gated, a full disk ...: the name may be right
+        raise FileNotFoundError(f"cannot load the model {name_or_path}: there is no local folder of that name, and "
+                                f"loading it from the Hugging Face hub failed: {text}") from error
+
+
+def generation_sync_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """``generate`` arguments for a model whose parameters are DeepSpeed ZeRO-3 partitions with several
+    processes running: every generated token is a forward that gathers the parameters from all of them, so a
+    process whose batch has finished must go on taking part (``synced_gpus``). transformers sees FSDP by
+    itself, but not ZeRO-3 under Lightning's DeepSpeed strategy, which sets up no transformers config."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    partitioned = any(hasattr(param, "ds_id") for param in model.parameters())  # ZeRO-3's partitioned parameters
+    return {"synced_gpus": True} if partitioned else {}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -94,7 +94,9 @@ class RewardModel(HFModule):
         chosen, rejected = self.pair_rewards(batch)
         loss, metrics = preference_loss(chosen, rejected, batch.get("margin"), **self.loss_kwargs)
         self.log_dict({f"train/{key}": value for key, value in metrics.items()}, batch_size=len(chosen))
-        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=len(chosen))
+        # all processes' tokens (sync_dist sums them), as the name says; rank 0's alone would undercount
+        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=len(chosen),
+                 sync_dist=True)
         return loss
 
     # -- evaluation with per-subset accuracy -----------------------------------------------------------

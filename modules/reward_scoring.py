@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from datamodules.curation import PairFields, attach_scores, check_output_path, read_score_shards, write_json, write_rows
+from modules.base import on_rank_zero_for_all
 from modules.reward import RewardModel
 
 
@@ -87,9 +88,7 @@ class RewardScorer(RewardModel):
             for row_id, chosen, rejected in scores.tolist():
                 handle.write(json.dumps([int(row_id), chosen, rejected]) + "\n")
         self.trainer.strategy.barrier("scores written")
-        if self.global_rank == 0:
-            self.merge(self.trainer.world_size)
-        self.trainer.strategy.barrier("scores merged")
+        on_rank_zero_for_all(self.trainer, lambda: self.merge(self.trainer.world_size), "merging the scores")
 
     def merge(self, world_size: int) -> dict[str, Any]:
         """Join the per-rank score shards onto the input rows; write the scored rows and the report."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.common import padding_id
+from modules import lm
 from modules.base import EvalRows, HFModule
 
 
@@ -55,7 +56,7 @@ class SFT(HFModule):
         loss, metrics = self.forward_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["reference"]))
         self.log("train/response_tokens", metrics["response_tokens"].float(), reduce_fx="sum",
-                 batch_size=len(batch["reference"]))
+                 batch_size=len(batch["reference"]), sync_dist=True)  # all processes' tokens
         return loss
 
     @torch.no_grad()
@@ -65,7 +66,7 @@ class SFT(HFModule):
         output = self.model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, do_sample=False,
             max_new_tokens=max_new_tokens or self.max_new_tokens, pad_token_id=padding_id(self.tokenizer),
-            eos_token_id=self.tokenizer.eos_token_id)
+            eos_token_id=self.tokenizer.eos_token_id, **lm.generation_sync_kwargs(self.model))
         return self.tokenizer.batch_decode(output[:, prompt_input_ids.shape[1]:], skip_special_tokens=True)
 
     def _evaluate(self, batch: dict[str, Any], stage: str, with_generation: bool) -> None:
@@ -140,8 +141,10 @@ def build_arithmetic_preset(base: str, path: str | Path, steps: int = 800, seed:
         trainer.fit(module, datamodule=data)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     module.export_pretrained(tmp)
-    if path.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
+    try:
         os.replace(tmp, path)
+    except OSError:  # another process finished first (its folder is there, not empty): keep it
+        shutil.rmtree(tmp)
+        if not (path / "config.json").exists():
+            raise
     return path

@@ -109,4 +109,7 @@ def test_only_the_projects_own_value_errors_count_as_setting_errors():
         preference_loss(None, None, kind="focall")
     with pytest.raises(ValueError) as library:
         json.loads("{")
-    assert cli.is_setting_error(ours.value) and not cli.is_setting_error(library.value)
+    with pytest.raises(ValueError) as builtin_in_project_code:  # a bug, not a check: keeps its traceback
+        exec(compile("a, b = [1, 2, 3]", str(ROOT / "modules" / "reward.py"), "exec"))
+    assert cli.is_setting_error(ours.value)
+    assert not cli.is_setting_error(library.value) and not cli.is_setting_error(builtin_in_project_code.value)

@@ -524,6 +524,26 @@ def test_a_failed_run_leaves_no_curated_file_or_report_and_readers_say_so(tmp_pa
                               curation_steps=good_steps).setup("fit")
 
 
+def test_a_curation_that_fails_on_process_0_stops_every_process_in_setup(tmp_path):
+    from types import SimpleNamespace
+
+    steps = [DropInvalid(), Decontaminate(eval_files=[str(tmp_path / "missing.jsonl")])]
+
+    def data_on(rank: int, message_from_zero: str | None) -> CuratedPreferenceData:
+        data = CuratedPreferenceData(train_file=str(POOL), curation_dir=str(tmp_path / "cur"), tokenizer="tiny",
+                                     curation_steps=steps)
+        strategy = SimpleNamespace(broadcast=lambda value, src=0: value if rank == 0 else message_from_zero)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=strategy)
+        return data
+
+    zero = data_on(0, None)
+    zero.prepare_data()  # only process 0 curates; its failure waits for setup, where every process meets
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        zero.setup("fit")
+    with pytest.raises(DataError, match="curation failed on process 0: FileNotFoundError: .*missing.jsonl"):
+        data_on(1, "FileNotFoundError: data file not found: missing.jsonl").setup("fit")
+
+
 def test_pipeline_output_path_is_checked_before_any_work(tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("")

@@ -566,9 +566,11 @@ def _bos_advantage_row(**fields) -> dict:
     ([0], True, None),
     ([], False, None),
     (None, False, None),  # a file from before bos_ids, read with a tokenizer that adds none: encoded alike
-    (None, True, r"this file predates bos_ids: its ref_logprob were computed on states without the BOS \[0\]"),
+    (None, True, r"this file predates bos_ids, so it does not say whether its ref_logprob were computed on states "
+                 r"beginning with the BOS \[0\]"),
+    (7, True, r"expected a list of token ids, got 7"),
     ([0], False, r"ref_logprob were computed on states beginning with \[0\] and this tokenizer begins them with \[\]"),
-], ids=["same_bos", "no_bos", "old_file_no_bos", "old_file_with_bos", "other_tokenizer"])
+], ids=["same_bos", "no_bos", "old_file_no_bos", "old_file_with_bos", "not_a_list", "other_tokenizer"])
 def test_actor_data_refuses_reference_logprobs_of_another_bos(bos_ids, tokenizer_has_bos, error, tmp_path):
     from datamodules.dapo_data import ActorData
 

@@ -851,6 +851,13 @@ def test_learner_with_the_ks_objective_reads_the_retain_models_ratios(run_cli, t
     assert eco.EcoCorruptionLearner(model="tiny", retain_eval=str(retain)).metric == "truth_ratio_ks"  # the default
 
 
+def test_learner_refuses_several_processes_before_any_wrapping():
+    learner = eco.EcoCorruptionLearner(model="tiny", metric="answer_prob", target=0.0)
+    learner.trainer = types.SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="EcoCorruptionLearner runs on one process .* got 2 processes"):
+        learner.setup("fit")
+
+
 @pytest.mark.parametrize("max_epochs", [-1, None, 1000])  # 1000: what fit makes of None without max_steps
 def test_learner_refuses_to_run_without_a_step_limit(max_epochs):
     import lightning.pytorch as pl

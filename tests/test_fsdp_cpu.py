@@ -109,12 +109,14 @@ def test_fsdp_sft_with_bf16_autocast_trains_generates_in_test_and_exports(tmp_pa
         torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
 
 
-def test_fsdp_tofu_evaluation_in_a_callback_equals_one_process(tmp_path):
-    # TofuEvaluation runs the model outside any training step, where FSDP keeps the embeddings sharded
+def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(tmp_path):
+    # TofuEvaluation runs the model outside any training step, where FSDP keeps the embeddings sharded; so
+    # does NPO's precomputed reference (at fit start)
     callbacks = tmp_path / "tofu_evaluation.yaml"
     callbacks.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.tofu_eval.TofuEvaluation\n"
                          "      init_args: {every_n_epochs: 1, max_new_tokens: 8}\n")
-    small = ["--config", str(callbacks), "--model.init_args.model=tiny", "--data.init_args.n_authors=4"]
+    small = ["--config", str(callbacks), "--model.init_args.model=tiny", "--data.init_args.n_authors=4",
+             "--model.init_args.loss=npo"]
     sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
                   config="configs/flat/unlearn.yaml")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
@@ -129,6 +131,13 @@ def test_fsdp_tofu_evaluation_in_a_callback_equals_one_process(tmp_path):
         if isinstance(value, float):
             assert math.isclose(during_fit["report"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
     assert during_fit["generations"] == after["generations"]
+    reference = cli(tmp_path, "one_fit", *small, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+                    config="configs/flat/unlearn.yaml")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = torch.load(tmp_path / "one_fit" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
+    actual = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
+    for name in ("forget", "template"):
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_path):

@@ -52,10 +52,27 @@ def test_a_model_folder_without_a_tokenizer_is_refused(tmp_path):
         lm.load_tokenizer(str(tmp_path))
 
 
+def test_generation_stays_in_step_only_with_zero3_partitions_on_several_processes(monkeypatch):
+    import torch.distributed as dist
+
+    model = torch.nn.Linear(2, 2)
+    assert lm.generation_sync_kwargs(model) == {}  # one process
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert lm.generation_sync_kwargs(model) == {}  # DDP: whole parameters, no collective per token
+    model.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on the parameters it partitions (a stand-in here)
+    assert lm.generation_sync_kwargs(model) == {"synced_gpus": True}
+
+
 def test_a_failed_hub_lookup_names_the_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model not found: exports/bt \(no local folder of that name, and "
-                                                r"the Hugging Face hub lookup failed: couldn't connect\)"):
+    with pytest.raises(FileNotFoundError, match=r"model not found: exports/bt \(neither a local folder nor a model "
+                                                r"on the Hugging Face hub: exports/bt is not a local folder"):
         with lm.naming_the_model("exports/bt"):
+            raise OSError("exports/bt is not a local folder and is not a valid model identifier listed on ...\nmore")
+    with pytest.raises(FileNotFoundError, match=r"cannot load the model org/model: there is no local folder of that "
+                                                r"name, and loading it from the Hugging Face hub failed: couldn't "
+                                                r"connect\nmore detail"):
+        with lm.naming_the_model("org/model"):  # offline: the name may well be right
             raise OSError("couldn't connect\nmore detail")
     with pytest.raises(OSError, match="damaged") as kept:  # a local folder's own error is left as it is
         with lm.naming_the_model(str(tmp_path)):

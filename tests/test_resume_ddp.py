@@ -175,6 +175,8 @@ def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
         stage = json.loads(summary_path.read_text())["stages"]["validate"]
         metrics[name], rows[name] = stage["metrics"], stage["data"]["rows"]["val"]
     assert rows["single"] % 2 == 1  # so the sampler repeats a prompt on 2 processes
-    # the threshold chosen on the validation prompts, and the error rates at it, as on one process
-    for key in ("val/threshold", "val/fpr", "val/fnr", "val/error"):
-        assert abs(metrics["ddp"][key] - metrics["single"][key]) < 1e-6, (key, metrics["ddp"][key], metrics["single"][key])
+    # the threshold chosen on the validation prompts, the error rates at it and the loss, as on one process
+    for key, tolerance in (("val/threshold", 1e-6), ("val/fpr", 1e-6), ("val/fnr", 1e-6), ("val/error", 1e-6),
+                           ("val/loss", 1e-5)):
+        assert abs(metrics["ddp"][key] - metrics["single"][key]) < tolerance, (key, metrics["ddp"][key],
+                                                                               metrics["single"][key])

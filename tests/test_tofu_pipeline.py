@@ -179,6 +179,10 @@ def test_the_finetune_path_trains_and_evaluates_a_model_without_a_pad_token(tmp_
     assert padding.any() and (batch["input_ids"][padding] == padding_id(module.tokenizer)).all()
     assert trainer.global_step == 2 and np.isfinite(trainer.callback_metrics["val/loss"].item())
     assert_padding_changes_no_number(te.load_eval(tmp_path / "eval" / "epoch_001.json"), data, module)
+    # the evaluation history goes into checkpoints (so a resumed run's history.json goes on), under its own key
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    saved = torch.load(tmp_path / "fit.ckpt", weights_only=True)["callbacks"][evaluation.state_key]
+    assert saved["history"] == evaluation.history and [h["tag"] for h in saved["history"]] == ["epoch_001"]
 
 
 @pytest.mark.parametrize("max_epochs, max_steps, evaluated", [
@@ -205,7 +209,9 @@ def test_tofu_evaluation_runs_every_n_epochs_and_after_the_last(max_epochs, max_
     assert tags == [f"epoch_{epoch:03d}" for epoch in evaluated]
 
 
-def test_tofu_evaluation_history_survives_a_resume():
+def test_tofu_evaluation_history_survives_a_resume_and_two_evaluations_keep_their_own():
+    import lightning.pytorch as pl
+
     from callbacks.tofu_eval import TofuEvaluation
 
     before = TofuEvaluation()
@@ -213,6 +219,7 @@ def test_tofu_evaluation_history_survives_a_resume():
     after = TofuEvaluation()
     after.load_state_dict(before.state_dict())
     assert after.history == before.history
+    pl.Trainer(logger=False, callbacks=[TofuEvaluation(save_dir="a"), TofuEvaluation(save_dir="b")])  # distinct keys
 
 
 def assert_padding_changes_no_number(saved: dict, data: TofuQAData, module) -> None:

@@ -523,6 +523,20 @@ def test_a_fit_between_checkpoint_points_saves_its_final_step(run_cli, tmp_path,
     assert read_summary(tmp_path)["stages"]["fit"]["epochs_trained"] == 0.75  # 6 of the 8 batches of 8 pairs
 
 
+def test_extending_a_fit_from_its_final_step_matches_an_uninterrupted_run(run_cli, tmp_path):
+    # the final step's last.ckpt is written mid-epoch (step 6 of 8): a resume goes on with batch 7, not epoch 2
+    constant_lr = [*SMALL_REWARD, "--model.init_args.lr_scheduler=null"]
+    run_cli("fit", "configs/reward/bt.yaml", *constant_lr, "--trainer.max_steps=10", name="straight")
+    run_cli("fit", "configs/reward/bt.yaml", *constant_lr, "--trainer.max_steps=6", name="extended")
+    run_cli("fit", "configs/reward/bt.yaml", *constant_lr, "--trainer.max_steps=10", "--ckpt_path=last", name="extended")
+    expected, actual = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)
+                        for name in ("straight", "extended"))
+    assert expected["global_step"] == actual["global_step"] == 10
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(actual["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert read_summary(tmp_path, "straight")["stages"]["fit"]["epochs_trained"] == 1.25
+
+
 def test_a_rerun_into_the_same_log_folder_replaces_its_summary(run_cli, tmp_path):
     fixed = "--trainer.logger.init_args.version=0"
     with pytest.warns(UserWarning, match="NO TRAINABLE PARAMETER CHANGED"):
