@@ -640,8 +640,9 @@ def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, cap
         assert module.skip_keys == {"a"}
         module.predict_step({"problem_id": ["a"]}, 0)  # nothing left to do: no generation
         assert module.num_skipped == 1
-        strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor, barrier=lambda: None)
-        writer.on_predict_end(SimpleNamespace(global_rank=0, strategy=strategy), module)
+        strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor, barrier=lambda: None,
+                                   broadcast=lambda value, src=0: value)
+        writer.on_predict_end(SimpleNamespace(global_rank=0, is_global_zero=True, strategy=strategy), module)
     assert "0 rows written, 1 problem_ids skipped (already written)" in caplog.text
 
 

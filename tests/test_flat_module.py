@@ -143,6 +143,7 @@ class _Trainer:
         from lightning.pytorch.plugins.precision import Precision
 
         self.datamodule, self.precision_plugin = datamodule, precision_plugin or Precision()
+        self.strategy = types.SimpleNamespace(model=None)  # one process: no root forward to run inside
 
 
 def test_precomputed_reference_equals_frozen_copy(unlearn_data, monkeypatch):
