@@ -943,6 +943,7 @@ class CuratedPreferenceData(PreferenceData):
         self.raw_train_file = self.files["train"]
         self.pair_fields = PairFields(self.prompt_field, self.chosen_field, self.rejected_field, source_field)
         self.curation_summary: dict[str, Any] | None = None
+        self._curation_failure: Exception | None = None  # process 0's, raised in setup on every process
         # one curation per job, not per node: nodes sharing a filesystem would clear and rewrite the same folder
         # under each other (every rank then reads the result in setup, after Lightning's barrier)
         self.prepare_data_per_node = False
@@ -972,7 +973,7 @@ class CuratedPreferenceData(PreferenceData):
 
     def setup(self, stage: str) -> None:
         if self.curation_steps and self.trainer is not None and self.trainer.world_size > 1:
-            failure = getattr(self, "_curation_failure", None)
+            failure = self._curation_failure
             message = self.trainer.strategy.broadcast(None if failure is None else f"{type(failure).__name__}: "
                                                       f"{failure}", src=0)
             if failure is not None:

@@ -150,8 +150,8 @@ def state_tokens(tokenizer, prompt_text: str, prefix: str, max_length: int) -> t
 
 def bos_mismatch(recorded: list[int] | None, tokenizer) -> str | None:
     """Why states whose ref_logprob began with ``recorded`` (an advantage row's ``bos_ids``) do not encode
-    as this tokenizer encodes them, or None. Files written before ``bos_ids`` was recorded lack it; their
-    states began with no BOS, which matches only a tokenizer without one."""
+    as this tokenizer encodes them, or None. Files written before ``bos_ids`` was recorded lack it, and do
+    not say whether their states began with a BOS: they pass only for a tokenizer that adds none."""
     expected = cached_prefix_ids(tokenizer)
     if recorded is None and expected:
         return (f"this file predates bos_ids, so it does not say whether its ref_logprob were computed on states "

@@ -415,16 +415,19 @@ def test_curation_only_from_a_config_loads_no_model(tmp_path, monkeypatch):
     assert (tmp_path / "clean" / "curated.jsonl").exists()
 
 
-def test_the_curation_script_reports_a_missing_input_in_one_line(tmp_path):
-    import subprocess
-    import sys
+def test_the_curation_script_reports_a_missing_input_in_one_line(tmp_path, monkeypatch, capsys):
+    import cli
+    from datamodules import curation
 
-    run = subprocess.run([sys.executable, str(ROOT / "datamodules" / "curation.py"), "--config",
-                          str(ROOT / "configs/curation/clean.yaml"), "--data.init_args.train_file", str(POOL),
-                          f"--data.init_args.curation_dir={tmp_path / 'out'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # no runs/curation/eval.jsonl here
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert "error: data file not found: runs/curation/eval.jsonl" in run.stderr
+    monkeypatch.chdir(tmp_path)  # no runs/curation/eval.jsonl here
+    with pytest.raises(SystemExit) as exit_info:  # what `python datamodules/curation.py ...` runs
+        cli.run_reporting_errors(lambda: curation.main(["--config", str(ROOT / "configs/curation/clean.yaml"),
+                                                        "--data.init_args.train_file", str(POOL),
+                                                        f"--data.init_args.curation_dir={tmp_path / 'out'}"]))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: data file not found: runs/curation/eval.jsonl\n") and "Traceback" not in err
+    assert err.rstrip().endswith("(CLI_TRACEBACK=1 shows the traceback)")
 
 
 # -- the recipe's data ---------------------------------------------------------------------------------
