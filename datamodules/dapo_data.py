@@ -148,16 +148,18 @@ def state_tokens(tokenizer, prompt_text: str, prefix: str, max_length: int) -> t
     return truncate(ids, max_length, "left", leading_prefix_length(tokenizer, ids))
 
 
-def bos_mismatch(recorded: list[int] | None, tokenizer) -> str | None:
+def bos_mismatch(recorded: Any, tokenizer) -> str | None:
     """Why states whose ref_logprob began with ``recorded`` (an advantage row's ``bos_ids``) do not encode
     as this tokenizer encodes them, or None. Files written before ``bos_ids`` was recorded lack it, and do
     not say whether their states began with a BOS: they pass only for a tokenizer that adds none."""
+    if recorded is not None and not (isinstance(recorded, list) and all(type(i) is int for i in recorded)):
+        return f"expected a list of token ids, got {recorded!r}"
     expected = cached_prefix_ids(tokenizer)
     if recorded is None and expected:
         return (f"this file predates bos_ids, so it does not say whether its ref_logprob were computed on states "
                 f"beginning with the BOS {expected} that this tokenizer adds (older versions left it out, or lost it "
                 f"when cutting a long state on the left); rerun stage 3 (advantages)")
-    if recorded is not None and list(recorded) != expected:
+    if recorded is not None and recorded != expected:
         return (f"ref_logprob were computed on states beginning with {recorded} and this tokenizer begins them "
                 f"with {expected}: another tokenizer than stage 3's reference policy")
     return None
@@ -791,10 +793,7 @@ class ActorData(_StatesData):
             raise row_error(source, index, "max_length", f"ref_logprob was computed in a window of {window} tokens "
                             f"and this actor data has max_length {self.max_length}: with another window a long "
                             f"state's π_θ and π_ref see different context (set --data.init_args.max_length={window})")
-        recorded = row.get("bos_ids")
-        if recorded is not None and not (isinstance(recorded, list) and all(type(i) is int for i in recorded)):
-            raise row_error(source, index, "bos_ids", f"expected a list of token ids, got {recorded!r}")
-        mismatch = bos_mismatch(recorded, self.tokenizer)
+        mismatch = bos_mismatch(row.get("bos_ids"), self.tokenizer)
         if mismatch:
             raise row_error(source, index, "bos_ids", mismatch)
         if gap < self.min_gap:

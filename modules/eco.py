@@ -695,35 +695,30 @@ class PromptClassifier(HFModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
+    # per prompt: the classifier's p(forget), the label, the prompt's kind, its row id, its cross-entropy
+    _COLUMNS = ("score", "label", "kind", "row_id", "loss")
+
     def _collect(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()
-        store = self._collected.setdefault(stage, [])
         row_id = batch.get("row_id")
-        store.append((torch.softmax(logits, -1)[:, 1].cpu(), batch["labels"].cpu(), list(batch.get("kind", [])),
-                      row_id.cpu() if row_id is not None else None,
-                      F.cross_entropy(logits, batch["labels"], reduction="none").cpu()))
+        self._collected.setdefault(stage, []).append({
+            "score": torch.softmax(logits, -1)[:, 1].cpu().numpy(), "label": batch["labels"].cpu().numpy(),
+            "kind": np.array(list(batch.get("kind", [None] * len(logits))), dtype=object),
+            "row_id": row_id.cpu().numpy() if row_id is not None else None,
+            "loss": F.cross_entropy(logits, batch["labels"], reduction="none").cpu().numpy()})
 
-    def _gather(self, stage: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-        """Scores, labels, kinds and cross-entropies of every prompt of all ranks, each once."""
+    def _gather(self, stage: str) -> dict[str, np.ndarray]:
+        """``_COLUMNS`` of every prompt of all ranks, each prompt once."""
         parts = self._collected.pop(stage, [])
-        scores = torch.cat([part[0] for part in parts]).numpy() if parts else np.zeros(0)
-        labels = torch.cat([part[1] for part in parts]).numpy() if parts else np.zeros(0)
-        kinds = [kind for part in parts for kind in part[2]]
-        numbered = bool(parts) and all(part[3] is not None for part in parts)
-        row_ids = torch.cat([part[3] for part in parts]).numpy() if numbered else None
-        losses = torch.cat([part[4] for part in parts]).numpy() if parts else np.zeros(0)
         # every rank holds a share of the prompts: the threshold, the rates and the loss need all of them
-        shares = gather_objects(self.trainer, (scores, labels, kinds, row_ids, losses))
-        if len(shares) > 1:
-            scores = np.concatenate([share[0] for share in shares])
-            labels = np.concatenate([share[1] for share in shares])
-            kinds = [kind for share in shares for kind in share[2]]
-            losses = np.concatenate([share[4] for share in shares])
-            if all(share[3] is not None for share in shares):
-                # the distributed sampler repeats prompts to even out the ranks: keep each once
-                _, first = np.unique(np.concatenate([share[3] for share in shares]), return_index=True)
-                scores, labels, kinds, losses = scores[first], labels[first], [kinds[i] for i in first], losses[first]
-        return scores, labels, kinds, losses
+        parts = [part for share in gather_objects(self.trainer, parts) for part in share]
+        numbered = bool(parts) and all(part["row_id"] is not None for part in parts)
+        columns = {name: np.concatenate([part[name] for part in parts]) if parts else np.zeros(0)
+                   for name in self._COLUMNS if name != "row_id" or numbered}
+        if numbered:  # the distributed sampler repeats prompts to even out the ranks: keep each once
+            _, first = np.unique(columns.pop("row_id"), return_index=True)
+            columns = {name: values[first] for name, values in columns.items()}
+        return columns
 
     def _log_loss(self, stage: str, labels: np.ndarray, losses: np.ndarray) -> None:
         """The class-weighted cross-entropy over every prompt once (as ``weighted_cross_entropy``); equal on every
@@ -735,10 +730,11 @@ class PromptClassifier(HFModule):
         self._collect(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        scores, labels, _, losses = self._gather("val")
+        columns = self._gather("val")
+        scores, labels = columns["score"], columns["label"]
         if scores.size == 0 or self.trainer.sanity_checking:
             return
-        self._log_loss("val", labels, losses)
+        self._log_loss("val", labels, columns["loss"])
         if self.fixed_threshold is None:
             if self.target_fpr is not None:
                 self.threshold.fill_(calibrate_threshold(scores[labels == 0], self.target_fpr))
@@ -752,14 +748,15 @@ class PromptClassifier(HFModule):
         self._collect(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        scores, labels, kinds, losses = self._gather("test")
+        columns = self._gather("test")
+        scores, labels, kinds = columns["score"], columns["label"], columns["kind"]
         if scores.size == 0:
             return
-        self._log_loss("test", labels, losses)
+        self._log_loss("test", labels, columns["loss"])
         tau = float(self.threshold)
         rates = error_rates(scores, labels, tau)
         self.log_dict({"test/fpr": rates["fpr"], "test/fnr": rates["fnr"], "test/threshold": tau})
-        for kind in sorted(set(kinds)):
+        for kind in sorted({kind for kind in kinds if kind is not None}):
             chosen = np.array([k == kind for k in kinds])
             flagged = float((scores[chosen] > tau).mean())
             self.log(f"test/{kind}/flag_rate", flagged)

@@ -147,11 +147,10 @@ def naming_the_model(name_or_path: str):
     except OSError as error:
         if Path(name_or_path).expanduser().exists():
             raise
-        text = str(error).strip()
-        reason = text.splitlines()[0] if text else type(error).__name__
+        text = str(error).strip() or type(error).__name__
         if "not a valid model identifier" in text or "Repository Not Found" in text:
             raise FileNotFoundError(f"model not found: {name_or_path} (neither a local folder nor a model on the "
-                                    f"Hugging Face hub: {reason})") from error
+                                    f"Hugging Face hub: {text.splitlines()[0]})") from error
         # offline, unreachable, gated, a full disk ...: the name may be right
         raise FileNotFoundError(f"cannot load the model {name_or_path}: there is no local folder of that name, and "
                                 f"loading it from the Hugging Face hub failed: {text}") from error

@@ -665,3 +665,4 @@ def test_advantage_rows_of_another_q_estimator_are_not_resumed(tmp_path):
     # rows whose states began with a BOS that this reference tokenizer (tiny: none) does not add
     assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(dict(row, bos_ids=[0])) == \
         ("bos_ids", [0], [])
+    assert DAPOAdvantages(critic="tiny", reference="tiny").resume_mismatch(dict(row, bos_ids=7)) == ("bos_ids", 7, [])
