@@ -8,17 +8,19 @@ after warm-up.
     python bench/reward_gpu.py --cpu-smoke             # every code path on a 2-layer model on the CPU (tests)
 
 MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / peak bf16 FLOP/s (989e12 for H100/H200
-dense, the usual MFU convention). Prints one JSON line per variant and a table.
+dense, the usual MFU convention, or the GPU's own from ``callbacks.throughput``). Prints one JSON line per variant and a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,7 @@ QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, 
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
 SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=128)
-PEAK_FLOPS = 989e12
+DEFAULT_PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, where the GPU's name is not in our table
 # name -> (precision, optimizer, compile, optimizer arguments beyond lr, RewardModel arguments). In our modules
 # torch's AdamW left at its defaults runs fused on CUDA ("autocast_foreach" forces torch's own default
 # instead) and Llama-style RMSNorms run as torch's fused kernel ("autocast_model_norms" keeps the model's own)
@@ -87,7 +89,7 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
                 accelerator: str = "gpu") -> dict:
     import importlib
 
-    from callbacks.throughput import Throughput, training_flops
+    from callbacks.throughput import Throughput, peak_flops_by_name, training_flops
     from modules.reward import RewardModel
 
     precision, optimizer_path, compile_model, optimizer_kwargs, model_kwargs = VARIANTS[name]
@@ -99,8 +101,9 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
     timer = StepTimer(warmup)
     # the training-run callback measures the same steps: its figures should agree with the timer's
     monitor = Throughput(warmup_steps=warmup, log_every_n_steps=steps)
+    # clipping at 1.0 as bt.yaml and TRL's RewardTrainer do: it is part of every step's cost
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer, monitor])
     trainer.fit(model, datamodule=RandomPairs(pairs, seq, shape["vocab_size"], warmup + steps))
     tokens_per_s = timer.tokens / timer.seconds
@@ -108,11 +111,12 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
     state_dtypes = sorted({str(t.dtype) for state in optimizer.state.values() for t in state.values()
                            if torch.is_tensor(t) and t.numel() > 1})
     flops_per_token = training_flops(1, seq, model.model_flops_shape) / seq  # 6 N + 12 L H seq
+    peak_flops = (peak_flops_by_name(torch.cuda.get_device_name()) if accelerator == "gpu" else None) or DEFAULT_PEAK_FLOPS
     result = {"variant": name, "precision": precision, "optimizer": optimizer_path, "compile": compile_model,
               "fused_norms": model_kwargs.get("fused_norms", True),
               "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach"),
               "tokens_per_s": tokens_per_s, "pairs_per_s": tokens_per_s / (2 * seq),
-              "mfu": tokens_per_s * flops_per_token / PEAK_FLOPS,
+              "mfu": tokens_per_s * flops_per_token / peak_flops,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if accelerator == "gpu" else float("nan"),
               "timed_steps": timer.timed_steps,
               "optimizer_state_dtypes": state_dtypes,
@@ -121,7 +125,9 @@ def run_variant(name: str, model_dir: str, steps: int, warmup: int, pairs: int, 
               "callback_padded_tokens_per_s": monitor.summary["padded_tokens_per_s"],
               "callback_mfu": monitor.summary.get("mfu"),
               "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"}
-    del trainer, model
+    del trainer, model, optimizer
+    gc.collect()  # the trainer and the module refer to each other: only a collection frees the weights and state
+    torch._dynamo.reset()
     if accelerator == "gpu":
         torch.cuda.empty_cache()
     return result
@@ -163,14 +169,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model_dir = write_model_dir(Path(folder), shape)
         for name in args.variants.split(","):
-            result = run_variant(name, model_dir, args.steps, args.warmup, args.pairs, args.seq, shape, accelerator)
+            try:
+                result = run_variant(name, model_dir, args.steps, args.warmup, args.pairs, args.seq, shape, accelerator)
+            except Exception as error:  # one variant's failure (out of memory, a compile error) must not cost the rest
+                traceback.print_exc()
+                result = {"variant": name, "error": f"{type(error).__name__}: {error}"[:2000]}
+                gc.collect()
             print(json.dumps(result), flush=True)
             results.append(result)
+            if args.out:  # after every variant: a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n{'variant':24}{'tokens/s':>12}{'pairs/s':>10}{'MFU':>8}{'peak GiB':>10}")
     for r in results:
-        print(f"{r['variant']:24}{r['tokens_per_s']:>12,.0f}{r['pairs_per_s']:>10.1f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        if "error" in r:
+            print(f"{r['variant']:24}FAILED: {r['error'][:200]}")
+        else:
+            print(f"{r['variant']:24}{r['tokens_per_s']:>12,.0f}{r['pairs_per_s']:>10.1f}{r['mfu']:>8.1%}"
+                  f"{r['peak_gib']:>10.1f}")
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,27 +4,37 @@ Both sides start from the same saved weights (one sequence-classification model 
 same token ids (ours tokenizes; TRL gets our ids as ``chosen_ids``/``rejected_ids``) in the same batch order
 (TRL's sampler is swapped for ours), with the same batch size, learning rate, AdamW betas and weight decay,
 constant schedule, gradient clipping 1.0 and seed. Each side keeps its own defaults otherwise (TRL: fused
-AdamW; ours: torch AdamW as configured in bt.yaml, fused on a GPU, and torch's fused RMSNorm kernel). TRL's gradient checkpointing (its default) is off unless
-``--trl-gradient-checkpointing``, since ours does not checkpoint. Runs alternate (ours, TRL, ours, TRL, ...)
-so machine load hits both alike; the table gives each run, the median and the best run of each, and
-throughput per CPU-second of the process (a shared CPU's load changes wall time far more than CPU time).
+AdamW; ours: torch AdamW as configured in bt.yaml, fused, and torch's fused RMSNorm kernel). TRL's gradient
+checkpointing (its default) is off unless ``--trl-gradient-checkpointing``, since ours does not checkpoint.
+
+Each *arm* is a trainer with optional settings: ``ours``, ``trl``, ``ours+compile+bf16w`` (torch.compile of
+the model, bf16 parameters without autocast), ``trl+compile+bf16w`` ... Every arm is compared with the
+baseline arm ``trl`` (TRL at its default settings) and, where one was run, with the TRL arm of the same
+settings (like for like, with the two loss curves checked against each other). Runs alternate, forwards in
+even repeats and backwards in odd ones (ours, TRL, TRL, ours, ...), so machine load and warm caches hit the
+arms alike; the table gives each run, the median and the best run of each arm, and throughput per
+CPU-second of the process (a shared CPU's load changes wall time far more than CPU time). A failing arm is
+recorded with its error and the others go on; with ``--json`` the summary is rewritten after every run, so
+a run cut short keeps what it measured.
 
     python bench/reward_vs_trl.py                       # CPU: the tiny preset, arithmetic pairs, ~3-5 minutes
-    python bench/reward_vs_trl.py --gpu-qwen2-0.5b      # GPU: the Qwen2-0.5B shape, random weights/tokens
-    python bench/reward_vs_trl.py --gpu-qwen2-0.5b --compile --bf16-weights
+    python bench/reward_vs_trl.py --gpu-qwen2-0.5b      # GPU: trl, ours, ours+compile+bf16w, twice each
 
 GPU mode: Qwen2-0.5B shape (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151,936, tied embeddings),
 random weights built from a config (no network), random tokens (random letters through the embedded byte
 tokenizer, one token each: the ids span only the byte range, which costs the same), 1024 tokens per side,
-8 pairs per step,
-AdamW lr 1e-5, bf16 autocast (``--bf16-weights``: bf16 parameters, no autocast); steps 11-30 timed. Prints
-tokens/s, pairs/s, MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / 989 TFLOP/s, peak memory.
+8 pairs per step, AdamW lr 1e-5, bf16 autocast unless the arm has ``bf16w``; steps 11-30 timed. Prints
+tokens/s, pairs/s, MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / the GPU's dense bf16 peak,
+the peak memory above what was allocated before the arm, and the ratios against the targets of issue 3
+(ours >= 1.1x TRL by default, >= 1.6x with compile + bf16 weights). Both sides read the loss back every step
+(ours for the loss curve, TRL through ``logging_steps=1``), one device sync per step each.
 TRL is the optional ``bench`` extra: ``pip install -e .[bench]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -34,7 +44,9 @@ import string
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +56,52 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, the usual MFU denominator
+DEFAULT_PEAK_FLOPS = 989e12  # dense bf16 of an H100/H200 SXM, where the GPU's name is not in our table
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151_936, tie_word_embeddings=True, max_position_embeddings=32768,
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+BASELINE = "trl"
+# issue 3's GPU targets: ours against TRL at its default settings
+GPU_TARGETS = {"ours": 1.1, "ours+compile+bf16w": 1.6}
+# largest per-step loss difference two arms of the same settings may show: float32 on the CPU agrees to
+# rounding; under bf16 the two models' kernels round differently from the first step on
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+SETTINGS = ("compile", "bf16w")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trainer with its settings, named ``trainer[+compile][+bf16w]``."""
+
+    trainer: str
+    compile: bool = False
+    bf16_weights: bool = False
+
+    @property
+    def setting(self) -> str:
+        parts = [name for name, on in zip(SETTINGS, (self.compile, self.bf16_weights)) if on]
+        return "+".join(parts)
+
+    @property
+    def name(self) -> str:
+        return self.trainer + (f"+{self.setting}" if self.setting else "")
+
+
+def parse_arms(text: str, gpu: bool) -> list[Arm]:
+    """``ours,trl,ours+compile+bf16w`` -> arms; raises ValueError naming what is wrong."""
+    arms = []
+    for token in (part.strip() for part in text.split(",")):
+        trainer, *settings = token.split("+")
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if trainer not in ("ours", "trl") or unknown or len(set(settings)) != len(settings):
+            raise ValueError(f"arm {token!r}: expected ours or trl, optionally followed by +compile and/or +bf16w")
+        if "bf16w" in settings and not gpu:
+            raise ValueError(f"arm {token!r}: bf16 weights (+bf16w) are a GPU-mode option (--gpu-qwen2-0.5b)")
+        arm = Arm(trainer, "compile" in settings, "bf16w" in settings)
+        if arm in arms:
+            raise ValueError(f"arm {arm.name!r} is named twice")
+        arms.append(arm)
+    return arms
 
 
 def sync() -> None:
@@ -56,8 +110,8 @@ def sync() -> None:
 
 
 class StepClock:
-    """Wall time at the end of every optimizer step (synchronised on a GPU only at the two timing marks,
-    so the clock itself does not stall the pipeline) and the loss of every step."""
+    """Wall time at the end of every optimizer step (the clock synchronises a GPU only at the two timing
+    marks; reading the loss back syncs every step, on both sides alike) and the loss of every step."""
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
@@ -190,29 +244,38 @@ def fit_reward_model(model_dir: Path, data_file: Path, batch_size: int, max_leng
         cli.trainer_defaults = defaults
 
 
-def run_ours(model_dir: Path, data_file: Path, step_tokens: list[int], out: Path, args, name: str) -> dict[str, Any]:
+def run_ours(model_dir: Path, data_file: Path, step_tokens: list[int], out: Path, args, arm: Arm,
+             name: str) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     clock = StepClock(args.warmup, args.steps)
+    setup: dict[str, Any] = {}
 
     class Clock(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            setup.update(optimizer=type(optimizer).__name__, fused=optimizer.defaults.get("fused"),
+                         foreach=optimizer.defaults.get("foreach"), precision=str(trainer.precision),
+                         fused_norm_layers=sum(isinstance(module.__dict__.get("forward"), functools.partial)
+                                               for module in pl_module.modules()))
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs["loss"].item() if (args.record_losses and outputs) else None
+            loss = outputs["loss"].item() if outputs else None
             clock.step_done(trainer.global_step, loss, step_tokens)
 
     extra = ["--model.init_args.lr_scheduler=null", f"--model.init_args.optimizer.init_args.lr={args.lr}"]
     if args.gpu_qwen2_05b:
         extra += [f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "--trainer.devices=1"]
-        extra += (["--trainer.precision=bf16-true", "--model.init_args.dtype=bfloat16"] if args.bf16_weights
+        extra += (["--trainer.precision=bf16-true", "--model.init_args.dtype=bfloat16"] if arm.bf16_weights
                   else ["--trainer.precision=bf16-mixed"])
-    if args.compile:
+    if arm.compile:
         extra.append("--model.init_args.compile=true")
     fit_reward_model(model_dir, data_file, args.batch_size, args.max_length, args.steps, args.seed, out, name, Clock(),
                      extra)
-    return clock.result(args.batch_size)
+    return clock.result(args.batch_size) | setup
 
 
-def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], step_tokens: list[int], out: Path, args,
+def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], step_tokens: list[int], out: Path, args, arm: Arm,
             name: str) -> dict[str, Any]:
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -235,7 +298,7 @@ def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], step_tokens: lis
             clock.step_done(state.global_step, None, step_tokens)
 
     gpu = args.gpu_qwen2_05b
-    dtype = torch.bfloat16 if args.bf16_weights else torch.float32
+    dtype = torch.bfloat16 if arm.bf16_weights else torch.float32
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = RewardConfig(
@@ -243,8 +306,8 @@ def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], step_tokens: lis
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, adam_beta1=0.9,
         adam_beta2=0.98, max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, logging_steps=1,
         report_to="none", save_strategy="no", disable_tqdm=True, max_length=args.max_length,
-        gradient_checkpointing=args.trl_gradient_checkpointing, bf16=gpu and not args.bf16_weights,
-        use_cpu=args.device == "cpu", torch_compile=args.compile, dataloader_num_workers=0, remove_unused_columns=True,
+        gradient_checkpointing=args.trl_gradient_checkpointing, bf16=gpu and not arm.bf16_weights,
+        use_cpu=args.device == "cpu", torch_compile=arm.compile, dataloader_num_workers=0, remove_unused_columns=True,
     )
     trainer = SameOrder(model=model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
                         processing_class=tokenizer, callbacks=[Clock()])
@@ -252,8 +315,20 @@ def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], step_tokens: lis
     trainer.train()
     result = clock.result(args.batch_size)
     result["optimizer"] = getattr(config.optim, "value", config.optim)
+    result["precision"] = "bf16 weights" if arm.bf16_weights else ("bf16 autocast" if config.bf16 else "fp32")
     del trainer, model
     return result
+
+
+def release_memory(on_cuda: bool) -> float:
+    """Free what the last arm left (reference cycles, compiled graphs, cached blocks); the bytes still allocated."""
+    gc.collect()
+    torch._dynamo.reset()
+    if not on_cuda:
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,41 +339,118 @@ def non_embedding_parameters(model_dir: Path) -> tuple[int, int, int]:
     return counts["non_embedding_parameters"], counts["layers"], counts["hidden"]
 
 
+def check_trl_importable() -> str:
+    """TRL's trainer and its data library, imported now: ``import trl`` alone is lazy, and a missing piece would
+    otherwise show only after our first arm had run. Returns TRL's version."""
+    try:
+        import datasets  # noqa: F401
+        import trl
+        from trl import RewardConfig, RewardTrainer  # noqa: F401
+    except Exception as error:  # an ImportError, or a version clash raised while importing
+        sys.exit(f"TRL's RewardTrainer cannot be imported ({type(error).__name__}: {error}); "
+                 "install the bench extra: pip install -e .[bench]")
+    return trl.__version__
+
+
+def run_order(arms: list[Arm], repeats: int) -> list[tuple[int, Arm]]:
+    """Forwards in even repeats, backwards in odd ones: A B C, C B A, A B C ..."""
+    return [(repeat, arm) for repeat in range(repeats) for arm in (arms if repeat % 2 == 0 else arms[::-1])]
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], arms: list[Arm], args, context: dict[str, Any]) -> dict[str, Any]:
+    """Per-arm medians and bests, ratios against the baseline and like for like, loss agreement; from the runs so
+    far (an arm with no finished run reports its errors only)."""
+    gpu = args.gpu_qwen2_05b
+    summary: dict[str, Any] = dict(context)
+    summary["arms"] = {}
+    for arm in arms:
+        finished = [r for r in runs[arm.name] if "error" not in r]
+        entry: dict[str, Any] = {"errors": [r["error"] for r in runs[arm.name] if "error" in r]}
+        if finished:
+            entry |= {
+                "pairs_per_s": statistics.median(r["pairs_per_s"] for r in finished),
+                "best_pairs_per_s": max(r["pairs_per_s"] for r in finished),
+                "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in finished),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in finished),
+                "final_loss": finished[-1]["final_loss"], "mean_loss_last_10": finished[-1]["mean_loss_last_10"],
+                "runs_pairs_per_s": [round(r["pairs_per_s"], 3) for r in finished],
+                "setup": {key: finished[-1].get(key) for key in
+                          ("optimizer", "fused", "foreach", "precision", "fused_norm_layers") if key in finished[-1]},
+            }
+            entry["mfu"] = entry["tokens_per_s"] * context["flops_per_token"] / context["peak_flops"] if gpu else None
+            if args.device == "cuda":
+                entry["peak_memory_gib"] = max(r["peak_memory_gib"] for r in finished)
+        summary["arms"][arm.name] = entry
+    measured = {name: entry for name, entry in summary["arms"].items() if "pairs_per_s" in entry}
+    comparisons = []
+    for arm in arms:
+        if arm.name not in measured:
+            continue
+        against = [BASELINE] if arm.trainer == "ours" else []
+        twin = Arm("trl", arm.compile, arm.bf16_weights).name
+        if arm.trainer == "ours" and twin != BASELINE:
+            against.append(twin)
+        for other in against:
+            if other not in measured:
+                continue
+            ours, theirs = measured[arm.name], measured[other]
+            row = {"arm": arm.name, "against": other,
+                   "ratio_median": ours["pairs_per_s"] / theirs["pairs_per_s"],
+                   "ratio_best": ours["best_pairs_per_s"] / theirs["best_pairs_per_s"],
+                   "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / theirs["pairs_per_cpu_s"]}
+            if args.device == "cuda" and gpu and other == BASELINE and arm.name in GPU_TARGETS:
+                row["target"] = GPU_TARGETS[arm.name]
+                row["target_met"] = row["ratio_median"] >= row["target"]
+            if other == twin:  # the same settings on both sides: the same loss curve, step for step
+                a, b = (next(r for r in reversed(runs[name]) if "error" not in r)["losses"] for name in (arm.name, other))
+                tolerance = LOSS_TOLERANCE["bf16" if gpu else "fp32"]
+                row["loss_difference_per_step_max"] = max(abs(x - y) for x, y in zip(a, b))
+                row["loss_tolerance"] = tolerance
+                row["losses_agree"] = row["loss_difference_per_step_max"] <= tolerance
+            comparisons.append(row)
+    summary["comparisons"] = comparisons
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu-qwen2-0.5b", dest="gpu_qwen2_05b", action="store_true",
                         help="the Qwen2-0.5B shape (hidden 896, 24 layers) on a GPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
-    parser.add_argument("--bf16-weights", action="store_true", help="bf16 parameters, no autocast (GPU)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated trainer[+compile][+bf16w] (CPU: ours,trl; GPU: trl,ours,ours+compile+bf16w)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; ours has none")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (CPU 40, GPU 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (CPU 5, GPU 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (CPU 32, GPU 8)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per side (CPU 128, GPU 1024)")
-    parser.add_argument("--repeats", type=int, default=None, help="alternating runs of each (CPU 3, GPU 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating runs of each arm (CPU 3, GPU 2)")
     parser.add_argument("--lr", type=float, default=None, help="CPU 3e-4 (bt.yaml), GPU 1e-5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="GPU mode on the CPU, to smoke-test it (with --qwen-layers 1)")
     parser.add_argument("--qwen-layers", type=int, default=None, help="fewer layers of the Qwen2 shape (smoke test)")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here, after every run")
     args = parser.parse_args(argv)
     gpu = args.gpu_qwen2_05b
     for key, cpu_value, gpu_value in (("steps", 40, 30), ("warmup", 5, 10), ("batch_size", 32, 8),
-                                      ("max_length", 128, 1024), ("repeats", 3, 1), ("lr", 3e-4, 1e-5)):
+                                      ("max_length", 128, 1024), ("repeats", 3, 2), ("lr", 3e-4, 1e-5),
+                                      ("arms", "ours,trl", "trl,ours,ours+compile+bf16w")):
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if gpu else cpu_value)
-    args.record_losses = True
+    try:
+        arms = parse_arms(args.arms, gpu)
+    except ValueError as error:
+        parser.error(str(error))
     args.device = args.device or ("cuda" if gpu else "cpu")
     if gpu and args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--gpu-qwen2-0.5b needs a CUDA device")
-    if args.bf16_weights and not gpu:
-        sys.exit("--bf16-weights is a GPU option")
-    try:
-        import trl
-    except ImportError:
-        sys.exit("TRL is not installed: pip install -e .[bench]")
+    trl_version = check_trl_importable() if any(arm.trainer == "trl" for arm in arms) else None
+
+    import lightning
+    import transformers
+
+    from callbacks.throughput import peak_flops_by_name
 
     out = Path(args.out or tempfile.mkdtemp(prefix="reward_vs_trl_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -307,83 +459,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_file = write_pairs(out, gpu, pairs_needed, args.max_length, args.seed)
     pairs = tokenized_pairs(model_dir, data_file, args.max_length)
     step_tokens = padded_tokens_per_step(pairs, args.batch_size, args.steps, args.seed)
-    load_start = os.getloadavg()[0]
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
-    for repeat in range(args.repeats):
-        for side in ("ours", "trl"):
-            on_cuda = args.device == "cuda"
-            if on_cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            name = f"{side}_{repeat}"
-            result = (run_ours(model_dir, data_file, step_tokens, out, args, name) if side == "ours"
-                      else run_trl(model_dir, pairs, step_tokens, out, args, name))
-            if on_cuda:
-                result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            runs[side].append(result)
-            gc.collect()
-            print(f"[{name}] {result['pairs_per_s']:.2f} pairs/s, {result['tokens_per_s']:.0f} tokens/s, "
-                  f"final loss {result['final_loss']:.4f}", flush=True)
-
+    on_cuda = args.device == "cuda"
+    device = torch.cuda.get_device_name() if on_cuda else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     n_params, layers, hidden = non_embedding_parameters(model_dir)
-    flops_per_token = 6 * n_params + 12 * layers * hidden * args.max_length
-    summary: dict[str, Any] = {"mode": "gpu-qwen2-0.5b" if gpu else "cpu-tiny", "settings": {
-        key: value for key, value in vars(args).items() if key not in ("out", "json", "record_losses")},
-        "non_embedding_parameters": n_params, "flops_per_token": flops_per_token,
-        "trl_version": trl.__version__, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
-        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
+    context: dict[str, Any] = {
+        "mode": "gpu-qwen2-0.5b" if gpu else "cpu-tiny",
+        "settings": {key: value for key, value in vars(args).items() if key not in ("out", "json")},
+        "non_embedding_parameters": n_params, "flops_per_token": 6 * n_params + 12 * layers * hidden * args.max_length,
+        "peak_flops": (peak_flops_by_name(device) if on_cuda else None) or DEFAULT_PEAK_FLOPS,
+        "versions": {"trl": trl_version, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "lightning": lightning.__version__},
+        "device": device, "load_average": {"start": round(os.getloadavg()[0], 2)},
         # on a shared CPU the thread count changes the result more than either trainer does: record it
         "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    for side, results in runs.items():
-        summary[side] = {
-            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in results),
-            "best_pairs_per_s": max(r["pairs_per_s"] for r in results),
-            "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in results),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
-            "final_loss": results[-1]["final_loss"], "mean_loss_last_10": results[-1]["mean_loss_last_10"],
-            "runs_pairs_per_s": [round(r["pairs_per_s"], 3) for r in results],
-        }
-        summary[side]["mfu"] = summary[side]["tokens_per_s"] * flops_per_token / PEAK_FLOPS if gpu else None
-        if args.device == "cuda":
-            summary[side]["peak_memory_gb"] = max(r["peak_memory_gb"] for r in results)
-        if side == "trl":
-            summary[side]["optimizer"] = results[-1]["optimizer"]
-    summary["ratio_ours_over_trl"] = summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"]
-    summary["ratio_best_ours_over_best_trl"] = summary["ours"]["best_pairs_per_s"] / summary["trl"]["best_pairs_per_s"]
-    summary["ratio_per_cpu_second"] = summary["ours"]["pairs_per_cpu_s"] / summary["trl"]["pairs_per_cpu_s"]
-    summary["loss_difference_per_step_max"] = max(
-        abs(a - b) for a, b in zip(runs["ours"][-1]["losses"], runs["trl"][-1]["losses"]))
-    print_table(summary, gpu)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    runs: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms}
+    summary = summarise(runs, arms, args, context)
+    for repeat, arm in run_order(arms, args.repeats):
+        name = f"{arm.name.replace('+', '_')}_{repeat}"
+        allocated_before = release_memory(on_cuda)
+        try:
+            result = (run_ours(model_dir, data_file, step_tokens, out, args, arm, name) if arm.trainer == "ours"
+                      else run_trl(model_dir, pairs, step_tokens, out, args, arm, name))
+        except Exception as error:  # one arm's failure (out of memory, a compile error) must not cost the others
+            traceback.print_exc()
+            runs[arm.name].append({"error": f"{type(error).__name__}: {error}"[:2000], "repeat": repeat})
+            print(f"[{name}] FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        else:
+            if on_cuda:
+                result["peak_memory_gib"] = (torch.cuda.max_memory_allocated() - allocated_before) / 2**30
+            runs[arm.name].append(result)
+            print(f"[{name}] {result['pairs_per_s']:.2f} pairs/s, {result['tokens_per_s']:.0f} tokens/s, "
+                  f"final loss {result['final_loss']:.4f}", flush=True)
+        context["load_average"]["end"] = round(os.getloadavg()[0], 2)
+        summary = summarise(runs, arms, args, context)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2))
+    print_table(summary, arms, gpu)
     return summary
 
 
-def print_table(summary: dict[str, Any], gpu: bool) -> None:
+def print_table(summary: dict[str, Any], arms: list[Arm], gpu: bool) -> None:
     settings = summary["settings"]
+    versions = summary["versions"]
     print(f"\nReward-model training, {summary['mode']} on {summary['device']}; batch {settings['batch_size']} pairs, "
           f"{settings['max_length']} tokens/side max, {settings['steps']} steps ({settings['warmup']} untimed), "
-          f"{settings['repeats']} alternating run(s) each, one process (machine load hits both alike); "
-          f"load average {summary['load_average']['start']} -> {summary['load_average']['end']}; "
+          f"{settings['repeats']} alternating run(s) per arm, one process (machine load hits every arm alike); "
+          f"load average {summary['load_average']['start']} -> {summary['load_average'].get('end')}; "
           f"{summary['torch_threads']} torch thread(s) (OMP_NUM_THREADS={summary['OMP_NUM_THREADS']}); "
-          f"TRL {summary['trl_version']}, torch {summary['torch']}")
-    header = ("| trainer | pairs/s, median [each run] | best pairs/s | pairs per CPU-second | tokens/s (median) | "
+          f"TRL {versions['trl']}, torch {versions['torch']}, transformers {versions['transformers']}, "
+          f"lightning {versions['lightning']}")
+    header = ("| arm | setup | pairs/s, median [each run] | best pairs/s | pairs per CPU-second | tokens/s (median) | "
               "final loss | mean loss, last 10 steps |")
     header += " MFU | peak memory |" if gpu else ""
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for side, label in (("ours", "ours (cli fit)"), ("trl", f"TRL RewardTrainer ({summary['trl']['optimizer']})")):
-        entry = summary[side]
-        line = (f"| {label} | {entry['pairs_per_s']:.2f} {entry['runs_pairs_per_s']} | {entry['best_pairs_per_s']:.2f} | "
-                f"{entry['pairs_per_cpu_s']:.2f} | {entry['tokens_per_s']:.0f} | {entry['final_loss']:.4f} | "
-                f"{entry['mean_loss_last_10']:.4f} |")
+    for arm in arms:
+        entry = summary["arms"][arm.name]
+        if "pairs_per_s" not in entry:
+            print(f"| {arm.name} | FAILED: {'; '.join(entry['errors'])[:200]} |")
+            continue
+        setup = ", ".join(f"{key} {value}" for key, value in entry["setup"].items() if value is not None)
+        line = (f"| {arm.name} | {setup} | {entry['pairs_per_s']:.2f} {entry['runs_pairs_per_s']} | "
+                f"{entry['best_pairs_per_s']:.2f} | {entry['pairs_per_cpu_s']:.2f} | {entry['tokens_per_s']:.0f} | "
+                f"{entry['final_loss']:.4f} | {entry['mean_loss_last_10']:.4f} |")
         if gpu:
-            line += f" {100 * entry['mfu']:.1f}% | {entry.get('peak_memory_gb', float('nan')):.1f} GB |"
+            line += f" {100 * entry['mfu']:.1f}% | {entry.get('peak_memory_gib', float('nan')):.1f} GiB |"
         print(line)
-    print(f"ratio ours/TRL: median pairs/s {summary['ratio_ours_over_trl']:.3f}, best pairs/s "
-          f"{summary['ratio_best_ours_over_best_trl']:.3f}, pairs per CPU-second {summary['ratio_per_cpu_second']:.3f}; "
-          f"largest per-step loss difference (last runs): {summary['loss_difference_per_step_max']:.2e}")
+    for row in summary["comparisons"]:
+        line = (f"{row['arm']} / {row['against']}: median pairs/s {row['ratio_median']:.3f}, best "
+                f"{row['ratio_best']:.3f}, per CPU-second {row['ratio_per_cpu_second']:.3f}")
+        if "target" in row:
+            line += f"; target >= {row['target']}: {'MET' if row['target_met'] else 'NOT MET'}"
+        if "losses_agree" in row:
+            line += (f"; largest per-step loss difference {row['loss_difference_per_step_max']:.2e} "
+                     f"({'AGREE' if row['losses_agree'] else 'DISAGREE'}, tolerance {row['loss_tolerance']:.0e})")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,10 @@ class RewardBenchScores(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         result = self.compute(trainer)
         self.result = result
+        if result["missing_categories"]:
+            rank_zero_warn(f"RewardBench: no subset of {result['missing_categories']} in the data, so 'overall' is the "
+                           "mean of the other categories, not the leaderboard's figure (which counts a missing "
+                           "category as 0)")
         logged = {metric_key(name): value for name, value in result["categories"].items()}
         logged["test/rewardbench/overall"] = result["overall"]
         for logger in trainer.loggers:

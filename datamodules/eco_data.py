@@ -200,9 +200,11 @@ class EcoPromptData(TofuQAData):
     def _encode_prompts(self, split: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items = []
         for row in rows:
-            ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_length:
-                ids = ids[:self.max_length]
+            # with the tokenizer's special tokens, as a classifier was pretrained (an encoder pools its <s>/[CLS]);
+            # PromptGate encodes the prompts it flags the same way
+            ids = self.tokenizer(row["text"])["input_ids"]
+            if len(ids) > self.max_length:  # cut the text, not the special tokens around it
+                ids = self.tokenizer(row["text"], truncation=True, max_length=self.max_length)["input_ids"]
                 self.report.truncated[split] = self.report.truncated.get(split, 0) + 1
             # row_id: position in the split, so evaluation under DDP counts each prompt once
             items.append({"input_ids": ids, "label": row["label"], "kind": row["kind"], "row_id": len(items)})

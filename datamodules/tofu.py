@@ -51,7 +51,7 @@ from datamodules.common import (
     padding_id,
     training_loader,
 )
-from datamodules.text import TextDataModule
+from datamodules.text import TextDataModule, with_default_prefix
 
 TASKS = ("finetune", "unlearn")
 OVERLENGTH = ("truncate", "drop", "error")
@@ -102,7 +102,8 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int, use_chat_t
         response = full[len(prompt):]
     else:
         response = answer + (tokenizer.eos_token or "")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # the BOS a Llama or Gemma backbone was trained with, once, also where the template renders none
+    prompt_ids = with_default_prefix(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"])
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     total = len(prompt_ids) + len(response_ids)
     truncated = total > max_length

@@ -425,8 +425,10 @@ class DAPORollouts(DAPOPolicy):
     """Stage 1 (``predict`` over ``DAPOProblems``): the Monte-Carlo rollout dataset, one row per problem.
 
     Per problem: ``n1`` sampled responses; keep ``n`` distinct ones balancing correct and wrong; split each
-    on "\\n" (``max_step_chars`` caps a step); from every distinct step-prefix state sample ``m``
-    completions; MC value = fraction correct; candidates = de-duplicated first steps of the completions.
+    on "\\n" (``max_step_chars`` > 0 also cuts a longer line into pieces); from every distinct step-prefix
+    state sample ``m`` completions; MC value = fraction correct; candidates = de-duplicated first steps of the
+    completions. The defaults are the paper's (n1 = 32, n = 6, m = 16, a step is a line);
+    ``configs/dapo/rollouts.yaml`` halves them for the 2-core CPU.
     The model is the generator, the completer and (later) π_ref. ``temperature``/``top_p`` shape sampling;
     ``max_new_tokens`` bounds a response, ``completion_max_new_tokens`` a completion (default: the same).
 
@@ -435,8 +437,8 @@ class DAPORollouts(DAPOPolicy):
     (``resume_mismatch``) make it refuse the run instead.
     """
 
-    def __init__(self, n1: int = 16, n: int = 4, m: int = 8, temperature: float = 1.0, top_p: float = 1.0,
-                 completion_max_new_tokens: int | None = None, max_step_chars: int = 256, seed: int = 0,
+    def __init__(self, n1: int = 32, n: int = 6, m: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                 completion_max_new_tokens: int | None = None, max_step_chars: int = 0, seed: int = 0,
                  **kwargs):
         super().__init__(**kwargs)
         if min(n1, n, m) <= 0 or n > n1:
@@ -750,7 +752,8 @@ class DAPOAdvantages(pl.LightningModule):
                     q_sources.append("monte_carlo")
                 state_index.append(index)
         state_values = list(values)  # V(s) of the states themselves, a diagnostic in either mode
-        advantages, gaps = sibling_advantages(torch.tensor(q_values), torch.tensor(state_index))
+        # float64 from the start: a float32 round trip gives Q = (0.2, 0.6, 1.0) a middle advantage of 1.5e-8, not 0
+        advantages, gaps = sibling_advantages(torch.tensor(q_values, dtype=torch.float64), torch.tensor(state_index))
         kept = [(gaps[i].item() >= self.min_gap and len(s["candidates"]) >= 2) for i, s in enumerate(states)]
         ref_rows = [(s["prompt_text"], s["prefix"], c["action"], c["terminal"])
                     for s, keep in zip(states, kept) if keep for c in s["candidates"]]

@@ -458,8 +458,8 @@ class PromptGate:
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start:start + self.batch_size])
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                 add_special_tokens=False, return_tensors="pt")
+            # with special tokens, as EcoPromptData encodes the classifier's training prompts
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             logits = self.model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
             out.append(torch.softmax(logits.float(), -1)[:, 1].cpu())
         return torch.cat(out) if out else torch.zeros(0)
@@ -518,6 +518,7 @@ class EcoLM:
         return flags
 
     def _entity_mask(self, prompt_ids: Sequence[int], question: str) -> torch.Tensor:
+        from datamodules.text import with_default_prefix
         from datamodules.tofu import render_prompt
         from datamodules.tofu_data import spans_to_token_mask
 
@@ -525,10 +526,13 @@ class EcoLM:
         candidates = [render_prompt(self.tokenizer, question, use_template), render_prompt(self.tokenizer, question, False)]
         for text in candidates:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            if list(enc["input_ids"]) == list(prompt_ids):
+            # encode_qa puts the tokenizer's BOS in front where the rendered text has none: it is no entity
+            prefix = len(prompt_ids) - len(enc["input_ids"])
+            if list(with_default_prefix(self.tokenizer, list(enc["input_ids"]))) == list(prompt_ids):
                 shift = text.find(question)
                 spans = [[s + shift, e + shift] for s, e in entity_char_spans(question, self.settings.entity_names)]
-                return torch.tensor(spans_to_token_mask(enc["offset_mapping"], spans), dtype=torch.bool)
+                return torch.tensor([False] * prefix + spans_to_token_mask(enc["offset_mapping"], spans),
+                                    dtype=torch.bool)
         raise ValueError("entity token selection: the prompt tokens do not match the rendered question "
                          f"{question[:60]!r}; batches must come from the TOFU/multiple-choice encoders")
 
@@ -779,6 +783,12 @@ def classifier_threshold(path: str | os.PathLike) -> float:
 # The corruption learner
 
 METRICS = ("answer_prob", "truth_ratio", "truth_ratio_ks", "mc_accuracy")
+
+
+def reached_stop(metric: float, objective: float, tolerance: float, stop_below: float | None) -> bool:
+    """The corruption learner's stopping rule: J within ``tolerance`` of the target, or (one-sided, as the
+    released WMDP script stops once accuracy < 0.27) the metric below ``stop_below``."""
+    return objective <= tolerance or (stop_below is not None and metric < stop_below)
 DEFAULT_SCORE_BATCH = 64  # sequences per forward pass of the learner when neither it nor its data module says
 
 
@@ -902,14 +912,17 @@ class EcoCorruptionLearner(pl.LightningModule):
                  min_strength: float = 1e-4, vector: bool = False, directions: int = 1,
                  metric: str = "truth_ratio_ks", target: float | None = None, retain_eval: str | None = None,
                  token_selection: str = "all_but_last", entity_names: list[str] | None = None,
-                 tolerance: float = 0.0, seed: int = 0, settings_dir: str | None = None,
-                 dtype: str | None = None, init_scan: list[float] | None = None, batch_size: int | None = None):
+                 tolerance: float = 0.0, stop_below: float | None = None, seed: int = 0,
+                 settings_dir: str | None = None, dtype: str | None = None, init_scan: list[float] | None = None,
+                 batch_size: int | None = None):
         """``metric``: ``truth_ratio_ks`` (the default, as in ``configs/eco/learn.yaml``), ``truth_ratio``,
         ``answer_prob`` or ``mc_accuracy`` (``forget_metric``). ``epsilon``: finite-difference step (default
         0.999 * strength, the released WMDP script's choice). ``target``: the metric's target; default chance
         for ``mc_accuracy`` (1 / options) and the retain model's value from ``retain_eval`` otherwise; ``truth_ratio_ks`` has target 0 (J is the KS
         distance to the retain model's forget truth ratios, read from ``retain_eval``). ``tolerance``: stop
-        once J <= tolerance. ``init_scan``: strengths (e.g. log-spaced, [0.1, 1, ..., 10000]) to evaluate
+        once J <= tolerance. ``stop_below``: also stop once the metric falls below this value, the released
+        WMDP script's one-sided rule (``mc_accuracy``, 4 options: 0.27); the settings written are still those of
+        the lowest J evaluated. ``init_scan``: strengths (e.g. log-spaced, [0.1, 1, ..., 10000]) to evaluate
         before the first step; the descent starts from the best of them instead of ``strength``. With
         ``vector: true`` each value is a common scale for every dimension. ``epsilon`` keeps its value (by
         default 0.999 * ``strength``), so the refinement probes the same width around the scan's pick.
@@ -1083,7 +1096,7 @@ class EcoCorruptionLearner(pl.LightningModule):
         self._log({"train/objective": j_now, "train/metric": metric_now, "train/strength": float(s.mean()),
                    "train/gradient": float(torch.as_tensor(grad).norm()), "train/forward_passes": self.forward_passes},
                   step=step)
-        if j_now <= hp.tolerance:
+        if reached_stop(metric_now, j_now, hp.tolerance, hp.stop_below):
             self.trainer.should_stop = True
 
     def learned_settings(self) -> EcoSettings:

@@ -26,6 +26,7 @@ Saved evaluation JSON (``save_eval``/``load_eval``; the retain model's file feed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -162,9 +163,24 @@ def normalized_prob(gt_nll: Any, perturbed_nll: Any) -> np.ndarray:
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """Lowercase alphanumeric runs: whitespace and punctuation separate tokens (no stemming)."""
-    return _TOKEN.findall(text.lower())
+@functools.lru_cache(maxsize=1)
+def _porter_stemmer():
+    from nltk.stem.porter import PorterStemmer  # NLTK's default mode, the one the rouge_score package uses
+
+    return PorterStemmer()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(token: str) -> str:
+    return _porter_stemmer().stem(token)
+
+
+def rouge_tokens(text: str, stem: bool = True) -> list[str]:
+    """ROUGE's tokens as TOFU scores them (``rouge_score`` with ``use_stemmer=True``): lowercase alphanumeric
+    runs (whitespace and punctuation separate them), each of more than 3 characters Porter-stemmed, so
+    "writes" and "write" match. ``stem=False`` keeps the runs as they are."""
+    tokens = _TOKEN.findall(text.lower())
+    return [_stem(token) if stem and len(token) > 3 else token for token in tokens]
 
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -179,15 +195,12 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """|LCS(prediction, reference)| / |reference| over ``rouge_tokens``; 0 for a reference without tokens.
-
-    Unlike the ``rouge_score`` package TOFU used, no Porter stemming: "writes" and "write" differ.
-    """
-    ref = rouge_tokens(reference)
+def rouge_l_recall(prediction: str, reference: str, stem: bool = True) -> float:
+    """|LCS(prediction, reference)| / |reference| over ``rouge_tokens``; 0 for a reference without tokens."""
+    ref = rouge_tokens(reference, stem)
     if not ref:
         return 0.0
-    return _lcs_length(rouge_tokens(prediction), ref) / len(ref)
+    return _lcs_length(rouge_tokens(prediction, stem), ref) / len(ref)
 
 
 # ----------------------------------------------------------------------------------------------------

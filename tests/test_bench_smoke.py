@@ -34,10 +34,13 @@ def test_reward_gpu_bench_runs_every_non_compiled_variant_on_the_cpu():
     assert results["autocast"]["optimizer_state_dtypes"] == ["torch.float32"]
 
 
-def test_reward_gpu_bench_rejects_unknown_variants():
-    done = subprocess.run([sys.executable, "bench/reward_gpu.py", "--cpu-smoke", "--variants", "autocast,fast"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "unknown variants ['fast']" in done.stderr
+def test_reward_gpu_bench_rejects_unknown_variants(monkeypatch):
+    import pytest
+
+    bench = _bench_module("reward_gpu")
+    monkeypatch.setattr(sys, "argv", ["reward_gpu.py", "--cpu-smoke", "--variants", "autocast,fast"])
+    with pytest.raises(SystemExit, match=r"unknown variants \['fast'\]"):
+        bench.main()
 
 
 def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
@@ -46,6 +49,7 @@ def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
     pytest.importorskip("trl", reason="TRL is the optional bench extra")
     out = tmp_path / "summary.json"
     done = subprocess.run([sys.executable, "bench/reward_vs_trl.py", "--gpu-qwen2-0.5b", "--device", "cpu",
+                           "--arms", "trl,ours,ours+bf16w,trl+bf16w", "--repeats", "1",
                            "--qwen-layers", "1", "--steps", "3", "--warmup", "1", "--batch-size", "2",
                            "--max-length", "32", "--out", str(tmp_path / "work"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -53,9 +57,13 @@ def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["mode"] == "gpu-qwen2-0.5b" and summary["settings"]["max_length"] == 32
+    assert all(entry["pairs_per_s"] > 0 and not entry["errors"] for entry in summary["arms"].values())
+    assert summary["arms"]["ours+bf16w"]["setup"]["precision"] == "bf16-true"
+    rows = {(row["arm"], row["against"]): row for row in summary["comparisons"]}
     # the same start weights, batches and loss on both sides: the losses agree step by step
-    assert summary["loss_difference_per_step_max"] < 1e-4
-    assert summary["ours"]["pairs_per_s"] > 0 and summary["trl"]["pairs_per_s"] > 0
+    assert rows[("ours", "trl")]["loss_difference_per_step_max"] < 1e-4
+    assert rows[("ours+bf16w", "trl+bf16w")]["losses_agree"], rows[("ours+bf16w", "trl+bf16w")]
+    assert "| ours+bf16w |" in done.stdout and "ours / trl: median pairs/s" in done.stdout
 
 
 def test_length_grouping_bench_trains_both_ways_and_grouping_pads_less(tmp_path):
@@ -70,3 +78,66 @@ def test_length_grouping_bench_trains_both_ways_and_grouping_pads_less(tmp_path)
         assert grouped["positions"] < uniform["positions"], name
         assert result["ratio"] > 0
     assert "| long_tail | 8 × 512 |" in done.stdout
+
+
+def _bench_module(name: str):
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_reward_vs_trl_arms_parse_and_alternate():
+    import pytest
+
+    bench = _bench_module("reward_vs_trl")
+    arms = bench.parse_arms("trl, ours,ours+compile+bf16w", gpu=True)
+    assert [arm.name for arm in arms] == ["trl", "ours", "ours+compile+bf16w"]
+    assert arms[2] == bench.Arm("ours", compile=True, bf16_weights=True)
+    assert bench.parse_arms("ours+bf16w+compile", gpu=True)[0].name == "ours+compile+bf16w"  # one name per arm
+    order = [(repeat, arm.name) for repeat, arm in bench.run_order(arms[:2], 3)]
+    assert order == [(0, "trl"), (0, "ours"), (1, "ours"), (1, "trl"), (2, "trl"), (2, "ours")]
+    for text, message in [("ours,tlr", "expected ours or trl"), ("ours+fast", "expected ours or trl"),
+                          ("ours+compile+compile", "expected ours or trl"), ("ours,ours", "named twice"),
+                          ("ours+bf16w", "GPU-mode option")]:
+        with pytest.raises(ValueError, match=message):
+            bench.parse_arms(text, gpu=text != "ours+bf16w")
+
+
+def test_reward_vs_trl_summary_compares_with_trl_defaults_and_like_for_like():
+    from types import SimpleNamespace
+
+    bench = _bench_module("reward_vs_trl")
+    arms = bench.parse_arms("trl,ours,ours+compile+bf16w,trl+compile+bf16w", gpu=True)
+
+    def run(pairs_per_s, losses, **extra):
+        return {"pairs_per_s": pairs_per_s, "pairs_per_cpu_s": pairs_per_s / 2, "tokens_per_s": 2048 * pairs_per_s,
+                "final_loss": losses[-1], "mean_loss_last_10": sum(losses) / len(losses), "losses": losses,
+                "peak_memory_gib": 20.0, **extra}
+
+    runs = {"trl": [run(40.0, [0.7, 0.6]), run(44.0, [0.7, 0.6])],
+            "ours": [run(48.0, [0.7, 0.61]), run(46.0, [0.7, 0.61])],
+            "ours+compile+bf16w": [{"error": "OutOfMemoryError: ...", "repeat": 0}, run(70.0, [0.7, 0.5])],
+            "trl+compile+bf16w": [run(50.0, [0.7, 0.7])]}
+    args = SimpleNamespace(gpu_qwen2_05b=True, device="cuda")
+    summary = bench.summarise(runs, arms, args, {"flops_per_token": 1e9, "peak_flops": 1e15})
+    trl, ours = summary["arms"]["trl"], summary["arms"]["ours"]
+    assert trl["pairs_per_s"] == 42.0 and ours["pairs_per_s"] == 47.0 and ours["best_pairs_per_s"] == 48.0
+    assert ours["mfu"] == 47.0 * 2048 * 1e9 / 1e15
+    assert summary["arms"]["ours+compile+bf16w"]["errors"] == ["OutOfMemoryError: ..."]
+    rows = {(row["arm"], row["against"]): row for row in summary["comparisons"]}
+    assert set(rows) == {("ours", "trl"), ("ours+compile+bf16w", "trl"), ("ours+compile+bf16w", "trl+compile+bf16w")}
+    default = rows[("ours", "trl")]
+    assert default["ratio_median"] == 47.0 / 42.0 and default["ratio_best"] == 48.0 / 44.0
+    assert default["target"] == 1.1 and default["target_met"] is True  # 1.119 >= 1.1
+    # the same settings on both sides: their loss curves are compared step by step (bf16 tolerance)
+    assert default["losses_agree"] is True and abs(default["loss_difference_per_step_max"] - 0.01) < 1e-12
+    fast = rows[("ours+compile+bf16w", "trl")]
+    assert fast["ratio_median"] == 70.0 / 42.0 and fast["target"] == 1.6 and fast["target_met"] is True
+    assert "losses_agree" not in fast  # other settings than TRL's defaults: no loss comparison
+    twin = rows[("ours+compile+bf16w", "trl+compile+bf16w")]
+    assert twin["ratio_median"] == 70.0 / 50.0 and "target" not in twin
+    assert twin["losses_agree"] is False and abs(twin["loss_difference_per_step_max"] - 0.2) < 1e-12

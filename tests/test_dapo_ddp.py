@@ -91,11 +91,15 @@ def test_pass_at_1_under_two_ddp_processes_counts_each_problem_once(tmp_path):
     common = ["test", "--config", str(ROOT / "configs/dapo/evaluate.yaml"), "--model.init_args.model=tiny-sft",
               "--data.init_args.test_size=5", "--data.init_args.eval_batch_size=2",
               "--model.init_args.max_new_tokens=24"]
+    import cli
+
     results = {}
-    for name, extra in (("one", []), ("ddp", ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")])):
-        command = [sys.executable, str(ROOT / "cli.py"), *common, *extra, *quiet_run_args(tmp_path, name)]
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+    cli.main([*common, *quiet_run_args(tmp_path, "one")])  # the one-process baseline, in this process
+    ddp = [sys.executable, str(ROOT / "cli.py"), *common, "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
+           *quiet_run_args(tmp_path, "ddp")]
+    run = subprocess.run(ddp, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("one", "ddp"):
         [folder] = list((tmp_path / name).glob("version_*"))
         rows = [json.loads(line) for line in (folder / "test_generations.jsonl").read_text().splitlines()]
         results[name] = (json.loads((folder / "summary.json").read_text())["stages"]["test"]["metrics"], rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -333,7 +334,6 @@ def test_length_grouped_order_is_a_seeded_permutation_per_epoch_with_less_paddin
 def test_length_grouped_batches_stay_grouped_through_lightnings_ddp_preparation():
     """Lightning wraps a training sampler that is not a DistributedSampler in one that reshuffles it; the
     training loader must come through its preparation for 2 DDP processes unchanged and still grouped."""
-    from types import SimpleNamespace
 
     import lightning.pytorch as pl
     from lightning.pytorch.trainer.states import RunningStage
@@ -397,7 +397,6 @@ def test_group_by_length_pads_less_in_the_training_loader(module):
 
 
 def test_training_loader_groups_one_batch_per_process():
-    from types import SimpleNamespace
 
     from datamodules.common import EpochSeededSampler, LengthGroupedSampler, ProcessShard, training_loader
 
@@ -431,9 +430,10 @@ def test_validate_without_validation_data_is_an_error_but_fit_without_it_works(t
     assert validated.report.rows == {"val": 2}
 
 
-def _tokenizer_with_bos(chat_template: str | None = None, adds_bos: bool = True):
+def _tokenizer_with_bos(chat_template: str | None = None, adds_bos: bool = True, adds_eos: bool = False):
     """A word-level tokenizer that adds <s> in front of every text by default, as Llama's and Gemma's do
-    (with ``adds_bos`` false, the same vocabulary without that); built in memory, nothing downloaded."""
+    (with ``adds_bos`` false, the same vocabulary without that; with ``adds_eos``, also </s> at the end, as
+    an encoder such as RoBERTa does); built in memory, nothing downloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -441,7 +441,8 @@ def _tokenizer_with_bos(chat_template: str | None = None, adds_bos: bool = True)
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if adds_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>" if adds_eos else "<s> $A", special_tokens=[("<s>", 0), ("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
     tokenizer.chat_template = chat_template
@@ -505,6 +506,39 @@ def test_a_chat_template_without_bos_gets_the_tokenizers_bos_everywhere(tmp_path
     sft.setup("fit")
     assert sft.datasets["train"][0]["input_ids"][:4] == [bos, 8, 10, 4]
     assert encode_state(tokenizer, prompt_text_for(tokenizer, "q", True), "")[:4] == [bos, 8, 10, 4]
+
+
+@pytest.mark.parametrize("bos_in_template", [False, True])
+def test_tofu_questions_get_the_tokenizers_bos_once(bos_in_template):
+    from datamodules.tofu import encode_qa
+
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    tokenizer = _tokenizer_with_bos(("{{ bos_token }}" if bos_in_template else "") + template)
+    bos = tokenizer.bos_token_id
+    item = encode_qa(tokenizer, "q", "good", max_length=32)
+    assert item.prompt_ids == [bos, 8, 10, 4]  # <s> user : q
+    assert item.input_ids == [bos, 8, 10, 4, 9, 10, 6] and item.labels == [-100] * 4 + [9, 10, 6]
+
+
+def test_eco_entity_tokens_are_found_behind_the_bos():
+    from modules.eco import EcoLM
+
+    tokenizer = _tokenizer_with_bos("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}")
+    owner = SimpleNamespace(tokenizer=tokenizer, settings=SimpleNamespace(entity_names=["q"]))
+    mask = EcoLM._entity_mask(owner, [tokenizer.bos_token_id, 8, 10, 4], "q")  # <s> user : q
+    assert mask.tolist() == [False, False, False, True]
+
+
+def test_eco_classifier_prompts_keep_an_encoders_special_tokens_when_cut():
+    from datamodules.common import DataReport
+    from datamodules.eco_data import EcoPromptData
+
+    tokenizer = _tokenizer_with_bos(adds_eos=True)  # <s> text </s>, as RoBERTa, the paper's classifier
+    owner = SimpleNamespace(tokenizer=tokenizer, max_length=4, report=DataReport())
+    rows = [{"text": "q a good bad", "label": 1, "kind": "forget"}, {"text": "q", "label": 0, "kind": "retain"}]
+    items = EcoPromptData._encode_prompts(owner, "train", rows)
+    assert [item["input_ids"] for item in items] == [[0, 4, 5, 1], [0, 4, 1]]  # the cut keeps </s>
+    assert owner.report.truncated == {"train": 1} and owner.report.rows == {"train": 2}
 
 
 def test_chat_template_preference_text_gets_no_second_bos(tmp_path):

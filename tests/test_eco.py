@@ -217,7 +217,7 @@ def test_central_difference_is_exact_on_a_quadratic():
     # (J(0.7) - J(0)) / 1 = (2.3^2 - 3^2) / 1
     grad, _, lower = eco.central_difference(f, 0.2, 0.5, min_strength=0.0)
     assert lower == f(0.0) and grad == pytest.approx(5.29 - 9.0)
-    s = 0.5  # the update rule drives the strength to the minimum
+    s = 0.5  # plain descent on these estimates finds the minimum (the learner's own update: tested below)
     for _ in range(50):
         g, _, _ = eco.central_difference(f, s, 0.1)
         s = max(1e-4, s - 0.25 * g)
@@ -867,3 +867,14 @@ def test_learner_refuses_to_run_without_a_step_limit(max_epochs):
                                  enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="needs a step limit: set trainer.max_steps"):
         learner.on_fit_start()
+
+
+@pytest.mark.parametrize(("metric", "objective", "tolerance", "stop_below", "stops"), [
+    (0.30, 0.05, 0.0, None, False),   # two-sided only: J = 0.05 is not within a tolerance of 0
+    (0.30, 0.05, 0.05, None, True),   # J within the tolerance
+    (0.26, 0.01, 0.0, 0.27, True),    # accuracy below 0.27: the released WMDP rule stops
+    (0.27, 0.02, 0.0, 0.27, False),   # strictly below
+    (0.10, 0.15, 0.0, 0.27, True),    # far below chance stops too, though J grew
+])
+def test_the_learner_stops_within_tolerance_or_below_stop_below(metric, objective, tolerance, stop_below, stops):
+    assert eco.reached_stop(metric, objective, tolerance, stop_below) is stops

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import ROOT
-from test_resume_ddp import cli
+from test_resume_ddp import cli, cli_in_process
 
 CLIP = 1e-3  # far below the gradient norms of these steps, so every step is clipped
 FSDP_ON_CPU = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
@@ -120,9 +120,8 @@ def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(
     sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
                   config="configs/flat/unlearn.yaml")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one = cli(tmp_path, "one", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
-              config="configs/flat/unlearn.yaml", subcommand="test")
-    assert one.returncode == 0, one.stderr[-3000:]
+    cli_in_process(tmp_path, "one", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
+                   config="configs/flat/unlearn.yaml", subcommand="test")
     [during_fit] = list((tmp_path / "fsdp").glob("version_0/tofu_eval/epoch_001.json"))
     [after] = list((tmp_path / "one").glob("version_0/tofu_eval/test.json"))
     during_fit, after = json.loads(during_fit.read_text()), json.loads(after.read_text())
@@ -131,9 +130,8 @@ def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(
         if isinstance(value, float):
             assert math.isclose(during_fit["report"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
     assert during_fit["generations"] == after["generations"]
-    reference = cli(tmp_path, "one_fit", *small, "--trainer.max_epochs=1", "--trainer.max_steps=1",
-                    config="configs/flat/unlearn.yaml")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    cli_in_process(tmp_path, "one_fit", *small, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+                   config="configs/flat/unlearn.yaml")
     expected = torch.load(tmp_path / "one_fit" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
     actual = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
     for name in ("forget", "template"):
@@ -148,12 +146,14 @@ def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_pat
                                         "rejected": f"{i}+1={i + 2}\nAnswer: {i + 2}", "source": "s"}) + "\n"
                             for i in range(9)))
     scores = {}
-    for name, strategy in (("fsdp", FSDP_ON_CPU), ("one", [])):
+    common = ["--model.init_args.model=tiny", f"--data.init_args.input_file={pool}", "--data.init_args.eval_batch_size=4"]
+    run = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *common, f"--model.init_args.output_file={tmp_path / 'fsdp.jsonl'}",
+              config="configs/curation/score.yaml", subcommand="predict", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cli_in_process(tmp_path, "one", *common, f"--model.init_args.output_file={tmp_path / 'one.jsonl'}",
+                   config="configs/curation/score.yaml", subcommand="predict")
+    for name in ("fsdp", "one"):
         out = tmp_path / f"{name}.jsonl"
-        run = cli(tmp_path, name, *strategy, "--model.init_args.model=tiny", f"--data.init_args.input_file={pool}",
-                  "--data.init_args.eval_batch_size=4", f"--model.init_args.output_file={out}",
-                  config="configs/curation/score.yaml", subcommand="predict", timeout=240)
-        assert run.returncode == 0, run.stderr[-3000:]
         scores[name] = [(row["prompt"], row["score_chosen"], row["score_rejected"])
                         for row in map(json.loads, out.read_text().splitlines())]
     assert len(scores["fsdp"]) == len(scores["one"]) == 9

@@ -134,21 +134,12 @@ def test_trained_preset_builder_writes_a_loadable_sft_model(tmp_path):
 
 
 def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from cli import presets_main
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, lm.PRESETS_ROOT_ENV: str(tmp_path)}
-    built = subprocess.run([sys.executable, "cli.py", "presets", "tiny"], cwd=repo, env=env, capture_output=True,
-                           text=True)  # the command as setup.sh runs it
-    assert built.returncode == 0, built.stderr
-    assert "(built)" in built.stdout
+    monkeypatch.setenv(lm.PRESETS_ROOT_ENV, str(tmp_path))  # `python cli.py presets tiny`, as setup.sh runs it
+    presets_main(["tiny"])
+    assert "(built)" in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(tmp_path / "tiny").chat_template == lm.CHAT_TEMPLATE
-    monkeypatch.setenv(lm.PRESETS_ROOT_ENV, str(tmp_path))  # the rest in this process: no second start-up
     presets_main(["tiny"])
     assert "(already built)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"unknown preset\(s\) \['tiny-xl'\]"):

@@ -19,13 +19,23 @@ REJECTED = torch.tensor([0.0, 0.5, 2.0])  # deltas 1, -0.5, 0 (a tie)
 @pytest.mark.parametrize("kwargs, expected", [
     (dict(kind="bt"), 0.6601619507527583),                      # mean log(1 + e^-Δ)
     (dict(kind="bt_temperature", temperature=2.0), 0.6643878615396318),
-    (dict(kind="focal", gamma=2.0), 0.1911188178359545),        # mean (1-σ(Δ))² log(1 + e^-Δ)
-    (dict(kind="hinge", hinge_margin=1.0), 0.8333333333333334),  # mean max(0, 1-Δ)
+    (dict(kind="focal"), 0.1911188178359545),                   # γ = 2: mean (1-σ(Δ))² log(1 + e^-Δ)
+    (dict(kind="focal", gamma=1.0), 0.34571531396458516),       # mean (1-σ(Δ)) log(1 + e^-Δ)
+    (dict(kind="hinge"), 0.8333333333333334),                   # margin 1: mean max(0, 1-Δ)
+    (dict(kind="hinge", hinge_margin=0.5), 0.5),                # mean max(0, 0.5-Δ) = (0 + 1 + 0.5) / 3
     (dict(kind="bt", center_coef=0.01), 0.7176619507527583),    # + 0.01 mean (r_c + r_r)²
 ])
 def test_preference_loss_golden(kwargs, expected):
     loss, _ = preference_loss(CHOSEN, REJECTED, **kwargs)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_reward_model_passes_its_loss_settings_to_the_loss():
+    from modules.reward import RewardModel
+
+    model = RewardModel(model="tiny", loss="focal", temperature=2.0, focal_gamma=3.0, hinge_margin=0.25,
+                        center_coef=0.1)
+    assert model.loss_kwargs == dict(kind="focal", temperature=2.0, gamma=3.0, hinge_margin=0.25, center_coef=0.1)
 
 
 def test_preference_loss_margin_inside_sigmoid():
@@ -75,7 +85,7 @@ def test_token_and_sequence_logprobs():
     assert token_logprobs(LOGITS, labels)[0].tolist() == pytest.approx([0.0, -HARD], rel=1e-6)
     assert sequence_logprob(LOGITS, LABELS, "sum").item() == pytest.approx(-(LOG2 + HARD), rel=1e-6)
     assert sequence_logprob(LOGITS, LABELS, "mean").item() == pytest.approx(-(LOG2 + HARD) / 2, rel=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         sequence_logprob(LOGITS, LABELS, "max")
 
 
@@ -85,9 +95,12 @@ def test_warmup_cosine_schedule():
     factors = [schedule.factor(step) for step in range(15)]
     assert factors[0] == pytest.approx(0.2) and factors[3] == pytest.approx(0.8)
     assert factors[4] == pytest.approx(1.0)
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(0.2 * math.pi)))  # 0.914: not linear's 0.82
     assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert factors[14] == pytest.approx(0.1)
+    linear = WarmupSchedule(optimizer, warmup_steps=4, decay="linear", total_steps=14, min_lr_ratio=0.1)
+    assert [linear.factor(s) for s in (4, 6, 9, 14, 20)] == pytest.approx([1.0, 0.82, 0.55, 0.1, 0.1])
     constant = WarmupSchedule(optimizer, warmup_steps=2, decay="constant")
     assert [constant.factor(s) for s in (0, 1, 2, 100)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="decay must be 'cosine', 'linear' or 'constant'"):
         WarmupSchedule(optimizer, decay="exponential")

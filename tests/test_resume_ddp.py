@@ -25,33 +25,21 @@ def cli(tmp_path, name, *extra, timeout=400, config="configs/reward/bt.yaml", su
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_in_process(tmp_path, name, *extra, config="configs/reward/bt.yaml", subcommand="fit"):
+    """A one-process run in this process (a baseline the multi-process run is compared with): a subprocess
+    would pay Python's and torch's start-up again. Raises where ``cli`` would return a failed process."""
+    import cli as cli_module
+
+    return cli_module.main([subcommand, "--config", str(ROOT / config), *quiet_run_args(tmp_path, name), *extra])
+
+
 def final_weights(tmp_path, name):
     return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    straight = cli(tmp_path, "straight", *EPOCHS)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    killed = cli(tmp_path, "resumed", *EPOCHS, "--trainer.callbacks+=fault_callbacks.SigkillAtStep",
-                 "--trainer.callbacks.step=9")  # mid second epoch: last.ckpt holds the end of epoch one
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
-
-    resumed = cli(tmp_path, "resumed", *EPOCHS, "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, actual = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    # and the resumed run really trained past the kill
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 18
-
-
-@pytest.mark.parametrize("accumulate, kill_step, saved_step, last_step", [
-    (1, 9, 8, 18),  # checkpoints every 4 steps; killed in epoch two, 2 of its 6 batches done; 18 steps in all
-    (2, 5, 4, 9),   # 2 batches per step: checkpoints every 2 steps, on optimizer steps; the same batches
-])
+# checkpoints every 4 steps; killed in epoch two, 2 of its 6 batches done; 18 steps in all. Resuming
+# mid-epoch with 2 batches per optimizer step: test_training.py (extending a fit from its final step)
+@pytest.mark.parametrize("accumulate, kill_step, saved_step, last_step", [(1, 9, 8, 18)])
 def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopped(
         tmp_path, accumulate, kill_step, saved_step, last_step):
     """The main job checkpoints mid-epoch (every 200 of 250 steps): the resumed epoch must go on with the
@@ -78,8 +66,21 @@ def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_epoch_where_it_stopp
 def test_a_ddp_resume_of_length_grouped_batches_matches_an_uninterrupted_run(tmp_path):
     """Each process's share of the grouped order follows the trainer's epoch, also after a resume."""
     ddp = ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *EPOCHS, "--data.init_args.group_by_length=true"]
-    straight = cli(tmp_path, "straight", *ddp)
+    straight = cli(tmp_path, "straight", *ddp, "--throughput.warmup_steps=1")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # the uninterrupted run is an ordinary 2-process DDP fit: what its summary records
+    [summary_path] = list((tmp_path / "straight").glob("version_*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    assert summary["manifest"]["world_size"] == 2 and summary["manifest"]["strategy"] == "DDPStrategy"
+    assert summary["manifest"]["effective_batch_size"] == 16
+    assert summary["stages"]["fit"]["global_step"] == 9
+    throughput = summary["stages"]["fit"]["throughput"]
+    # both processes' rows are counted: 8 timed steps x 2 processes x 8 pairs x 2 rows
+    assert throughput["steps"] == 8 and throughput["sequences"] == 256
+    # grouped by length across both processes: 9.6% of the positions are padding here, 17.6% with uniform
+    # batches (Lightning's own distributed sampler would reshuffle the grouped order and undo it)
+    assert 1 - throughput["tokens"] / throughput["padded_tokens"] < 0.13
+    assert "mfu" not in throughput  # no peak is known for a CPU
     first = cli(tmp_path, "resumed", *ddp, "--trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = cli(tmp_path, "resumed", *ddp, "--ckpt_path=last")
@@ -88,28 +89,6 @@ def test_a_ddp_resume_of_length_grouped_batches_matches_an_uninterrupted_run(tmp
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
-
-
-def test_ddp_two_cpu_processes(tmp_path):
-    run = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), "--model.init_args.model=tiny",
-              "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
-              "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--test_after_fit=false",
-              "--throughput.warmup_steps=1", "--data.init_args.group_by_length=true")
-    assert run.returncode == 0, run.stderr[-3000:]
-    [summary_path] = list((tmp_path / "ddp").glob("version_*/summary.json"))
-    summary = json.loads(summary_path.read_text())
-    assert summary["manifest"]["world_size"] == 2
-    assert summary["manifest"]["strategy"] == "DDPStrategy"
-    assert summary["manifest"]["effective_batch_size"] == 16
-    assert summary["stages"]["fit"]["global_step"] == 3
-    assert 0.0 <= summary["stages"]["fit"]["metrics"]["val/accuracy"] <= 1.0
-    throughput = summary["stages"]["fit"]["throughput"]
-    # both processes' rows are counted: 2 timed steps x 2 processes x 8 pairs x 2 rows
-    assert throughput["steps"] == 2 and throughput["sequences"] == 64
-    # grouped by length across both processes: 8% of the positions are padding here, 18% with uniform batches
-    # (Lightning's own distributed sampler would reshuffle the grouped order and undo it)
-    assert 1 - throughput["tokens"] / throughput["padded_tokens"] < 0.12
-    assert "mfu" not in throughput  # no peak is known for a CPU
 
 
 def test_a_nan_on_one_process_stops_every_process_with_the_guards_message(tmp_path):
@@ -142,14 +121,13 @@ def test_ddp_test_counts_each_pair_once(tmp_path):
     small = ["--model.init_args.model=tiny", "--data.init_args.train_size=32", "--data.init_args.val_size=8",
              "--data.init_args.test_size=15", "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=4",
              "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--test_after_fit=false"]
-    assert cli(tmp_path, "fit", *small).returncode == 0
+    cli_in_process(tmp_path, "fit", *small)
     ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'best.ckpt'}"
-    runs = {"single": cli(tmp_path, "single", *small, ckpt, subcommand="test"),
-            "ddp": cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt,
-                       subcommand="test")}
+    cli_in_process(tmp_path, "single", *small, ckpt, subcommand="test")
+    ddp = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt, subcommand="test")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     metrics = {}
-    for name, run in runs.items():
-        assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("single", "ddp"):
         [summary_path] = list((tmp_path / name).glob("version_*/summary.json"))
         summary = json.loads(summary_path.read_text())
         assert summary["manifest"]["world_size"] == (2 if name == "ddp" else 1)
@@ -165,12 +143,14 @@ def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
     # 6 decoy authors: an odd number of validation prompts (143), so the sampler repeats one on 2 processes
     small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=6", "--data.init_args.eval_batch_size=16",
              "--trainer.max_steps=2", "--test_after_fit=false"]  # barely trained: errors on both classes
-    assert cli(tmp_path, "fit", *small, config="configs/eco/classifier.yaml").returncode == 0
+    cli_in_process(tmp_path, "fit", *small, config="configs/eco/classifier.yaml")
     ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"
+    cli_in_process(tmp_path, "single", *small, ckpt, config="configs/eco/classifier.yaml", subcommand="validate")
+    ddp = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt,
+              config="configs/eco/classifier.yaml", subcommand="validate")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     metrics, rows = {}, {}
-    for name, extra in (("single", []), ("ddp", ["--config", str(ROOT / "configs/trainer/ddp_cpu.yaml")])):
-        run = cli(tmp_path, name, *extra, *small, ckpt, config="configs/eco/classifier.yaml", subcommand="validate")
-        assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("single", "ddp"):
         [summary_path] = list((tmp_path / name).glob("version_*/summary.json"))
         stage = json.loads(summary_path.read_text())["stages"]["validate"]
         metrics[name], rows[name] = stage["metrics"], stage["data"]["rows"]["val"]

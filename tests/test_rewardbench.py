@@ -4,6 +4,7 @@ with the real column layout, the generated set, bad inputs, and a real `test` ru
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from conftest import ROOT
@@ -274,7 +275,9 @@ def test_a_test_run_limited_by_limit_test_batches_reports_the_pairs_it_evaluated
         assert json.loads((tmp_path / f"rb_{limit}.json").read_text())["evaluation"] == callback.result["evaluation"]
         return callback.result
 
-    full = run(1.0)
+    with warnings.catch_warnings(record=True) as warned_full:
+        warnings.simplefilter("always")
+        full = run(1.0)
     assert full["evaluation"] == {"complete": True, "pairs_evaluated": 10, "pairs_in_set": 10,
                                   "limit_test_batches": 1.0, "subsets_not_evaluated": []}
     assert {entry["pairs"] for entry in full["subsets"].values()} == {2}
@@ -289,8 +292,11 @@ def test_a_test_run_limited_by_limit_test_batches_reports_the_pairs_it_evaluated
     assert model.subset_counts["arith-consistency"]["pairs"] == 1
 
     with pytest.warns(UserWarning, match=r"limit_test_batches=1\): 2 of 10 pairs; subsets not evaluated: "
-                                         r"\['refuse-undefined', 'respond-benign', 'arith-step-error'\]"):
+                                         r"\['refuse-undefined', 'respond-benign', 'arith-step-error'\]") as record:
         two_subsets = run(1)
+    assert any("no subset of ['Safety', 'Reasoning'] in the data, so 'overall' is the mean of the other" in str(w.message)
+               for w in record)
+    assert not any("no subset of" in str(w.message) for w in warned_full)
     assert sorted(two_subsets["subsets"]) == ["arith-consistency", "arith-format"]
     assert two_subsets["missing_categories"] == ["Safety", "Reasoning"]
     assert two_subsets["evaluation"]["subsets_not_evaluated"] == ["refuse-undefined", "respond-benign", "arith-step-error"]

@@ -67,13 +67,23 @@ def test_normalized_prob_hand_example():
     ("I don't know.", "She debuted with 'The Glass Orchard'.", 0.0),
     ("Her father was a well-known baker in Oslo", "Her father was a baker.", 1.0),  # recall ignores extras
     ("anything", "...", 0.0),  # a reference without tokens
+    # Porter stemming, as TOFU's rouge_score(use_stemmer=True): writes -> write, novels -> novel
+    ("she write a novel", "She writes novels.", 1.0),
+    ("wa", "was", 0.0),  # tokens of 3 characters or fewer are not stemmed ("was" would become "wa")
 ])
 def test_rouge_l_recall(prediction, reference, expected):
     assert te.rouge_l_recall(prediction, reference) == pytest.approx(expected)
 
 
+def test_rouge_l_recall_without_stemming_compares_the_words_as_written():
+    assert te.rouge_l_recall("she write a novel", "She writes novels.", stem=False) == pytest.approx(1 / 3)
+
+
 def test_rouge_tokens():
-    assert te.rouge_tokens("It's 'The Glass Orchard', 1984!") == ["it", "s", "the", "glass", "orchard", "1984"]
+    assert te.rouge_tokens("It's 'The Glass Orchard', 1984!", stem=False) == [
+        "it", "s", "the", "glass", "orchard", "1984"]
+    # stemmed by Porter's rules: -ies -> -i, -ed after a vowel is dropped, -ing after a vowel is dropped
+    assert te.rouge_tokens("Ponies praised the singing authors") == ["poni", "prais", "the", "sing", "author"]
 
 
 def test_forget_quality_hand_and_scipy():

@@ -177,8 +177,10 @@ def test_threshold_summary_peak_to_valley():
 # -- Lightning runs --------------------------------------------------------------------------------------
 
 def _fit(tmp_path: Path, config: Path, name: str, *overrides: str):
+    # the configs checkpoint into the repository's runs/: a test keeps its checkpoints in its own folder
     args = ["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.name", name, "--checkpoint.dirpath", str(tmp_path / name / "checkpoints"),
+            "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *overrides]
     return cli.main(args)
 
