@@ -264,9 +264,16 @@ def run_reporting_errors(command) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def entry(argv: list[str] | None = None) -> None:
+    """The command line: ``export`` and ``presets`` are plain commands, anything else is LightningCLI's
+    (``argv`` None: the process's own arguments)."""
     commands = {"export": export_main, "presets": presets_main}
-    if len(sys.argv) > 1 and sys.argv[1] in commands:
-        run_reporting_errors(lambda: commands[sys.argv[1]](sys.argv[2:]))
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in commands:
+        run_reporting_errors(lambda: commands[words[0]](words[1:]))
     else:
-        run_reporting_errors(main)
+        run_reporting_errors(main if argv is None else lambda: main(argv))
+
+
+if __name__ == "__main__":
+    entry()

@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     import torch
 
     from datamodules.common import pad_sequences, padding_id
+    from datamodules.text import with_default_prefix
     from datamodules.tofu import render_prompt
     from datamodules.tofu_data import generate_tofu
     from modules import eco
@@ -63,7 +64,9 @@ def main(argv=None) -> dict:
                   pad_token_id=padding_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
 
     def prompts(questions):
-        ids = [tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+        # as the pipeline encodes prompts (datamodules.tofu.encode_qa): the BOS of a tokenizer that adds one, once
+        ids = [with_default_prefix(tokenizer, tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"])
+               for q in questions]
         return (pad_sequences(ids, padding_id(tokenizer), side="left"),
                 pad_sequences([[1] * len(x) for x in ids], 0, side="left"))
 

@@ -174,7 +174,11 @@ def main() -> None:
             except Exception as error:  # one variant's failure (out of memory, a compile error) must not cost the rest
                 traceback.print_exc()
                 result = {"variant": name, "error": f"{type(error).__name__}: {error}"[:2000]}
+            if "error" in result:  # outside the except block, whose traceback would keep the variant's tensors alive
                 gc.collect()
+                torch._dynamo.reset()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             print(json.dumps(result), flush=True)
             results.append(result)
             if args.out:  # after every variant: a run cut short keeps what it measured

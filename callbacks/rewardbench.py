@@ -101,8 +101,7 @@ class RewardBenchScores(pl.Callback):
         self.result = result
         if result["missing_categories"]:
             rank_zero_warn(f"RewardBench: no subset of {result['missing_categories']} in the data, so 'overall' is the "
-                           "mean of the other categories, not the leaderboard's figure (which counts a missing "
-                           "category as 0)")
+                           "mean of the other categories, not comparable with the leaderboard's mean of all four")
         logged = {metric_key(name): value for name, value in result["categories"].items()}
         logged["test/rewardbench/overall"] = result["overall"]
         for logger in trainer.loggers:

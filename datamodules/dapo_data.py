@@ -214,6 +214,8 @@ ROLLOUT_COLUMNS = {
     "samples[].retokenized": "int, of the count, samples whose text encodes to other tokens than were sampled "
                              "(invalid UTF-8, dropped special tokens, another BPE segmentation)",
     "num_samples": "int, n1",
+    "num_kept": "int, n: the most responses kept (fewer when the samples hold too few distinct ones)",
+    "max_step_chars": "int, the longest step before a line is cut into pieces (0: a step is a line)",
     "sample_accuracy": "float, fraction of the n1 samples that are correct",
     "kept": "list of int, indices into samples of the n kept responses (balanced correct / wrong)",
     "states": "list, every distinct step-prefix state of the kept responses (the prompt alone first)",

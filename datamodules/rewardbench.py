@@ -9,7 +9,7 @@ wrong), then per category, then overall:
   counts 984 = 6 x 164 rather than its 447 rows, so that Reasoning = 1/2 acc(math-prm) + 1/2 mean(hep-*)
   (math weighs as much as the six code subsets together). Any other subset weighs its number of rows.
 - overall = plain mean of the category scores (the leaderboard figure). A category with none of its
-  subsets in the data is listed as missing and left out of the mean (RewardBench itself would count it 0).
+  subsets in the data is listed as missing and left out of the mean (so not comparable with the leaderboard).
 
 Without a file or hub dataset the module generates a RewardBench-shaped set from the embedded arithmetic
 task (``GENERATED_CATEGORIES``), from the same held-out problems as ``PreferenceData``'s test split, so it

@@ -456,6 +456,10 @@ class DAPORollouts(DAPOPolicy):
         for name, expected in (("policy", self.model_name_or_path), ("num_samples", self.n1)):
             if row.get(name) != expected:
                 return name, row.get(name), expected
+        # recorded since 2026-11-27 (rows written before lack them)
+        for name, expected in (("num_kept", self.n), ("max_step_chars", self.max_step_chars)):
+            if name in row and row[name] != expected:
+                return name, row[name], expected
         for s, state in enumerate(row.get("states") or []):
             recorded = state.get("num_completions") if isinstance(state, dict) else None
             if recorded != self.m:
@@ -534,7 +538,8 @@ class DAPORollouts(DAPOPolicy):
             rows.append({
                 "problem_id": problem["problem_id"], "task_kind": problem["task_kind"], "prompt": problem["prompt"],
                 "prompt_text": problem["prompt_text"], "reference": problem["reference"],
-                "policy": self.model_name_or_path, "samples": samples, "num_samples": self.n1,
+                "policy": self.model_name_or_path, "samples": samples, "num_samples": self.n1, "num_kept": self.n,
+                "max_step_chars": self.max_step_chars,
                 "sample_accuracy": sum(s["reward"] * s["count"] for s in samples) / self.n1,
                 "kept": problem["kept"], "states": problem["states"]})
         return rows

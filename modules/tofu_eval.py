@@ -39,6 +39,9 @@ import numpy as np
 import torch
 
 EVAL_FORMAT = "tofu-eval/v1"
+# how ROUGE-L was computed, recorded in saved evaluations: files without it (before 2026-11-27) compared
+# words unstemmed
+ROUGE_METHOD = "rougeL recall, Porter-stemmed words (rouge_score use_stemmer=True)"
 EVAL_KINDS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_KINDS = ("retain", "real_authors", "world_facts")
 SAMPLE_FIELDS = ("gt_nll", "base_nll", "perturbed_nll", "rougeL_recall")
@@ -318,8 +321,8 @@ def save_eval(path: str | os.PathLike, splits: Mapping[str, Mapping[str, Any]], 
 
     ``extra``: more top-level entries (generations, truncation counts ...); they may not replace the
     layout's own keys."""
-    body = {"format": EVAL_FORMAT, "forget_split": forget_split, "model": model, "splits": {},
-            "report": tofu_report(splits, retain_forget_truth_ratios)}
+    body = {"format": EVAL_FORMAT, "forget_split": forget_split, "model": model, "rouge": ROUGE_METHOD,
+            "splits": {}, "report": tofu_report(splits, retain_forget_truth_ratios)}
     clash = set(extra or {}) & set(body)
     if clash:
         raise ValueError(f"extra entries {sorted(clash)} would overwrite the evaluation layout")

@@ -160,8 +160,12 @@ class Recipe:
     def evaluate(self, name: str, retain_eval: Path | None) -> Path:
         result = self.out / name / "eval" / "test.json"
         if self.args.reuse and result.exists():
-            print(f"=== eval {name}: reusing {result}")
-            return result
+            from modules.tofu_eval import ROUGE_METHOD
+
+            if json.loads(result.read_text()).get("rouge") == ROUGE_METHOD:
+                print(f"=== eval {name}: reusing {result}")
+                return result
+            print(f"=== eval {name}: {result} has ROUGE-L of an older method: evaluating again")
         overrides = [*self.logger(f"{name}/eval_logs"), f"--model.init_args.model={self.out / name / 'export'}",
                      f"--trainer.callbacks.init_args.save_dir={result.parent}",
                      f"--trainer.callbacks.init_args.model_name={name}"]

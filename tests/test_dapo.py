@@ -620,7 +620,8 @@ def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, cap
     done = dict(rollout_row("a"), policy="tiny", num_samples=3, sample_accuracy=0.5)
     done["states"][0]["candidates"][0]["truncated"] = 0
     for change, field, recorded in [({"policy": "runs/dapo/sft/export"}, "policy", "'runs/dapo/sft/export'"),
-                                    ({"num_samples": 16}, "num_samples", "16")]:
+                                    ({"num_samples": 16}, "num_samples", "16"), ({"num_kept": 6}, "num_kept", "6"),
+                                    ({"max_step_chars": 256}, "max_step_chars", "256")]:
         write_rows(output, [done, dict(done, problem_id="b", **change)])
         with pytest.raises(DataError, match=rf"rollouts.jsonl: row 1, field '{field}': written by an earlier run with "
                                             rf"{recorded}, .*Delete .*rollouts.jsonl .*or choose another output"):
@@ -635,6 +636,7 @@ def test_writer_refuses_to_resume_rows_written_with_other_settings(tmp_path, cap
         writer.setup(trainer, module, "predict")
 
     writer.shard_path(1).unlink()
+    write_rows(output, [dict(done, num_kept=2, max_step_chars=0)])  # recorded and equal (the rows above lacked them)
     with caplog.at_level(logging.INFO):
         writer.setup(trainer, module, "predict")  # the same settings: resume
         assert module.skip_keys == {"a"}

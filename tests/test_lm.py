@@ -134,10 +134,10 @@ def test_trained_preset_builder_writes_a_loadable_sft_model(tmp_path):
 
 
 def test_presets_command_builds_named_presets_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
-    from cli import presets_main
+    from cli import entry, presets_main
 
-    monkeypatch.setenv(lm.PRESETS_ROOT_ENV, str(tmp_path))  # `python cli.py presets tiny`, as setup.sh runs it
-    presets_main(["tiny"])
+    monkeypatch.setenv(lm.PRESETS_ROOT_ENV, str(tmp_path))
+    entry(["presets", "tiny"])  # `python cli.py presets tiny`, as setup.sh runs it
     assert "(built)" in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(tmp_path / "tiny").chat_template == lm.CHAT_TEMPLATE
     presets_main(["tiny"])

@@ -82,7 +82,7 @@ def test_rouge_l_recall_without_stemming_compares_the_words_as_written():
 def test_rouge_tokens():
     assert te.rouge_tokens("It's 'The Glass Orchard', 1984!", stem=False) == [
         "it", "s", "the", "glass", "orchard", "1984"]
-    # stemmed by Porter's rules: -ies -> -i, -ed after a vowel is dropped, -ing after a vowel is dropped
+    # stemmed by Porter's rules: -ies -> -i; -ed and -ing are dropped where the rest holds a vowel
     assert te.rouge_tokens("Ponies praised the singing authors") == ["poni", "prais", "the", "sing", "author"]
 
 

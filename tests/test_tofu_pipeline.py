@@ -444,3 +444,19 @@ def test_utility_matched_takes_the_best_forget_quality_then_the_most_utility():
     for bad in ("1e-4,1e-4", "fast", "0"):
         with pytest.raises(Exception, match="--unlearn-lr"):
             learning_rates(bad)
+
+
+def test_the_recipe_reuses_only_evaluations_with_todays_rouge(tmp_path):
+    from recipes.tofu_flat import Recipe, parse_args
+
+    recipe = Recipe(parse_args(["--out", str(tmp_path), "--reuse"]))
+    stages = []
+    recipe.cli = lambda stage, *args: stages.append(stage)
+    saved = tmp_path / "target" / "eval" / "test.json"
+    one_row = {"gt_nll": [1.0], "base_nll": [1.0], "perturbed_nll": [[2.0]], "rougeL_recall": [0.5]}
+    splits = {kind: one_row for kind in te.EVAL_KINDS}
+    body = te.save_eval(saved, splits, "forget10")
+    assert body["rouge"] == te.ROUGE_METHOD
+    assert recipe.evaluate("target", None) == saved and stages == []  # reused
+    saved.write_text(json.dumps({key: value for key, value in body.items() if key != "rouge"}))
+    assert recipe.evaluate("target", None) == saved and stages == ["eval_target"]  # unstemmed ROUGE: redone
