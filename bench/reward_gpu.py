@@ -7,8 +7,9 @@ after warm-up.
     python bench/reward_gpu.py --variants autocast,autocast_adamw8bit --steps 30
     python bench/reward_gpu.py --cpu-smoke             # every code path on a 2-layer model on the CPU (tests)
 
-MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / peak bf16 FLOP/s (989e12 for H100/H200
-dense, the usual MFU convention, or the GPU's own from ``callbacks.throughput``). Prints one JSON line per variant and a table.
+MFU = tokens/s x (6 N_non-embedding + 12 layers hidden seq) / the GPU's dense bf16 peak FLOP/s (from
+``callbacks.throughput``, else 989e12 of an H100/H200 SXM, the usual MFU convention). Prints one JSON line
+per variant (a failed one with its error) and a table.
 """
 
 from __future__ import annotations

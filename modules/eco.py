@@ -783,13 +783,13 @@ def classifier_threshold(path: str | os.PathLike) -> float:
 # The corruption learner
 
 METRICS = ("answer_prob", "truth_ratio", "truth_ratio_ks", "mc_accuracy")
+DEFAULT_SCORE_BATCH = 64  # sequences per forward pass of the learner when neither it nor its data module says
 
 
 def reached_stop(metric: float, objective: float, tolerance: float, stop_below: float | None) -> bool:
     """The corruption learner's stopping rule: J within ``tolerance`` of the target, or (one-sided, as the
     released WMDP script stops once accuracy < 0.27) the metric below ``stop_below``."""
     return objective <= tolerance or (stop_below is not None and metric < stop_below)
-DEFAULT_SCORE_BATCH = 64  # sequences per forward pass of the learner when neither it nor its data module says
 
 
 def ks_statistic(sample: Any, reference: Any) -> float:

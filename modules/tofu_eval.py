@@ -16,6 +16,7 @@ Saved evaluation JSON (``save_eval``/``load_eval``; the retain model's file feed
     {"format": "tofu-eval/v1",
      "forget_split": "forget10",                 # which forget split the "forget" arrays are about
      "model": "<path or name>",                  # free text
+     "rouge": ROUGE_METHOD,                      # how rougeL_recall was computed (absent: unstemmed, older)
      "splits": {"forget": {"gt_nll": [...], "base_nll": [...], "perturbed_nll": [[...], ...],
                            "rougeL_recall": [...], "truth_ratio": [...]},
                 "retain": {...}, "real_authors": {...}, "world_facts": {...}},
