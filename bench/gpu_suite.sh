@@ -11,7 +11,8 @@
 # time, and the logs are written as they go (tee), so a cut run keeps what it printed.
 # The device machine has no package registry: carry the wheels in .whl (trl, datasets and the pyarrow it needs,
 # jsonargparse and its extras; README, Performance), which this script installs into /tmp/site.
-# $OUT receives at most 6 files (the device tool returns 8); work files go to $WORK.
+# $OUT receives at most 6 result files, so that a machine returning only a few files returns them all; work
+# files (checkpoints, exports, logs of the smoke runs) go to $WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_suite}
