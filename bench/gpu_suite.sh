@@ -9,8 +9,8 @@
 #   3. smoke     the FSDP and bf16-true config fragments through cli.py, with an export from the checkpoint.
 # PARTS=trl,variants picks parts. Each part has its own time limit, so one that hangs cannot take the others'
 # time, and the logs are written as they go (tee), so a cut run keeps what it printed.
-# The device machine has no package registry: carry the wheels in .whl (trl, datasets and the pyarrow it needs,
-# jsonargparse and its extras; README, Performance), which this script installs into /tmp/site.
+# For a GPU machine without a package registry, put the wheels in .whl (trl, datasets and the pyarrow it needs,
+# jsonargparse and its extras; README, Performance): this script installs them into /tmp/site.
 # $OUT receives at most 6 result files, so that a machine returning only a few files returns them all; work
 # files (checkpoints, exports, logs of the smoke runs) go to $WORK.
 set -uo pipefail
