@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import ROOT
-from test_resume_ddp import cli, cli_in_process
+from test_resume_ddp import cli
 
 CLIP = 1e-3  # far below the gradient norms of these steps, so every step is clipped
 FSDP_ON_CPU = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
@@ -109,7 +109,7 @@ def test_fsdp_sft_with_bf16_autocast_trains_generates_in_test_and_exports(tmp_pa
         torch.testing.assert_close(value, state[f"model.{key}"], rtol=0, atol=0, msg=key)
 
 
-def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(tmp_path):
+def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(tmp_path, run_cli):
     # TofuEvaluation runs the model outside any training step, where FSDP keeps the embeddings sharded; so
     # does NPO's precomputed reference (at fit start)
     callbacks = tmp_path / "tofu_evaluation.yaml"
@@ -120,8 +120,8 @@ def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(
     sharded = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *small, "--trainer.max_epochs=1", "--trainer.max_steps=3",
                   config="configs/flat/unlearn.yaml")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    cli_in_process(tmp_path, "one", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
-                   config="configs/flat/unlearn.yaml", subcommand="test")
+    run_cli("test", "configs/flat/unlearn.yaml", *small, f"--ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}",
+            name="one")  # the one-process runs in this process
     [during_fit] = list((tmp_path / "fsdp").glob("version_0/tofu_eval/epoch_001.json"))
     [after] = list((tmp_path / "one").glob("version_0/tofu_eval/test.json"))
     during_fit, after = json.loads(during_fit.read_text()), json.loads(after.read_text())
@@ -130,15 +130,15 @@ def test_fsdp_tofu_evaluation_in_a_callback_and_npo_reference_equal_one_process(
         if isinstance(value, float):
             assert math.isclose(during_fit["report"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
     assert during_fit["generations"] == after["generations"]
-    cli_in_process(tmp_path, "one_fit", *small, "--trainer.max_epochs=1", "--trainer.max_steps=1",
-                   config="configs/flat/unlearn.yaml")
+    run_cli("fit", "configs/flat/unlearn.yaml", *small, "--trainer.max_epochs=1", "--trainer.max_steps=1",
+            name="one_fit")
     expected = torch.load(tmp_path / "one_fit" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
     actual = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", weights_only=False)["reference_logps"]
     for name in ("forget", "template"):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_path):
+def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_path, run_cli):
     # 9 pairs in batches of 4 on 2 processes: Lightning's own predict split gives one process a batch fewer,
     # and a sharded forward waits for every process (a hang before the padded sampler)
     pool = tmp_path / "pool.jsonl"
@@ -150,8 +150,8 @@ def test_fsdp_scoring_with_uneven_shards_finishes_and_equals_one_process(tmp_pat
     run = cli(tmp_path, "fsdp", *FSDP_ON_CPU, *common, f"--model.init_args.output_file={tmp_path / 'fsdp.jsonl'}",
               config="configs/curation/score.yaml", subcommand="predict", timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    cli_in_process(tmp_path, "one", *common, f"--model.init_args.output_file={tmp_path / 'one.jsonl'}",
-                   config="configs/curation/score.yaml", subcommand="predict")
+    run_cli("predict", "configs/curation/score.yaml", *common, f"--model.init_args.output_file={tmp_path / 'one.jsonl'}",
+            name="one")  # the one-process run in this process
     for name in ("fsdp", "one"):
         out = tmp_path / f"{name}.jsonl"
         scores[name] = [(row["prompt"], row["score_chosen"], row["score_rejected"])

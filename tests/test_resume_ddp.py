@@ -25,14 +25,6 @@ def cli(tmp_path, name, *extra, timeout=400, config="configs/reward/bt.yaml", su
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def cli_in_process(tmp_path, name, *extra, config="configs/reward/bt.yaml", subcommand="fit"):
-    """A one-process run in this process (a baseline the multi-process run is compared with): a subprocess
-    would pay Python's and torch's start-up again. Raises where ``cli`` would return a failed process."""
-    import cli as cli_module
-
-    return cli_module.main([subcommand, "--config", str(ROOT / config), *quiet_run_args(tmp_path, name), *extra])
-
-
 def final_weights(tmp_path, name):
     return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
@@ -116,14 +108,14 @@ def test_a_ddp_width_sweep_writes_its_outputs_and_summary(tmp_path):
     assert json.loads((folder / "summary.json").read_text())["manifest"]["world_size"] == 2
 
 
-def test_ddp_test_counts_each_pair_once(tmp_path):
+def test_ddp_test_counts_each_pair_once(tmp_path, run_cli):
     # 15 test pairs on 2 ranks: the distributed sampler repeats one pair to give both ranks 8
     small = ["--model.init_args.model=tiny", "--data.init_args.train_size=32", "--data.init_args.val_size=8",
              "--data.init_args.test_size=15", "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=4",
              "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--test_after_fit=false"]
-    cli_in_process(tmp_path, "fit", *small)
+    run_cli("fit", "configs/reward/bt.yaml", *small, name="fit")  # the one-process runs in this process
     ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'best.ckpt'}"
-    cli_in_process(tmp_path, "single", *small, ckpt, subcommand="test")
+    run_cli("test", "configs/reward/bt.yaml", *small, ckpt, name="single")
     ddp = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt, subcommand="test")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     metrics = {}
@@ -139,13 +131,13 @@ def test_ddp_test_counts_each_pair_once(tmp_path):
         assert abs(metrics["ddp"][key] - value) < 1e-5, (key, metrics["ddp"][key], value)
 
 
-def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path):
+def test_ddp_prompt_classifier_calibrates_on_each_prompt_once(tmp_path, run_cli):
     # 6 decoy authors: an odd number of validation prompts (143), so the sampler repeats one on 2 processes
     small = ["--data.init_args.n_authors=6", "--data.init_args.decoy_authors=6", "--data.init_args.eval_batch_size=16",
              "--trainer.max_steps=2", "--test_after_fit=false"]  # barely trained: errors on both classes
-    cli_in_process(tmp_path, "fit", *small, config="configs/eco/classifier.yaml")
+    run_cli("fit", "configs/eco/classifier.yaml", *small, name="fit")  # the one-process runs in this process
     ckpt = f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"
-    cli_in_process(tmp_path, "single", *small, ckpt, config="configs/eco/classifier.yaml", subcommand="validate")
+    run_cli("validate", "configs/eco/classifier.yaml", *small, ckpt, name="single")
     ddp = cli(tmp_path, "ddp", "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *small, ckpt,
               config="configs/eco/classifier.yaml", subcommand="validate")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
