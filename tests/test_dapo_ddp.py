@@ -86,17 +86,14 @@ def test_actor_batches_keep_states_whole_under_two_ddp_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_pass_at_1_under_two_ddp_processes_counts_each_problem_once(tmp_path):
+def test_pass_at_1_under_two_ddp_processes_counts_each_problem_once(tmp_path, run_cli):
     # 5 problems on 2 processes: the distributed sampler gives one process a repeated problem
-    common = ["test", "--config", str(ROOT / "configs/dapo/evaluate.yaml"), "--model.init_args.model=tiny-sft",
-              "--data.init_args.test_size=5", "--data.init_args.eval_batch_size=2",
-              "--model.init_args.max_new_tokens=24"]
-    import cli
-
+    small = ["--model.init_args.model=tiny-sft", "--data.init_args.test_size=5", "--data.init_args.eval_batch_size=2",
+             "--model.init_args.max_new_tokens=24"]
     results = {}
-    cli.main([*common, *quiet_run_args(tmp_path, "one")])  # the one-process baseline, in this process
-    ddp = [sys.executable, str(ROOT / "cli.py"), *common, "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
-           *quiet_run_args(tmp_path, "ddp")]
+    run_cli("test", "configs/dapo/evaluate.yaml", *small, name="one")  # the one-process baseline, in this process
+    ddp = [sys.executable, str(ROOT / "cli.py"), "test", "--config", str(ROOT / "configs/dapo/evaluate.yaml"), *small,
+           "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"), *quiet_run_args(tmp_path, "ddp")]
     run = subprocess.run(ddp, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("one", "ddp"):
