@@ -164,8 +164,17 @@ def trainer_defaults() -> dict:
     }
 
 
+def release_process_group() -> None:
+    """Destroy the process group a multi-process run opened, while the interpreter is still whole. Lightning does
+    so at exit for NCCL only; a gloo group left to interpreter shutdown can still hold tensors in its worker
+    threads, and the process then aborts (SIGABRT, "terminate called without an active exception") after a
+    run that went well. Only after success: a process that failed may leave its peers inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
-    return TrainerCLI(
+    cli = TrainerCLI(
         model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         trainer_defaults=trainer_defaults(), seed_everything_default=0,
@@ -177,6 +186,9 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainerCLI:
                        **{subcommand: {"allow_abbrev": False} for subcommand in ("fit", "validate", "test", "predict")}},
         args=args, run=run,
     )
+    if run:
+        release_process_group()
+    return cli
 
 
 def export_main(argv: list[str]) -> None:

@@ -10,7 +10,8 @@
 # PARTS=trl,variants picks parts. Each part has its own time limit, so one that hangs cannot take the others'
 # time, and the logs are written as they go (tee), so a cut run keeps what it printed.
 # For a GPU machine without a package registry, put the wheels in .whl (trl, datasets and the pyarrow it needs,
-# jsonargparse and its extras; README, Performance): this script installs them into /tmp/site.
+# jsonargparse and its extras: bash bench/fetch_gpu_wheels.sh fetches them): this script installs them into
+# /tmp/site.
 # $OUT receives at most 6 result files, so that a machine returning only a few files returns them all; work
 # files (checkpoints, exports, logs of the smoke runs) go to $WORK.
 set -uo pipefail

@@ -23,7 +23,9 @@ width's gradient is exactly the gradient of its own loss, and elementwise optimi
 exactly as if it were trained alone. (Gradient clipping by global norm would couple them; leave
 ``trainer.gradient_clip_val`` unset.) Each (seed, width) slab of a parameter starts on a multiple of 256
 elements, so blockwise 8-bit optimizers (bitsandbytes) never share a quantization block between two
-widths either.
+widths either. The entries a width does not have (rows beyond it, block padding) get zero gradient, but
+an 8-bit optimizer can still move them (its quantized zero state need not dequantize to exactly 0), so
+they are set back to zero after every training batch.
 
 At every width the run reports train loss, test loss, test error, kappa of the training feature matrix,
 readout norm and trained-parameter count: medians over seeds, written to ``width_sweep.csv``,
@@ -78,8 +80,16 @@ def slab_size(rows: int, cols: int, block: int = QUANTIZATION_BLOCK) -> int:
 
 def slab_view(slabs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """View (..., slab) storage as (..., rows, cols) matrices; the block padding at each slab's end is
-    never read, so it stays zero and gets zero gradient."""
+    never read and gets zero gradient."""
     return slabs[..., :rows * cols].unflatten(-1, (rows, cols))
+
+
+def slab_mask(row_mask: torch.Tensor, cols: int, slab: int) -> torch.Tensor:
+    """1 on the entries each width has, 0 elsewhere: (widths, slab) slab storage of (widths, rows) row masks
+    times ``cols`` columns; the block padding is 0."""
+    mask = torch.zeros(row_mask.shape[0], slab)
+    mask[:, :row_mask.shape[1] * cols] = row_mask.repeat_interleave(cols, dim=1)
+    return mask
 
 
 def width_groups(widths: list[int], max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -369,6 +379,10 @@ class WidthSweepModule(TrainableModule):
         """|readout| per (seed, width)."""
         raise NotImplementedError
 
+    def slab_masks(self) -> dict[str, torch.Tensor]:
+        """Each trained slab parameter's name and its ``slab_mask`` (widths, slab)."""
+        raise NotImplementedError
+
     # -- set-up ------------------------------------------------------------------------------------------
     @property
     def solver_is_closed_form(self) -> bool:
@@ -440,9 +454,18 @@ class WidthSweepModule(TrainableModule):
                 "median": {k: v.tolist() for k, v in median.items()},
                 "per_seed": {k: v.tolist() for k, v in per_seed.items()}, "summary": headline}
 
+    @torch.no_grad()
+    def zero_absent_entries(self) -> None:
+        """Set every entry a width does not have back to zero (see the module docstring: 8-bit state)."""
+        for name, mask in self.slab_masks().items():
+            getattr(self, name).mul_(mask.to(getattr(self, name).dtype))
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.solver_is_closed_form:
+            return
+        self.zero_absent_entries()
         every = self.eval_every_n_steps
-        if not every or self.global_step % every or self.solver_is_closed_form:
+        if not every or self.global_step % every:
             return
         result = self.summarize(self.evaluate(with_kappa=False))
         self.history.append({"step": int(self.global_step),
@@ -616,6 +639,11 @@ class RandomFeatureSweep(WidthSweepModule):
                 draw = nested_gaussian(s, 1, readout_rows, k) * self.readout_init_scale
                 slab_view(slabs, readout_rows, k)[i] = draw.to(dtype) * (scale[:, :, None] > 0)
         self.readout_slabs = torch.nn.Parameter(slabs)
+        self.register_buffer("readout_slab_mask", slab_mask((scale > 0).float(), k, slabs.shape[-1]),
+                             persistent=False)
+
+    def slab_masks(self) -> dict[str, torch.Tensor]:
+        return {"readout_slabs": self.readout_slab_mask}
 
     @property
     def readout(self) -> torch.Tensor:
@@ -787,6 +815,11 @@ class TwoLayerSweep(WidthSweepModule):
             slab_view(second, rows, k)[i] = (w2[None] / widths.sqrt()[:, None, None] * mask[:, :, None]).float()
         self.first_slabs = torch.nn.Parameter(first)    # viewed as (seeds, widths, P_max, d): rows are hidden units
         self.second_slabs = torch.nn.Parameter(second)  # viewed as (seeds, widths, P_max, K)
+        self.register_buffer("first_slab_mask", slab_mask(mask, d, first.shape[-1]), persistent=False)
+        self.register_buffer("second_slab_mask", slab_mask(mask, k, second.shape[-1]), persistent=False)
+
+    def slab_masks(self) -> dict[str, torch.Tensor]:
+        return {"first_slabs": self.first_slab_mask, "second_slabs": self.second_slab_mask}
 
     @property
     def first(self) -> torch.Tensor:

@@ -24,15 +24,20 @@ def unchanged_parameters(cli, recorder: InitialParams) -> list[str]:
     return [name for name, before in recorder.before.items() if torch.equal(before, after[name].detach())]
 
 
-@pytest.mark.parametrize("config, small", [("configs/sft/arithmetic.yaml", SMALL_SFT),
-                                           ("configs/reward/bt.yaml", SMALL_REWARD)])
-def test_a_few_steps_change_every_trainable_parameter(run_cli, config, small, monkeypatch):
-    recorder = InitialParams()
+def add_trainer_callbacks(monkeypatch, *callbacks: Callback) -> None:
+    """Runs of cli.main in this test get ``callbacks`` besides the default ones."""
     import cli as cli_module
 
     defaults = cli_module.trainer_defaults()
     monkeypatch.setattr(cli_module, "trainer_defaults",
-                        lambda: {**defaults, "callbacks": defaults["callbacks"] + [recorder]})
+                        lambda: {**defaults, "callbacks": defaults["callbacks"] + list(callbacks)})
+
+
+@pytest.mark.parametrize("config, small", [("configs/sft/arithmetic.yaml", SMALL_SFT),
+                                           ("configs/reward/bt.yaml", SMALL_REWARD)])
+def test_a_few_steps_change_every_trainable_parameter(run_cli, config, small, monkeypatch):
+    recorder = InitialParams()
+    add_trainer_callbacks(monkeypatch, recorder)
     cli = run_cli("fit", config, *small)
     assert len(recorder.before) > 10
     assert unchanged_parameters(cli, recorder) == []
@@ -149,11 +154,7 @@ class FailFirstTestBatch(Callback):
 
 
 def test_a_failure_inside_a_loop_keeps_the_run_logs(run_cli, tmp_path, monkeypatch):
-    import cli as cli_module
-
-    defaults = cli_module.trainer_defaults()
-    monkeypatch.setattr(cli_module, "trainer_defaults",
-                        lambda: {**defaults, "callbacks": defaults["callbacks"] + [FailFirstTestBatch()]})
+    add_trainer_callbacks(monkeypatch, FailFirstTestBatch())
     with pytest.raises(RuntimeError, match="failure inside the test loop"):
         run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD)  # global_step stays 0 in a test run
     [folder] = list((tmp_path / "run").glob("version_*"))
@@ -599,3 +600,34 @@ def test_a_checkpoint_of_another_module_class_is_refused_with_what_to_do(run_cli
                                                    r".* or pass it as --model.init_args.checkpoint="):
         run_cli("predict", "configs/curation/score.yaml", f"--ckpt_path={best}", name="score")
     run_cli("test", "configs/reward/bt.yaml", *SMALL_REWARD, f"--ckpt_path={best}", name="test")  # same class: runs
+
+
+def test_a_ddp_run_destroys_its_process_group_before_the_process_exits(run_cli, monkeypatch):
+    """Left to interpreter shutdown, a gloo group's worker threads can abort a finished run (SIGABRT); the CLI
+    destroys the group once its commands are done. One DDP process opens a real group, as two would."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # touched here so that monkeypatch restores them: Lightning writes them into os.environ, and the later tests'
+    # subprocesses would inherit a used port, and with LOCAL_RANK set take themselves for launched processes
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    for name in ("LOCAL_RANK", "NODE_RANK"):  # setenv first: delenv of an unset name records nothing to restore
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    opened = []
+
+    class SeesTheGroup(Callback):
+        def on_train_start(self, trainer, pl_module):
+            opened.append(torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo")
+
+    add_trainer_callbacks(monkeypatch, SeesTheGroup())
+    run_cli("fit", "configs/reward/bt.yaml", *SMALL_REWARD, "--trainer.max_steps=1", "--trainer.accelerator=cpu",
+            "--trainer.devices=1", "--trainer.strategy=ddp")
+    still_open = torch.distributed.is_initialized()
+    if still_open:  # not left to the later tests of this process
+        torch.distributed.destroy_process_group()
+    assert opened == [True]
+    assert not still_open
