@@ -67,11 +67,16 @@ def take_adam_steps(module: FlatUnlearner, batch, steps: int = 3, lr: float = 1e
 
 @pytest.mark.parametrize("divergence", ["kl", "js", "pearson", "tv"])
 def test_a_few_flat_steps_lower_p_forget_and_raise_p_template(unlearn_data, memorised, divergence):
-    module = make_module(memorised, loss="flat", divergence=divergence)
+    """Small steps (lr 3e-4): with lr 1e-3 the template's probability fell on some round-off-level perturbations
+    of the start weights (-4% in 2 of 48 cases), which a CPU with other float kernels gives; at 3e-4 P_e rose by
+    at least 9% and P_f fell by at least 3% in all 48 (12 perturbations x 4 divergences)."""
     batch = next(iter(unlearn_data.reference_dataloader()))  # every forget sample, fixed order
+    _, p_f_untrained = probabilities(make_module(loss="flat", divergence=divergence), batch)
+    module = make_module(memorised, loss="flat", divergence=divergence)
     p_e0, p_f0 = probabilities(module, batch)
-    assert p_f0 > 2 * p_e0  # the forget answers were learned, the refusals not
-    optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
+    # the forget answers were learned (32x or more in those 12 perturbations), above the refusals (1.8x or more)
+    assert p_f0 > 10 * p_f_untrained and p_f0 > p_e0
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=3e-4)
     module.model.train()
     for _ in range(4):
         loss, metrics = module.compute_loss(batch)
@@ -169,17 +174,25 @@ def test_precomputed_reference_equals_frozen_copy(unlearn_data, monkeypatch):
 
 
 def test_reference_is_precomputed_under_the_training_precision(unlearn_data, monkeypatch):
-    """Under bf16 autocast the reference is scored in bf16 too: the first step's log-ratio is 0, not a
-    float32-vs-bf16 rounding difference."""
+    """Under bf16 autocast the reference is scored in bf16 too, so the first step's log-ratio is not a
+    float32-vs-bf16 difference (8.8e-4 here when the reference is scored in float32). The log-ratio itself is
+    exactly 0 on a CPU without bf16 instructions, but one with them may round the differently padded training
+    batch otherwise: what is asserted is the precision every reference forward ran under."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     module = make_module(loss="npo")
     monkeypatch.setattr(FlatUnlearner, "trainer", property(
         lambda self: _Trainer(unlearn_data, MixedPrecision("bf16-mixed", "cpu"))))
+    autocast_dtypes = []
+    score = module._reference_scores
+
+    def recording_scores(model, batch):
+        autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return score(model, batch)
+
+    monkeypatch.setattr(module, "_reference_scores", recording_scores)
     module.precompute_reference()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, metrics = module.compute_loss(next(iter(unlearn_data.train_dataloader())))
-    assert metrics["log_ratio"].abs().item() < 1e-6
+    assert autocast_dtypes and set(autocast_dtypes) == {torch.bfloat16}
 
 
 def test_bad_settings_fail_at_construction():
@@ -282,10 +295,11 @@ def test_test_metrics_count_each_row_once_when_the_sampler_repeats_rows(unlearn_
     assert repeated.keys() == once.keys() >= {f"test/{kind}/p_answer" for kind in ("forget", "retain")}
     for key, value in once.items():
         assert repeated[key] == pytest.approx(value, rel=1e-5), key
-    # counted four times, that row would move the forget mean: the two forget rows differ
+    # counted four times, that row would move the forget mean by (p0 - mean(p1, p2)) / 3: far more than the
+    # tolerance above
     batch = unlearn_data.collate_sft(forget)
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    p = flat.mean_token_prob(logits, batch["labels"])
-    assert len(forget) == 3 and abs(float(p[0] - p[1:].mean())) > 1e-4
+    p = flat.mean_token_prob(logits, batch["labels"]).double()
+    assert len(forget) == 3 and abs(float(p[0] - p[1:].mean())) / 3 > 100 * 1e-5 * float(p.mean())
     assert once["test/forget/p_answer"] == pytest.approx(float(p.mean()), rel=1e-5)

@@ -4,6 +4,7 @@ summary manifest, export round-trip."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -610,11 +611,14 @@ def test_a_ddp_run_destroys_its_process_group_before_the_process_exits(run_cli, 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # touched here so that monkeypatch restores them: Lightning writes them into os.environ, and the later tests'
-    # subprocesses would inherit a used port, and with LOCAL_RANK set take themselves for launched processes
+    # Lightning writes these into os.environ, where the later tests' subprocesses would inherit a used port and
+    # with LOCAL_RANK take themselves for launched processes: touched here, so that monkeypatch restores them
+    # (an unset name is set first: deleting it alone records nothing). OMP_NUM_THREADS, set, keeps Lightning
+    # from setting it and this process's thread count.
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
-    for name in ("LOCAL_RANK", "NODE_RANK"):  # setenv first: delenv of an unset name records nothing to restore
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
+    for name in ("LOCAL_RANK", "NODE_RANK"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     opened = []
