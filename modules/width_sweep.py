@@ -467,12 +467,10 @@ class WidthSweepModule(TrainableModule):
                                            for optimizer in self.trainer.optimizers)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.solver_is_closed_form:
-            return
         if self.absent_entries_can_move:
             self.zero_absent_entries()
         every = self.eval_every_n_steps
-        if not every or self.global_step % every:
+        if not every or self.global_step % every or self.solver_is_closed_form:
             return
         result = self.summarize(self.evaluate(with_kappa=False))
         self.history.append({"step": int(self.global_step),
