@@ -382,7 +382,7 @@ class WidthSweepModule(TrainableModule):
         raise NotImplementedError
 
     def slab_masks(self) -> dict[str, torch.Tensor]:
-        """Each trained slab parameter's name and its ``slab_mask`` (widths, slab)."""
+        """Each trained slab parameter's name and its ``slab_mask`` (widths, slab), in the parameter's dtype."""
         raise NotImplementedError
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -460,7 +460,7 @@ class WidthSweepModule(TrainableModule):
     def zero_absent_entries(self) -> None:
         """Set every entry a width does not have back to zero (see the module docstring: 8-bit state)."""
         for name, mask in self.slab_masks().items():
-            getattr(self, name).mul_(mask.to(getattr(self, name).dtype))
+            getattr(self, name).mul_(mask)
 
     def on_train_start(self) -> None:
         self.absent_entries_can_move = any(type(optimizer).__module__.split(".")[0] == "bitsandbytes"
@@ -644,7 +644,7 @@ class RandomFeatureSweep(WidthSweepModule):
                 draw = nested_gaussian(s, 1, readout_rows, k) * self.readout_init_scale
                 slab_view(slabs, readout_rows, k)[i] = draw.to(dtype) * (scale[:, :, None] > 0)
         self.readout_slabs = torch.nn.Parameter(slabs)
-        self.register_buffer("readout_slab_mask", slab_mask((scale > 0).float(), k, slabs.shape[-1]),
+        self.register_buffer("readout_slab_mask", slab_mask((scale > 0).float(), k, slabs.shape[-1]).to(dtype),
                              persistent=False)
 
     def slab_masks(self) -> dict[str, torch.Tensor]:
