@@ -2,7 +2,9 @@
 
 1. Generate a deliberately noisy preference pool (conversational, Skywork-Reward-Preference-80K shape):
    - ``trusted``: clean pairs (a small, carefully labelled source);
-   - ``crowd``: a large source with a fraction of its labels flipped, exact and whitespace-variant
+   - ``crowd``: a large source with a fraction of its labels flipped at random (``--flip-fraction``) and a
+     systematic bias: most of its respond-benign pairs (divide by one) prefer the refusal
+     (``--benign-refusal-share``, over-refusal on prompts that look risky); exact and whitespace-variant
      duplicates, and a few invalid rows (chosen == rejected, an empty response);
    - ``synthetic``: low-value pairs, both responses wrong (the label says nothing about correctness);
    - ``forum``: pairs whose prompts are the evaluation prompts, verbatim or wrapped in longer text.
@@ -21,6 +23,8 @@
 3. Train the same model for the same number of steps (same batch size, learning rate, seed) on the raw
    pool and on each curated variant; the variant with the best validation score (RewardBench overall) is
    "curated". Test all on the evaluation set: strict accuracy, per-subset and RewardBench category scores.
+   With ``--oracle`` the raw pool with every wrong label corrected trains too: what the label noise costs
+   at all, and so the most that any label cleaning could win.
 
 Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
 
@@ -28,6 +32,8 @@ Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
     python recipes/reward_curation.py --steps 20 --judge-steps 10 --pool-scale 0.2 --out /tmp/curation_quick
     python recipes/reward_curation.py --seeds 0,1,2   # the whole recipe per seed (pool, judge, training order)
                                                       # into <out>/seed<S>, then seeds.md: raw vs curated per seed
+    python recipes/reward_curation.py --oracle        # + the raw pool with its labels corrected (the ceiling)
+    python recipes/reward_curation.py --benign-refusal-share 0   # random label flips only: no systematic bias
 
 With ``--seeds``, a seed whose ``results.json`` exists is read, not rerun, so an interrupted sweep resumes.
 """
@@ -54,6 +60,8 @@ SCORE_CONFIG = str(ROOT / "configs/curation/score.yaml")
 EMBEDDED_DRAWS = 8000 + 300 + 600  # PreferenceData's train/val/test (tiny-sft's 6,000 SFT problems come first)
 TASK_FRACTION = 0.3  # the paper's fraction for math prompts; every task here is arithmetic
 SELECTIONS = ("paper", "task_mean", "task_chosen", "none")
+ORACLE_ARM = "raw pool, labels corrected (what perfect label cleaning could give)"
+BENIGN_REFUSAL_SHARE = 0.7  # crowd annotators prefer refusing 70% of the benign division prompts
 WRAPPERS = ("Here is a question from an evaluation set. {prompt} Please show every step.",
             "{prompt} I found this one online and want the worked solution.")
 
@@ -82,7 +90,11 @@ def task_of(prompt: str) -> str:
     return "arithmetic"
 
 
-def build_data(scale: float, flip_fraction: float, seed: int) -> dict[str, Any]:
+def build_data(scale: float, flip_fraction: float, seed: int, benign_refusal_share: float = 0.0) -> dict[str, Any]:
+    """The pool, the trusted source and the two RewardBench-shaped sets. ``flip_fraction`` of the crowd's labels
+    are flipped at random; then, if ``benign_refusal_share`` is higher than the share that already prefers the
+    refusal, more of the crowd's respond-benign pairs are flipped until that share prefers it (an annotator
+    bias: over-refusal on benign prompts that look risky). Duplicates copy the labels after both."""
     from datamodules import arithmetic
     from datamodules.rewardbench import GENERATED_SUBSETS, generated_pair, generated_rows
 
@@ -106,7 +118,12 @@ def build_data(scale: float, flip_fraction: float, seed: int) -> dict[str, Any]:
     trusted = clean_pairs("trusted", "trusted")
     crowd = clean_pairs("crowd", "crowd")
     flipped = rng.sample(range(len(crowd)), int(flip_fraction * len(crowd)))
-    for index in flipped:
+    benign = [index for index, row in enumerate(crowd) if row["subset"] == "respond-benign"]
+    already = set(flipped)
+    biased_count = max(0, round(benign_refusal_share * len(benign)) - sum(index in already for index in benign))
+    # a generator of its own, so that a pool without the bias is the same pool as before the option existed
+    biased = random.Random(seed + 4).sample([index for index in benign if index not in already], biased_count)
+    for index in flipped + biased:
         row = crowd[index]
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
     synthetic = []
@@ -139,7 +156,8 @@ def build_data(scale: float, flip_fraction: float, seed: int) -> dict[str, Any]:
     for row in pool:
         row["task"] = task_of(row["chosen"][0]["content"])
     random.Random(seed + 2).shuffle(pool)
-    composition = {"trusted (clean)": len(trusted), "crowd": len(crowd), "crowd labels flipped": len(flipped),
+    composition = {"trusted (clean)": len(trusted), "crowd": len(crowd), "crowd labels flipped": len(flipped) + len(biased),
+                   "of which: respond-benign flipped to prefer the refusal (bias)": len(biased),
                    "synthetic (both responses wrong)": len(synthetic), "exact duplicates": len(exact_copies),
                    "whitespace-variant duplicates": len(spaced_copies),
                    "forum (evaluation prompts, half wrapped in text)": len(leaked),
@@ -167,6 +185,17 @@ def wrong_label(row: dict[str, Any]) -> bool | None:
     numbers = re.findall(r"[+-]?\d+", re.search(r"Compute ([0-9+-]+)", prompt).group(1))
     problem = arithmetic.Problem(question="", start=int(numbers[0]), ops=tuple((n[0], int(n[1:])) for n in numbers[1:]))
     return chosen != normalize_whitespace(problem.solution())
+
+
+def corrected_labels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with every wrong label swapped back (both-wrong pairs as they are): the pool that a perfect
+    label cleaner would leave, with its size, duplicates and leaks unchanged."""
+    corrected = []
+    for row in rows:
+        if wrong_label(row):
+            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"]}
+        corrected.append(row)
+    return corrected
 
 
 def label_quality(path: Path) -> dict[str, Any]:
@@ -356,6 +385,8 @@ def markdown(results: dict[str, Any]) -> str:
     runs, settings, chosen = results["runs"], results["settings"], results["chosen_selection"]
     arms = [("raw pool", runs["raw"])] + [(f"curated, selection {name}" + (" (chosen)" if name == chosen else ""),
                                            runs[f"curated_{name}"]) for name in settings["selections"]]
+    if "raw_labels_corrected" in runs:
+        arms.insert(1, (ORACLE_ARM, runs["raw_labels_corrected"]))
     judge = runs["judge"]
     lines = [f"# Reward-data curation on the embedded arithmetic task ({results['date']})", "",
              f"Model `{settings['model']}`, {settings['steps']} steps of batch {settings['batch_size']} for every "
@@ -410,7 +441,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "as Skywork scored its pool with strong reward models; default: train one on the trusted source")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pool-scale", type=float, default=1.0, help="multiplies every part of the pool")
-    parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped")
+    parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped at random")
+    parser.add_argument("--benign-refusal-share", type=float, default=BENIGN_REFUSAL_SHARE,
+                        help="share of the crowd's respond-benign pairs (divide by one) labelled with the refusal "
+                             "preferred: a systematic annotator bias, unlike the random flips (0: random flips only)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also train on the raw pool with every wrong label corrected: how much label noise "
+                             "costs at all, the most any label cleaning could win (one more run, 2-3 minutes)")
     parser.add_argument("--selections", default=",".join(SELECTIONS),
                         help=f"comma-separated selection variants to train and compare on validation: {SELECTIONS}")
     parser.add_argument("--judge-trust", type=float, default=0.8,
@@ -427,6 +464,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    for name in ("flip_fraction", "benign_refusal_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]")
     if args.judge_trust is not None and args.judge_trust < 0:
         args.judge_trust = None
     args.selections = [name.strip() for name in args.selections.split(",") if name.strip()]
@@ -475,11 +515,15 @@ def seeds_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                      "raw_overall": raw["overall"], "curated_overall": curated["overall"],
                      "overall_difference": curated["overall"] - raw["overall"], "curated_pairs": curated["train_pairs"],
                      "raw_pairs": raw["train_pairs"], "raw_wrong_labels": quality["raw pool"]["wrong_label_share"],
-                     "curated_wrong_labels": curated_quality["wrong_label_share"]})
+                     "curated_wrong_labels": curated_quality["wrong_label_share"],
+                     "corrected_accuracy": results["runs"].get("raw_labels_corrected", {}).get("accuracy")})
 
-    return {"seeds": rows, "curated_ahead": sum(row["difference"] > 0 for row in rows),
-            "curated_behind": sum(row["difference"] < 0 for row in rows),
-            **{key: mean_sd([row[key] for row in rows]) for key in SEED_SUMMARY_KEYS}}
+    summary = {"seeds": rows, "curated_ahead": sum(row["difference"] > 0 for row in rows),
+               "curated_behind": sum(row["difference"] < 0 for row in rows),
+               **{key: mean_sd([row[key] for row in rows]) for key in SEED_SUMMARY_KEYS}}
+    if all(row["corrected_accuracy"] is not None for row in rows):  # runs made with --oracle
+        summary["corrected_accuracy"] = mean_sd([row["corrected_accuracy"] for row in rows])
+    return summary
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
@@ -488,17 +532,21 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
 
     lines = ["# Raw pool against the curated set, over seeds (held-out evaluation)", "",
              "| seed | selection | raw accuracy | curated accuracy | difference | RewardBench overall, raw / curated "
-             "| pairs, raw / curated | wrong labels, raw -> curated |", "|---|---|---|---|---|---|---|---|"]
+             "| pairs, raw / curated | wrong labels, raw -> curated | raw, labels corrected |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in summary["seeds"]:
+        corrected = "-" if row["corrected_accuracy"] is None else f"{row['corrected_accuracy']:.3f}"
         lines.append(f"| {row['seed']} | {row['chosen_selection']} | {row['raw_accuracy']:.3f} | "
                      f"{row['curated_accuracy']:.3f} | {row['difference']:+.3f} | {row['raw_overall']:.3f} / "
                      f"{row['curated_overall']:.3f} | {row['raw_pairs']} / {row['curated_pairs']} | "
-                     f"{share(row['raw_wrong_labels'])} -> {share(row['curated_wrong_labels'])} |")
+                     f"{share(row['raw_wrong_labels'])} -> {share(row['curated_wrong_labels'])} | {corrected} |")
     mean = {key: summary[key] for key in SEED_SUMMARY_KEYS}
+    corrected = summary.get("corrected_accuracy")
     lines.append(f"| mean ± sd | | {mean['raw_accuracy']['mean']:.3f} ± {mean['raw_accuracy']['sd']:.3f} | "
                  f"{mean['curated_accuracy']['mean']:.3f} ± {mean['curated_accuracy']['sd']:.3f} | "
                  f"{mean['difference']['mean']:+.3f} ± {mean['difference']['sd']:.3f} | "
-                 f"{mean['overall_difference']['mean']:+.3f} (difference) | | |")
+                 f"{mean['overall_difference']['mean']:+.3f} (difference) | | | "
+                 + ("-" if corrected is None else f"{corrected['mean']:.3f} ± {corrected['sd']:.3f}") + " |")
     lines += ["", f"Curated ahead in {summary['curated_ahead']} of {len(summary['seeds'])} seeds, behind in "
                   f"{summary['curated_behind']}."]
     return "\n".join(lines) + "\n"
@@ -515,13 +563,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started, cpu_started, load_start = time.time(), cpu_seconds(), os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(args.pool_scale, args.flip_fraction, args.seed)
+    data = build_data(args.pool_scale, args.flip_fraction, args.seed, args.benign_refusal_share)
     pool_file, trusted_file = out / "pool.jsonl", out / "trusted.jsonl"
+    corrected_file = out / "pool.labels_corrected.jsonl"
     data["eval_file"], data["val_file"] = out / "eval.jsonl", out / "val.jsonl"
     write_rows(pool_file, data["pool"])
     write_rows(data["eval_file"], data["eval"])
     write_rows(data["val_file"], data["val"])
     write_rows(trusted_file, data["trusted"])
+    if args.oracle:
+        write_rows(corrected_file, corrected_labels(data["pool"]))
 
     # Every run is seeded on its own, so running them side by side changes their timing, not their results.
     import torch
@@ -533,6 +584,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # the raw run needs no judge: with a second worker it trains beside the judge
         raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args) if args.workers > 1 else None
+        corrected_run = pool.submit(fit_and_test, out, "raw_labels_corrected", corrected_file, data, args) \
+            if args.oracle and args.workers > 1 else None
         if args.judge_checkpoint:
             runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
         else:
@@ -561,13 +614,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kept_per_subset[name] = {subset: entry["kept"] for subset, entry in report["details"]["per_subset"].items()}
             train_files[name] = selected
 
-        quality = {"raw pool": label_quality(pool_file), "after the filters": label_quality(filtered_file),
+        quality = {"raw pool": label_quality(pool_file),
+                   **({"raw pool, labels corrected": label_quality(corrected_file)} if args.oracle else {}),
+                   "after the filters": label_quality(filtered_file),
                    **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
         if raw_run is None:
             raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args)
+        if args.oracle and corrected_run is None:
+            corrected_run = pool.submit(fit_and_test, out, "raw_labels_corrected", corrected_file, data, args)
         curated_runs = {name: pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
                         for name in args.selections}
         runs["raw"] = raw_run.result()
+        if args.oracle:
+            runs["raw_labels_corrected"] = corrected_run.result()
         for name, run in curated_runs.items():
             runs[f"curated_{name}"] = run.result()
     finally:

@@ -432,6 +432,14 @@ def test_the_curation_script_reports_a_missing_input_in_one_line(tmp_path, monke
 
 # -- the recipe's data ---------------------------------------------------------------------------------
 
+def original_pairs(pool, source, subset=None):
+    """The pool's original pairs of a source: exact copies collapse; respaced and invalid copies are left out."""
+    return list({json.dumps(row, sort_keys=True): row for row in pool
+                 if row["source"] == source and subset in (None, row["subset"]) and row["rejected"][1]["content"].strip()
+                 and row["chosen"] != row["rejected"]
+                 and row["chosen"][1]["content"] == row["chosen"][1]["content"].strip()}.values())
+
+
 def test_recipe_pool_is_disjoint_from_the_embedded_defaults_and_the_evaluation_sets():
     """No backbone (tiny-sft's SFT problems) or existing judge (bt.yaml's pairs) saw the recipe's problems,
     and the pool never shares a problem with the validation or evaluation set except the planted leaks."""
@@ -461,12 +469,40 @@ def test_recipe_pool_is_disjoint_from_the_embedded_defaults_and_the_evaluation_s
     assert data["composition"]["pool total"] == len(data["pool"])
     # the label check knows every planted flip: none among the trusted pairs, each flipped crowd pair found
     assert not any(reward_curation.wrong_label(row) for row in data["trusted"])
-    unique_crowd = {json.dumps(row, sort_keys=True) for row in data["pool"] if row["source"] == "crowd"
-                    and row["rejected"][1]["content"].strip() and row["chosen"] != row["rejected"]
-                    and row["chosen"][1]["content"] == row["chosen"][1]["content"].strip()}  # no respaced copies
-    flagged = sum(reward_curation.wrong_label(json.loads(row)) for row in unique_crowd)
+    flagged = sum(map(reward_curation.wrong_label, original_pairs(data["pool"], "crowd")))
     assert flagged == data["composition"]["crowd labels flipped"] > 0
     assert {reward_curation.wrong_label(row) for row in data["pool"] if row["source"] == "synthetic"} == {None}
+
+
+def test_recipe_refusal_bias_only_relabels_crowd_benign_pairs_and_the_corrected_pool_has_right_labels():
+    from recipes import reward_curation
+
+    def prefers_refusal(row):
+        return reward_curation.wrong_label(row) if row["subset"] == "respond-benign" else None
+
+    plain = reward_curation.build_data(scale=0.2, flip_fraction=0.3, seed=1)
+    biased = reward_curation.build_data(scale=0.2, flip_fraction=0.3, seed=1, benign_refusal_share=0.8)
+    assert len(plain["pool"]) == len(biased["pool"]) and plain["eval"] == biased["eval"] and plain["val"] == biased["val"]
+    relabelled = []
+    for before, after in zip(plain["pool"], biased["pool"], strict=True):
+        assert after["chosen"][0] == before["chosen"][0] and after["source"] == before["source"]  # same prompt, same order
+        if after != before:  # only a swap of the two responses of a crowd respond-benign pair (or a copy of one)
+            assert after["chosen"] == before["rejected"] and after["rejected"] == before["chosen"]
+            assert after["subset"] == "respond-benign" and after["source"] == "crowd"
+            assert (prefers_refusal(before), prefers_refusal(after)) == (False, True)
+            relabelled.append(after)
+    benign = original_pairs(plain["pool"], "crowd", "respond-benign")
+    assert relabelled and sum(map(prefers_refusal, benign)) < 0.5 * len(benign)  # random flips alone: a minority
+    originals = original_pairs(biased["pool"], "crowd", "respond-benign")
+    assert len(originals) == len(benign) > 20
+    assert sum(map(prefers_refusal, originals)) == round(0.8 * len(originals))  # exactly the requested share
+    assert biased["composition"]["crowd labels flipped"] == (plain["composition"]["crowd labels flipped"]
+                                                             + biased["composition"]["of which: respond-benign flipped to prefer the refusal (bias)"])
+    corrected = reward_curation.corrected_labels(biased["pool"])
+    assert [row["chosen"][0] for row in corrected] == [row["chosen"][0] for row in biased["pool"]]
+    still_wrong = [row for row in corrected if reward_curation.wrong_label(row)]
+    # only invalid rows (both sides equal) can keep a wrong label, and the datamodule drops those
+    assert all(row["chosen"] == row["rejected"] or not row["rejected"][1]["content"].strip() for row in still_wrong)
 
 
 def test_consistency_filter_checks_only_the_listed_categories():
@@ -666,7 +702,7 @@ def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_cho
         return {"chosen_selection": chosen,
                 "runs": {"raw": {**run, "accuracy": raw, "overall": raw - 0.05},
                          f"curated_{chosen}": {**run, "accuracy": curated, "overall": curated - 0.04, "train_pairs": 25},
-                         "curated_none": {**run, "accuracy": 0.0}},
+                         "curated_none": {**run, "accuracy": 0.0}, "raw_labels_corrected": {**run, "accuracy": raw + 0.1}},
                 "label_quality": {"raw pool": {"wrong_label_share": 0.25}, "after the filters": {"wrong_label_share": 0.2},
                                   f"selection {chosen}": {"wrong_label_share": 0.1}}}
 
@@ -680,7 +716,9 @@ def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_cho
     assert summary["overall_difference"]["mean"] == pytest.approx(0.01 + 0.01)  # curated overall -0.04, raw -0.05
     assert (summary["curated_ahead"], summary["curated_behind"]) == (2, 1)
     assert summary["seeds"][0]["curated_wrong_labels"] == 0.1 and summary["seeds"][0]["curated_pairs"] == 25
+    assert summary["corrected_accuracy"]["mean"] == pytest.approx((0.79 + 0.83 + 0.80) / 3 + 0.1)
     assert "| 1 | task_chosen | 0.830 | 0.810 | -0.020 |" in (tmp_path / "seeds.md").read_text()
+    assert "| 0.930 |" in (tmp_path / "seeds.md").read_text()  # seed 1's raw pool with its labels corrected
     with pytest.raises(SystemExit):
         reward_curation.main(["--out", str(tmp_path), "--seeds", "0,0"])
 
