@@ -501,7 +501,7 @@ def test_recipe_refusal_bias_only_relabels_crowd_benign_pairs_and_the_corrected_
     corrected = reward_curation.corrected_labels(biased["pool"])
     assert [row["chosen"][0] for row in corrected] == [row["chosen"][0] for row in biased["pool"]]
     still_wrong = [row for row in corrected if reward_curation.wrong_label(row)]
-    # only invalid rows (both sides equal) can keep a wrong label, and the datamodule drops those
+    # only invalid rows (both sides equal, or an empty side) can keep a wrong label; the datamodule drops those
     assert all(row["chosen"] == row["rejected"] or not row["rejected"][1]["content"].strip() for row in still_wrong)
 
 
