@@ -581,11 +581,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     one_thread_per_worker()
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=one_thread_per_worker)
+    baselines = {"raw": pool_file, **({"raw_labels_corrected": corrected_file} if args.oracle else {})}
+
+    def submit_baselines() -> dict[str, Any]:
+        return {name: pool.submit(fit_and_test, out, name, train_file, data, args) for name, train_file in baselines.items()}
+
     try:
-        # the raw run needs no judge: with a second worker it trains beside the judge
-        raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args) if args.workers > 1 else None
-        corrected_run = pool.submit(fit_and_test, out, "raw_labels_corrected", corrected_file, data, args) \
-            if args.oracle and args.workers > 1 else None
+        # the raw pool (and its corrected copy) need no judge: with a second worker they train beside the judge
+        baseline_runs = submit_baselines() if args.workers > 1 else {}
         if args.judge_checkpoint:
             runs: dict[str, Any] = {"judge": test_checkpoint(out, "judge", args.judge_checkpoint, data)}
         else:
@@ -618,17 +621,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    **({"raw pool, labels corrected": label_quality(corrected_file)} if args.oracle else {}),
                    "after the filters": label_quality(filtered_file),
                    **{f"selection {name}": label_quality(train_files[name]) for name in args.selections if name != "none"}}
-        if raw_run is None:
-            raw_run = pool.submit(fit_and_test, out, "raw", pool_file, data, args)
-        if args.oracle and corrected_run is None:
-            corrected_run = pool.submit(fit_and_test, out, "raw_labels_corrected", corrected_file, data, args)
-        curated_runs = {name: pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
+        baseline_runs = baseline_runs or submit_baselines()
+        curated_runs = {f"curated_{name}": pool.submit(fit_and_test, out, f"curated_{name}", train_files[name], data, args)
                         for name in args.selections}
-        runs["raw"] = raw_run.result()
-        if args.oracle:
-            runs["raw_labels_corrected"] = corrected_run.result()
-        for name, run in curated_runs.items():
-            runs[f"curated_{name}"] = run.result()
+        for name, run in {**baseline_runs, **curated_runs}.items():
+            runs[name] = run.result()
     finally:
         pool.shutdown(cancel_futures=True)
         torch.set_num_threads(threads)
