@@ -12,8 +12,9 @@ the model, bf16 parameters without autocast), ``trl+compile+bf16w`` ... Each of 
 the baseline arm ``trl`` (TRL at its default settings, gradient checkpointing aside) and, where one was run,
 with the TRL arm of the same settings (like for like, with the two loss curves checked against each other). Runs alternate, forwards in
 even repeats and backwards in odd ones (ours, TRL, TRL, ours, ...), so machine load and warm caches hit the
-arms alike; the table gives each run, the median and the best run of each arm, and throughput per
-CPU-second of the process (a shared CPU's load changes wall time far more than CPU time). A failing arm is
+arms alike; the table gives each run, the median and the best run of each arm, throughput per
+CPU-second of the process (a shared CPU's load changes wall time far more than CPU time), and the median
+step time over every timed step of an arm's runs (a burst of load slows some steps, not the median one). A failing arm is
 recorded with its error and the others go on; with ``--json`` the summary is rewritten after every run, so
 a run cut short keeps what it measured.
 
@@ -112,12 +113,14 @@ def sync() -> None:
 
 class StepClock:
     """Wall time at the end of every optimizer step (the clock synchronises a GPU only at the two timing
-    marks; reading the loss back syncs every step, on both sides alike) and the loss of every step."""
+    marks; reading the loss back syncs every step, on both sides alike), each timed step's duration, and the
+    loss of every step."""
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.start = self.end = None
         self.losses: list[float] = []
+        self.step_seconds: list[float] = []
         self.tokens = 0
 
     def step_done(self, step: int, loss: float | None, step_tokens: list[int]) -> None:
@@ -126,11 +129,15 @@ class StepClock:
         if step == self.warmup:
             sync()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
+            self.last = self.start
         elif step > self.warmup:
             self.tokens += step_tokens[step - 1]
             if step == self.steps:
                 sync()
                 self.end, self.cpu_end = time.perf_counter(), time.process_time()
+            now = time.perf_counter()
+            self.step_seconds.append(now - self.last)
+            self.last = now
 
     def result(self, pairs_per_step: int) -> dict[str, Any]:
         seconds = self.end - self.start
@@ -139,7 +146,8 @@ class StepClock:
         return {"seconds": seconds, "cpu_seconds": cpu_seconds, "timed_steps": timed,
                 "pairs_per_s": timed * pairs_per_step / seconds, "pairs_per_cpu_s": timed * pairs_per_step / cpu_seconds,
                 "tokens_per_s": self.tokens / seconds, "final_loss": self.losses[-1],
-                "mean_loss_last_10": statistics.fmean(self.losses[-10:]), "losses": self.losses}
+                "mean_loss_last_10": statistics.fmean(self.losses[-10:]), "losses": self.losses,
+                "step_seconds": self.step_seconds}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,6 +380,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], arms: list[Arm], args, cont
                 "pairs_per_s": statistics.median(r["pairs_per_s"] for r in finished),
                 "best_pairs_per_s": max(r["pairs_per_s"] for r in finished),
                 "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in finished),
+                # a burst of load from another process slows a few steps: the median step leaves them out
+                "median_step_seconds": statistics.median(t for r in finished for t in r["step_seconds"]),
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in finished),
                 "final_loss": finished[-1]["final_loss"], "mean_loss_last_10": finished[-1]["mean_loss_last_10"],
                 "runs_pairs_per_s": [round(r["pairs_per_s"], 3) for r in finished],
@@ -398,7 +408,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], arms: list[Arm], args, cont
             row = {"arm": arm.name, "against": other,
                    "ratio_median": ours["pairs_per_s"] / theirs["pairs_per_s"],
                    "ratio_best": ours["best_pairs_per_s"] / theirs["best_pairs_per_s"],
-                   "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / theirs["pairs_per_cpu_s"]}
+                   "ratio_per_cpu_second": ours["pairs_per_cpu_s"] / theirs["pairs_per_cpu_s"],
+                   "ratio_median_step": theirs["median_step_seconds"] / ours["median_step_seconds"]}
             if args.device == "cuda" and gpu and other == BASELINE and arm.name in GPU_TARGETS:
                 row["target"] = GPU_TARGETS[arm.name]
                 row["target_met"] = row["ratio_median"] >= row["target"]
@@ -510,8 +521,8 @@ def print_table(summary: dict[str, Any], arms: list[Arm], gpu: bool) -> None:
           f"{summary['torch_threads']} torch thread(s) (OMP_NUM_THREADS={summary['OMP_NUM_THREADS']}); "
           f"TRL {versions['trl']}, torch {versions['torch']}, transformers {versions['transformers']}, "
           f"lightning {versions['lightning']}")
-    header = ("| arm | setup | pairs/s, median [each run] | best pairs/s | pairs per CPU-second | tokens/s (median) | "
-              "final loss | mean loss, last 10 steps |")
+    header = ("| arm | setup | pairs/s, median [each run] | best pairs/s | pairs per CPU-second | median step | "
+              "tokens/s (median) | final loss | mean loss, last 10 steps |")
     header += " MFU | peak memory |" if gpu else ""
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -522,14 +533,16 @@ def print_table(summary: dict[str, Any], arms: list[Arm], gpu: bool) -> None:
             continue
         setup = ", ".join(f"{key} {value}" for key, value in entry["setup"].items() if value is not None)
         line = (f"| {arm.name} | {setup} | {entry['pairs_per_s']:.2f} {entry['runs_pairs_per_s']} | "
-                f"{entry['best_pairs_per_s']:.2f} | {entry['pairs_per_cpu_s']:.2f} | {entry['tokens_per_s']:.0f} | "
+                f"{entry['best_pairs_per_s']:.2f} | {entry['pairs_per_cpu_s']:.2f} | "
+                f"{1000 * entry['median_step_seconds']:.1f} ms | {entry['tokens_per_s']:.0f} | "
                 f"{entry['final_loss']:.4f} | {entry['mean_loss_last_10']:.4f} |")
         if gpu:
             line += f" {100 * entry['mfu']:.1f}% | {entry.get('peak_memory_gib', float('nan')):.1f} GiB |"
         print(line)
     for row in summary["comparisons"]:
         line = (f"{row['arm']} / {row['against']}: median pairs/s {row['ratio_median']:.3f}, best "
-                f"{row['ratio_best']:.3f}, per CPU-second {row['ratio_per_cpu_second']:.3f}")
+                f"{row['ratio_best']:.3f}, per CPU-second {row['ratio_per_cpu_second']:.3f}, by the median step "
+                f"{row['ratio_median_step']:.3f}")
         if "target" in row:
             line += f"; target >= {row['target']}: {'MET' if row['target_met'] else 'NOT MET'}"
         if "losses_agree" in row:

@@ -39,7 +39,9 @@ class TextDataModule(pl.LightningDataModule):
                  batch_size: int = 32, eval_batch_size: int | None = None, invalid_rows: str = "error",
                  num_workers: int = 0, seed: int = 0, group_by_length: bool = False):
         """``group_by_length``: training batches of items of similar length (``LengthGroupedSampler``),
-        so less compute goes to padding; the batches are still drawn at random, but no longer uniformly."""
+        so less compute goes to padding; the batches are still drawn at random, but no longer uniformly.
+        Where length follows the kind of item (a task with short answers), each batch holds one kind, which
+        can cost accuracy on the rarer kinds (README: length-grouped batches)."""
         super().__init__()
         if invalid_rows not in ("error", "drop"):
             raise ValueError(f"invalid_rows must be 'error' or 'drop', got {invalid_rows!r}")

@@ -34,8 +34,10 @@ Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
                                                       # into <out>/seed<S>, then seeds.md: raw vs curated per seed
     python recipes/reward_curation.py --oracle        # + the raw pool with its labels corrected (the ceiling)
     python recipes/reward_curation.py --benign-refusal-share 0   # random label flips only: no systematic bias
+    python recipes/reward_curation.py --group-by-length   # 1.4-1.6x faster, but each batch holds one task (README)
 
-With ``--seeds``, a seed whose ``results.json`` exists is read, not rerun, so an interrupted sweep resumes.
+With ``--seeds``, a seed whose ``results.json`` exists is read, not rerun, so an interrupted sweep resumes; one
+made with other settings (say another ``--flip-fraction``) is refused, never overwritten or mixed in.
 """
 
 from __future__ import annotations
@@ -253,6 +255,7 @@ def fit_and_test(out: Path, name: str, train_file: Path, data: dict[str, Any], a
         f"--model.init_args.model={args.model}", f"--data.init_args.train_file={train_file}",
         f"--data.init_args.val_file={data['val_file']}", f"--data.init_args.test_file={data['eval_file']}",
         "--data.init_args.invalid_rows=drop", f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.group_by_length={args.group_by_length}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--checkpoint.monitor=null",
         "--checkpoint.filename=final", f"--checkpoint.every_n_train_steps={steps}",
         "--export.dirpath=null", "--test_after_fit=true", f"--seed_everything={args.seed}",
@@ -428,7 +431,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "runs" / "curation"))
     parser.add_argument("--model", default="tiny-sft",
@@ -440,6 +443,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="an existing reward model (RewardModel checkpoint, e.g. bt.yaml's best.ckpt) as the judge, "
                              "as Skywork scored its pool with strong reward models; default: train one on the trusted source")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="batches of pairs of similar length (the data's group_by_length) in every run: 1.4-1.6x "
+                             "faster (uniform batches are about half padding), but here length follows the task, so "
+                             "each batch holds one task and the minority task is learned worse (README)")
     parser.add_argument("--pool-scale", type=float, default=1.0, help="multiplies every part of the pool")
     parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped at random")
     parser.add_argument("--benign-refusal-share", type=float, default=BENIGN_REFUSAL_SHARE,
@@ -472,9 +479,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.selections = [name.strip() for name in args.selections.split(",") if name.strip()]
     for name in args.selections:
         selection_step(name)  # unknown names fail before any work
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if args.seeds is not None:
         return run_seeds(args, args.seeds)
     return run(args)
+
+
+# where the results go and how fast they come, not what they are
+SETTINGS_NOT_COMPARED = ("out", "seed", "seeds", "workers")
+
+
+def settings_differences(stored: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The settings in which a finished seed's ``results.json`` differs from this command's (a setting
+    it does not record counts as different: it was made before that setting existed)."""
+    missing = object()
+    differences = []
+    for name, value in vars(args).items():
+        recorded = stored.get(name, missing)
+        if name not in SETTINGS_NOT_COMPARED and recorded != value:
+            differences.append(f"{name} {'not recorded' if recorded is missing else recorded} (now {value})")
+    return differences
 
 
 def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
@@ -486,6 +514,10 @@ def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
         if (folder / "results.json").exists():
             print(f"[seed {seed}] reading {folder / 'results.json'}", flush=True)
             per_seed[seed] = json.loads((folder / "results.json").read_text())
+            differences = settings_differences(per_seed[seed].get("settings", {}), args)
+            if differences:  # a finished run is never overwritten, nor mixed into a summary of other settings
+                raise SystemExit(f"{folder / 'results.json'} was made with other settings: {'; '.join(differences)}. "
+                                 f"Use another --out, or move that folder away to rerun the seed.")
         else:
             print(f"[seed {seed}] running into {folder}", flush=True)
             per_seed[seed] = run(argparse.Namespace(**{**vars(args), "seed": seed, "out": str(folder), "seeds": None}))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,6 @@ def test_reward_gpu_bench_runs_every_non_compiled_variant_on_the_cpu():
 
 
 def test_reward_gpu_bench_rejects_unknown_variants(monkeypatch):
-    import pytest
 
     bench = _bench_module("reward_gpu")
     monkeypatch.setattr(sys, "argv", ["reward_gpu.py", "--cpu-smoke", "--variants", "autocast,fast"])
@@ -44,7 +45,6 @@ def test_reward_gpu_bench_rejects_unknown_variants(monkeypatch):
 
 
 def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
-    import pytest
 
     pytest.importorskip("trl", reason="TRL is the optional bench extra")
     out = tmp_path / "summary.json"
@@ -91,7 +91,6 @@ def _bench_module(name: str):
 
 
 def test_reward_vs_trl_arms_parse_and_alternate():
-    import pytest
 
     bench = _bench_module("reward_vs_trl")
     arms = bench.parse_arms("trl, ours,ours+compile+bf16w", gpu=True)
@@ -116,7 +115,7 @@ def test_reward_vs_trl_summary_compares_with_trl_defaults_and_like_for_like():
     def run(pairs_per_s, losses, **extra):
         return {"pairs_per_s": pairs_per_s, "pairs_per_cpu_s": pairs_per_s / 2, "tokens_per_s": 2048 * pairs_per_s,
                 "final_loss": losses[-1], "mean_loss_last_10": sum(losses) / len(losses), "losses": losses,
-                "peak_memory_gib": 20.0, **extra}
+                "peak_memory_gib": 20.0, "step_seconds": [1 / pairs_per_s, 2 / pairs_per_s, 9.0], **extra}
 
     runs = {"trl": [run(40.0, [0.7, 0.6]), run(44.0, [0.7, 0.6])],
             "ours": [run(48.0, [0.7, 0.61]), run(46.0, [0.7, 0.61])],
@@ -132,6 +131,10 @@ def test_reward_vs_trl_summary_compares_with_trl_defaults_and_like_for_like():
     assert set(rows) == {("ours", "trl"), ("ours+compile+bf16w", "trl"), ("ours+compile+bf16w", "trl+compile+bf16w")}
     default = rows[("ours", "trl")]
     assert default["ratio_median"] == 47.0 / 42.0 and default["ratio_best"] == 48.0 / 44.0
+    # the median over every timed step of an arm's runs (six here): the slow outlier steps (9 s) do not move it
+    ours_step, trl_step = (2 / 48.0 + 2 / 46.0) / 2, (2 / 40.0 + 2 / 44.0) / 2
+    assert ours["median_step_seconds"] == pytest.approx(ours_step) and trl["median_step_seconds"] == pytest.approx(trl_step)
+    assert default["ratio_median_step"] == pytest.approx(trl_step / ours_step)
     assert default["target"] == 1.1 and default["target_met"] is True  # 1.119 >= 1.1
     # the same settings on both sides: their loss curves are compared step by step (bf16 tolerance)
     assert default["losses_agree"] is True and abs(default["loss_difference_per_step_max"] - 0.01) < 1e-12

@@ -697,9 +697,11 @@ def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_cho
 
     from recipes import reward_curation
 
+    settings = vars(reward_curation.parse_args(["--out", str(tmp_path)]))  # the defaults, as a run records them
+
     def results(raw, curated, chosen="task_chosen"):
         run = {"train_pairs": 100, "overall": 0.0}
-        return {"chosen_selection": chosen,
+        return {"chosen_selection": chosen, "settings": settings,
                 "runs": {"raw": {**run, "accuracy": raw, "overall": raw - 0.05},
                          f"curated_{chosen}": {**run, "accuracy": curated, "overall": curated - 0.04, "train_pairs": 25},
                          "curated_none": {**run, "accuracy": 0.0}, "raw_labels_corrected": {**run, "accuracy": raw + 0.1}},
@@ -721,6 +723,16 @@ def test_recipe_seeds_summary_reads_finished_seeds_and_compares_raw_with_the_cho
     assert "| 0.930 |" in (tmp_path / "seeds.md").read_text()  # seed 1's raw pool with its labels corrected
     with pytest.raises(SystemExit):
         reward_curation.main(["--out", str(tmp_path), "--seeds", "0,0"])
+    # a finished seed of other settings is neither overwritten nor summarised with this command's seeds
+    with pytest.raises(SystemExit, match=r"seed1/results.json was made with other settings: flip_fraction 0.3 \(now "
+                                         r"0.2\)\. Use another --out"):
+        reward_curation.main(["--out", str(tmp_path), "--seeds", "1,0", "--flip-fraction", "0.2"])
+    stored = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    del stored["settings"]["group_by_length"]  # made before the setting existed
+    (tmp_path / "seed1" / "results.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match=r"group_by_length not recorded \(now False\)"):
+        reward_curation.main(["--out", str(tmp_path), "--seeds", "1", "--workers", "1"])
+    assert json.loads((tmp_path / "seed1" / "results.json").read_text()) == stored  # untouched
 
 
 def test_very_short_evaluation_prompts_only_match_whole_prompts(tmp_path):
