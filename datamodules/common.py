@@ -303,6 +303,28 @@ class ProcessShard(DistributedSampler):
         return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
+def batch_coverage(order: Sequence[int], kinds: Sequence[Any], batch_size: int) -> dict[Any, float]:
+    """Share of the order's full batches that hold at least one item of each kind."""
+    batches = [order[start:start + batch_size] for start in range(0, len(order) - batch_size + 1, batch_size)]
+    held: dict[Any, int] = {kind: 0 for kind in kinds}
+    for batch in batches:
+        for kind in {kinds[index] for index in batch}:
+            held[kind] += 1
+    return {kind: count / max(len(batches), 1) for kind, count in held.items()}
+
+
+def kinds_grouping_separates(lengths: Sequence[int], kinds: Sequence[Any], batch_size: int, seed: int = 0,
+                             ratio: float = 0.5) -> dict[Any, tuple[float, float]]:
+    """The kinds of item (say a preference subset) that length-grouped batches hold far more rarely than
+    uniform ones: kind -> (share of grouped batches holding it, share of uniform batches), for the kinds
+    below ``ratio`` times their uniform share in epoch 0's orders. Where length follows the kind, each
+    grouped batch holds one kind, and a rare kind meets the others in few optimizer steps."""
+    grouped = batch_coverage(list(LengthGroupedSampler(lengths, batch_size, seed)), kinds, batch_size)
+    uniform = batch_coverage(list(EpochSeededSampler(len(lengths), seed)), kinds, batch_size)
+    return {kind: (grouped[kind], uniform[kind]) for kind in sorted(grouped, key=str)
+            if grouped[kind] < ratio * uniform[kind]}
+
+
 def training_loader(data: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
                     trainer: Any, num_workers: int = 0, lengths: Sequence[int] | None = None,
                     order: type[EpochSeededSampler] = EpochSeededSampler) -> DataLoader:

@@ -158,6 +158,9 @@ class PreferenceData(TextDataModule):
     def item_length(self, item: dict[str, Any]) -> int:
         return max(len(item["chosen"]), len(item["rejected"]))  # both sides go into the same padded batch
 
+    def item_kind(self, item: dict[str, Any]) -> str | None:
+        return self.subset_names[item["subset"]]
+
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
         return {

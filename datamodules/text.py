@@ -15,13 +15,14 @@ import weakref
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from datamodules.common import (
     DataError,
     DataReport,
     check_side,
+    kinds_grouping_separates,
     read_rows,
     shards_parameters,
     training_loader,
@@ -41,7 +42,8 @@ class TextDataModule(pl.LightningDataModule):
         """``group_by_length``: training batches of items of similar length (``LengthGroupedSampler``),
         so less compute goes to padding; the batches are still drawn at random, but no longer uniformly.
         Where length follows the kind of item (a task with short answers), each batch holds one kind, which
-        can cost accuracy on the rarer kinds (README: length-grouped batches)."""
+        can cost accuracy on the rarer kinds; the training loader warns where it finds this (``item_kind``;
+        README: length-grouped batches)."""
         super().__init__()
         if invalid_rows not in ("error", "drop"):
             raise ValueError(f"invalid_rows must be 'error' or 'drop', got {invalid_rows!r}")
@@ -77,6 +79,11 @@ class TextDataModule(pl.LightningDataModule):
     def item_length(self, item: dict[str, Any]) -> int:
         """The padded width an encoded item needs in a batch (for ``group_by_length``)."""
         raise NotImplementedError(f"{type(self).__name__} does not support group_by_length")
+
+    def item_kind(self, item: dict[str, Any]) -> str | None:
+        """The kind of an encoded item (a preference pair's subset), whose mixing in grouped batches
+        ``group_by_length`` checks; None where the data have no kinds."""
+        return None
 
     # -- sources ---------------------------------------------------------------------------------------
     def source_rows(self, split: str) -> tuple[list[dict[str, Any]] | None, str]:
@@ -176,9 +183,24 @@ class TextDataModule(pl.LightningDataModule):
         data = self.datasets[split]
         if shuffle:  # training: a seeded order per epoch, resumable mid-epoch
             lengths = [self.item_length(item) for item in data] if self.group_by_length else None
+            if lengths is not None:
+                self._warn_if_grouping_separates_kinds(data, lengths, batch_size)
             return training_loader(data, batch_size, self.collate, self.seed, self.trainer, self.num_workers, lengths)
         return DataLoader(data, batch_size=batch_size, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _warn_if_grouping_separates_kinds(self, data: list[dict[str, Any]], lengths: list[int], batch_size: int) -> None:
+        kinds = [self.item_kind(item) for item in data]
+        if None in kinds or len(set(kinds)) < 2:
+            return
+        separated = kinds_grouping_separates(lengths, kinds, batch_size, self.seed)
+        if separated:
+            shares = ", ".join(f"{kind!r} is in {grouped:.0%} of the batches (uniform: {uniform:.0%})"
+                               for kind, (grouped, uniform) in separated.items())
+            rank_zero_warn(f"group_by_length: length follows the subset here, so grouped batches keep the subsets "
+                           f"apart: {shares}. Each step then trains on fewer subsets at once, which cost a rare "
+                           "subset its accuracy in the curation recipe (README: length-grouped batches); "
+                           "set group_by_length=false if it does here.")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

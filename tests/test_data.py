@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -394,6 +395,58 @@ def test_group_by_length_pads_less_in_the_training_loader(module):
 
     uniform, grouped = padding_share(False), padding_share(True)
     assert grouped < 0.5 * uniform, (uniform, grouped)
+
+
+def test_batch_coverage_counts_the_full_batches_holding_each_kind():
+    from datamodules.common import batch_coverage
+
+    kinds = ["a", "a", "b", "a", "c", "b", "a"]
+    # batches [0, 1], [2, 3], [4, 5]; item 6 is a partial batch and does not count
+    assert batch_coverage([0, 1, 2, 3, 4, 5, 6], kinds, 2) == {"a": 2 / 3, "b": 2 / 3, "c": 1 / 3}
+    assert batch_coverage([6, 0, 2, 4, 1, 3], kinds, 3) == {"a": 1.0, "b": 0.5, "c": 0.5}
+
+
+def test_grouping_separates_a_kind_whose_length_sets_it_apart_and_no_other():
+    from datamodules.common import kinds_grouping_separates
+
+    # 40 short pairs of kind "rare" among 600 long ones: uniform batches of 32 nearly all hold one, grouped
+    # batches hold them together in two or three
+    kinds = ["rare"] * 40 + ["common"] * 600
+    lengths = [10 + i % 5 for i in range(40)] + [60 + i % 40 for i in range(600)]
+    separated = kinds_grouping_separates(lengths, kinds, batch_size=32)
+    assert list(separated) == ["rare"]
+    grouped, uniform = separated["rare"]
+    assert grouped <= 3 / 20 and uniform >= 0.8
+    # the same lengths, with kinds drawn apart from them: grouping keeps them mixed
+    draw = random.Random(0)
+    assert kinds_grouping_separates(lengths, [("rare" if draw.random() < 1 / 16 else "common") for _ in lengths], 32) == {}
+
+
+def test_group_by_length_warns_when_it_keeps_the_subsets_apart(tmp_path):
+    short = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "subset": "short"} for i in range(40)]
+    long_rows = [{"prompt": f"question number {i}", "chosen": "a long answer " * 8, "rejected": "a wrong answer " * 8,
+                  "subset": "long"} for i in range(600)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", short + long_rows)
+
+    def warnings_of(group_by_length, rows_file):
+        import warnings
+
+        data = PreferenceData(tokenizer="tiny", train_file=str(rows_file), batch_size=32, group_by_length=group_by_length)
+        data.setup("fit")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data.train_dataloader()
+        return [str(warning.message) for warning in caught if "group_by_length" in str(warning.message)]
+
+    [message] = warnings_of(True, path)
+    assert message.startswith("group_by_length: length follows the subset here, so grouped batches keep the subsets "
+                              "apart: 'short' is in ")
+    assert "set group_by_length=false" in message and "'long'" not in message
+    assert warnings_of(False, path) == []
+    draw = random.Random(0)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{**row, "subset": "a" if draw.random() < 1 / 16 else "b"}
+                                                   for row in short + long_rows])
+    assert warnings_of(True, mixed) == []
 
 
 def test_training_loader_groups_one_batch_per_process():
