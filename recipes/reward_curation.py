@@ -34,7 +34,7 @@ Prints the tables and writes ``results.md`` and ``results.json`` to ``--out``::
                                                       # into <out>/seed<S>, then seeds.md: raw vs curated per seed
     python recipes/reward_curation.py --oracle        # + the raw pool with its labels corrected (the ceiling)
     python recipes/reward_curation.py --benign-refusal-share 0   # random label flips only: no systematic bias
-    python recipes/reward_curation.py --group-by-length   # 1.4-1.6x faster, but each batch holds one task (README)
+    python recipes/reward_curation.py --group-by-length   # other batches: each holds one task (README)
 
 With ``--seeds``, a seed whose ``results.json`` exists is read, not rerun, so an interrupted sweep resumes; one
 made with other settings (say another ``--flip-fraction``) is refused, never overwritten or mixed in.
@@ -255,7 +255,7 @@ def fit_and_test(out: Path, name: str, train_file: Path, data: dict[str, Any], a
         f"--model.init_args.model={args.model}", f"--data.init_args.train_file={train_file}",
         f"--data.init_args.val_file={data['val_file']}", f"--data.init_args.test_file={data['eval_file']}",
         "--data.init_args.invalid_rows=drop", f"--data.init_args.batch_size={args.batch_size}",
-        f"--data.init_args.group_by_length={args.group_by_length}",
+        f"--data.init_args.group_by_length={args.group_by_length}", f"--model.init_args.length_chunks={args.length_chunks}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--checkpoint.monitor=null",
         "--checkpoint.filename=final", f"--checkpoint.every_n_train_steps={steps}",
         "--export.dirpath=null", "--test_after_fit=true", f"--seed_everything={args.seed}",
@@ -382,6 +382,13 @@ def subset_table(runs: list[tuple[str, dict[str, Any]]], key: str | None = None)
     return lines
 
 
+def batching(settings: dict[str, Any]) -> str:
+    """How the runs' batches were drawn and passed, as a phrase for the results' header."""
+    chunks = settings.get("length_chunks", 1)
+    return ((" (batches grouped by length)" if settings.get("group_by_length") else " (uniform batches)")
+            + (f", each batch in {chunks} passes of similar length" if chunks > 1 else ""))
+
+
 def markdown(results: dict[str, Any]) -> str:
     from datamodules.curation import report_table
 
@@ -393,7 +400,7 @@ def markdown(results: dict[str, Any]) -> str:
     judge = runs["judge"]
     lines = [f"# Reward-data curation on the embedded arithmetic task ({results['date']})", "",
              f"Model `{settings['model']}`, {settings['steps']} steps of batch {settings['batch_size']} for every "
-             f"run, seed {settings['seed']}; CPU load average at start/end: {results['load_average']['start']} / "
+             f"run{batching(settings)}, seed {settings['seed']}; CPU load average at start/end: {results['load_average']['start']} / "
              f"{results['load_average']['end']}; total {results['seconds']:.0f} s of wall time, "
              f"{results['cpu_seconds']:.0f} s of CPU time ({results.get('workers', 1)} runs at a time, one torch thread "
              "each).", "",
@@ -444,9 +451,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "as Skywork scored its pool with strong reward models; default: train one on the trusted source")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--group-by-length", action="store_true",
-                        help="batches of pairs of similar length (the data's group_by_length) in every run: 1.4-1.6x "
-                             "faster (uniform batches are about half padding), but here length follows the task, so "
-                             "each batch holds one task and the minority task is learned worse (README)")
+                        help="batches of pairs of similar length (the data's group_by_length) in every run: other "
+                             "batches, no faster than the length chunks, and here length follows the task, so each "
+                             "batch holds one task and the minority task is learned worse (README)")
+    parser.add_argument("--length-chunks", type=int, default=4,
+                        help="each batch through the model in this many passes over pairs' rows of similar length "
+                             "(RewardModel.length_chunks): the same batches, less padding")
     parser.add_argument("--pool-scale", type=float, default=1.0, help="multiplies every part of the pool")
     parser.add_argument("--flip-fraction", type=float, default=0.3, help="crowd labels flipped at random")
     parser.add_argument("--benign-refusal-share", type=float, default=BENIGN_REFUSAL_SHARE,
@@ -469,8 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reward-model runs trained at the same time, in separate processes with one torch thread "
                              "each (the raw run beside the judge, then the curated variants); 1 runs them in turn")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    for name in ("workers", "length_chunks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("flip_fraction", "benign_refusal_share"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]")

@@ -66,17 +66,19 @@ def test_reward_vs_trl_gpu_mode_runs_on_the_cpu_with_one_layer(tmp_path):
     assert "| ours+bf16w |" in done.stdout and "ours / trl: median pairs/s" in done.stdout
 
 
-def test_length_grouping_bench_trains_both_ways_and_grouping_pads_less(tmp_path):
+def test_length_grouping_bench_trains_three_ways_and_both_others_pad_less(tmp_path):
     done = subprocess.run([sys.executable, "bench/length_grouping.py", "--steps", "3", "--warmup", "1", "--rounds", "1",
                            "--pairs", "160", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     for name, result in summary["data"].items():
-        uniform, grouped = result["runs"]["uniform"][0], result["runs"]["grouped"][0]
-        assert grouped["padded_share"] < uniform["padded_share"], name
-        assert grouped["positions"] < uniform["positions"], name
-        assert result["ratio"] > 0
+        uniform, grouped, chunked = (result["runs"][kind][0] for kind in ("uniform", "grouped", "chunked"))
+        for fewer in (grouped, chunked):
+            assert fewer["padded_share"] < uniform["padded_share"], name
+            assert fewer["positions"] < uniform["positions"], name
+        assert result["ratio"] > 0 and result["chunked_ratio"] > 0
+        assert result["chunked_loss_difference_max"] < 1e-4, name  # the same batches: the same losses
     assert "| long_tail | 8 × 512 |" in done.stdout
 
 

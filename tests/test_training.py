@@ -635,3 +635,44 @@ def test_a_ddp_run_destroys_its_process_group_before_the_process_exits(run_cli, 
         torch.distributed.destroy_process_group()
     assert opened == [True]
     assert not still_open
+
+
+def test_length_chunks_give_the_rewards_and_gradients_of_one_padded_pass():
+    from modules.reward import RewardModel, length_chunks_of, padding_layout
+
+    lengths = torch.tensor([3, 17, 9, 30, 5, 30, 12])
+    # sorted by length: rows 0, 4, 2, 6, 1, 3, 5, cut into parts of 3, 2 and 2 rows
+    assert [part.tolist() for part in length_chunks_of(lengths, 3)] == [[0, 4, 2], [6, 1], [3, 5]]
+    assert [part.tolist() for part in length_chunks_of(lengths[:2], 3)] == [[0], [1]]  # never an empty part
+
+    torch.manual_seed(0)
+    one, chunked = RewardModel(model="tiny"), RewardModel(model="tiny", length_chunks=3)
+    for module in (one, chunked):
+        module.configure_model()
+    chunked.model.load_state_dict(one.model.state_dict())
+    pad, width = one.tokenizer.pad_token_id, 30
+    tokens = torch.randint(10, 200, (len(lengths), width))
+    right_mask = (torch.arange(width) < lengths[:, None]).long()
+    left_mask = right_mask.flip(-1)
+    right_ids = torch.where(right_mask.bool(), tokens, pad)
+    left_ids = torch.stack([torch.cat([torch.full((width - n,), pad), tokens[i, :n]]) for i, n in enumerate(lengths.tolist())])
+    assert padding_layout(right_mask) == "right" and padding_layout(left_mask) == "left"
+    assert padding_layout(torch.tensor([[1, 0, 1], [1, 1, 1]])) is None  # a hole: one pass, as without chunks
+    weights = torch.linspace(-1.0, 1.0, len(lengths))
+    for ids, mask in ((right_ids, right_mask), (left_ids, left_mask)):
+        rewards = {}
+        for name, module in (("one", one), ("chunked", chunked)):
+            module.model.zero_grad()
+            rewards[name] = module.rewards(ids, mask)
+            (rewards[name] * weights).sum().backward()
+        torch.testing.assert_close(rewards["chunked"], rewards["one"], rtol=0, atol=1e-5)
+        for (name, expected), actual in zip(one.model.named_parameters(), chunked.model.parameters()):
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=0, atol=1e-5, msg=name)
+    # what the throughput callback counts: each pass at its own width (rows 0, 4, 2 are 3, 5 and 9 tokens long)
+    for mask in (right_mask, left_mask):
+        shapes = [(rows, width, int(real)) for rows, width, real in chunked.training_forward_shapes({"attention_mask": mask})]
+        assert shapes == [(3, 9, 17), (2, 17, 29), (2, 30, 60)]
+    assert [(rows, width) for rows, width, _ in one.training_forward_shapes({"input_ids": right_ids, "attention_mask": right_mask})] \
+        == [(7, 30)]
+    with pytest.raises(ValueError, match="length_chunks must be at least 1, got 0"):
+        RewardModel(model="tiny", length_chunks=0)
