@@ -98,6 +98,8 @@ class RewardModel(HFModule):
             raise ValueError(f"length_chunks must be at least 1, got {length_chunks}")
         super().__init__(**kwargs)
         self.length_chunks = length_chunks
+        # the last batch's passes: the throughput callback asks for them before the training step does
+        self._passes_of: tuple[torch.Tensor, list[tuple[torch.Tensor, slice]] | None] | None = None
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.loss_kwargs = dict(kind=loss, temperature=temperature, gamma=focal_gamma,
                                 hinge_margin=hinge_margin, center_coef=center_coef)
@@ -111,14 +113,18 @@ class RewardModel(HFModule):
         """The passes through the model that ``length_chunks`` makes of a batch: (rows, columns) each, the
         columns cut to the longest row of the pass; None for one pass over the whole batch (no chunks, one
         row, or a mask whose rows are not padded at one side)."""
-        layout = padding_layout(attention_mask) if self.length_chunks > 1 and len(attention_mask) > 1 else None
-        if layout is None:
+        if self.length_chunks == 1 or len(attention_mask) < 2:
             return None
-        lengths, full = attention_mask.sum(-1), attention_mask.shape[1]
-        passes = []
-        for rows in length_chunks_of(lengths, self.length_chunks):
-            width = int(lengths[rows].max())
-            passes.append((rows, slice(None, width) if layout == "right" else slice(full - width, None)))
+        if self._passes_of is not None and self._passes_of[0] is attention_mask:
+            return self._passes_of[1]
+        layout, passes = padding_layout(attention_mask), None
+        if layout is not None:
+            lengths, full = attention_mask.sum(-1), attention_mask.shape[1]
+            passes = []
+            for rows in length_chunks_of(lengths, self.length_chunks):
+                width = int(lengths[rows].max())  # one device sync per pass: its width sets the tensor shapes
+                passes.append((rows, slice(None, width) if layout == "right" else slice(full - width, None)))
+        self._passes_of = (attention_mask, passes)
         return passes
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

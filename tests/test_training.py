@@ -674,5 +674,7 @@ def test_length_chunks_give_the_rewards_and_gradients_of_one_padded_pass():
         assert shapes == [(3, 9, 17), (2, 17, 29), (2, 30, 60)]
     assert [(rows, width) for rows, width, _ in one.training_forward_shapes({"input_ids": right_ids, "attention_mask": right_mask})] \
         == [(7, 30)]
+    # the training step reuses the passes the throughput callback asked for on the same batch
+    assert chunked.forward_passes(right_mask) is chunked.forward_passes(right_mask)
     with pytest.raises(ValueError, match="length_chunks must be at least 1, got 0"):
         RewardModel(model="tiny", length_chunks=0)
