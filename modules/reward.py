@@ -72,11 +72,12 @@ def length_chunks_of(lengths: torch.Tensor, chunks: int) -> list[torch.Tensor]:
 
 def padding_layout(attention_mask: torch.Tensor) -> str | None:
     """'right' or 'left' where every row's ones are contiguous at that side (a row may be all ones), else None."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    lengths = attention_mask.sum(-1, keepdim=True)
-    if torch.equal(attention_mask.bool(), positions < lengths):
+    real, width = attention_mask.bool(), attention_mask.shape[1]
+    positions = torch.arange(width, device=attention_mask.device)
+    lengths = real.sum(-1, keepdim=True)
+    if torch.equal(real, positions < lengths):
         return "right"
-    if torch.equal(attention_mask.bool(), positions >= attention_mask.shape[1] - lengths):
+    if torch.equal(real, positions >= width - lengths):
         return "left"
     return None
 
